@@ -1,0 +1,151 @@
+"""The ``slice2vol`` command line: one parser module, thin wrappers around the library.
+
+Every user-facing failure is a :class:`~slice2vol.errors.Slice2VolError`, printed as one line
+(``slice2vol: error: ...``) with exit status 2; nothing is written on failure.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import Slice2VolError
+
+log = logging.getLogger("slice2vol")
+
+METHODS = ("svr",)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="compute device: auto picks CUDA when available (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; CPU results are deterministic for a seed (default: 0)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress details")
+
+
+def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolution", type=_positive_float, default=0.8, help="output voxel size in mm (default: 0.8)")
+    p.add_argument("--method", choices=METHODS, default="svr", help="reconstruction method (default: svr)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="outer registration/reconstruction iterations (svr default: 4)")
+    p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
+    p.add_argument("--output-transforms", metavar="JSON", help="write the estimated per-slice poses as JSON")
+    p.add_argument("--output-simulated", metavar="DIR",
+                   help="write slices simulated from the result, one NIfTI per input stack, into DIR")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slice2vol",
+        description="Slice-to-volume reconstruction of motion-corrupted stacks of thick 2D MRI slices.",
+    )
+    parser.add_argument("--version", action="version", version=f"slice2vol {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("reconstruct", help="reconstruct a volume from stacks",
+                       description="Reconstruct one motion-corrected volume from several stacks of slices.")
+    p.add_argument("stacks", nargs="+", metavar="STACK", help="input stacks (NIfTI), slices along the 3rd voxel axis")
+    p.add_argument("--output", "-o", required=True, metavar="OUT.nii.gz", help="output volume (NIfTI)")
+    p.add_argument("--stack-masks", nargs="+", metavar="M", help="one brain mask per stack, in each stack's voxel grid")
+    p.add_argument("--mask", metavar="M", help="one 3D brain mask in world space (any grid), e.g. drawn on the template stack")
+    p.add_argument("--thickness", nargs="+", type=_positive_float, metavar="MM",
+                   help="slice thickness in mm: one value for all stacks or one per stack (default: slice spacing)")
+    p.add_argument("--template", type=int, metavar="I",
+                   help="index (0-based) of the template stack (default: automatic, least motion-corrupted)")
+    _add_reconstruct_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="reconstruct the bundled demo case",
+                       description="Reconstruct the demo stacks shipped with slice2vol and evaluate against their ground truth.")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder")
+    _add_reconstruct_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("simulate", help="simulate motion-corrupted stacks from a volume",
+                       description="Simulate stacks of thick slices with motion from a ground-truth volume.")
+    p.add_argument("volume", metavar="GT", help="ground-truth volume (NIfTI)")
+    p.add_argument("--mask", metavar="M", help="brain mask of GT (same grid); defines the field of view and stack masks")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--stacks", type=int, default=3, help="number of stacks (default: 3)")
+    p.add_argument("--orientations", nargs="+", metavar="O",
+                   help="orientation per stack: axial, coronal, sagittal or oblique (default: cycle axial, coronal, sagittal, oblique)")
+    p.add_argument("--spacing", type=_positive_float, default=1.0, help="in-plane pixel spacing mm (default: 1.0)")
+    p.add_argument("--thickness", type=_positive_float, default=3.0, help="slice thickness mm (default: 3.0)")
+    p.add_argument("--gap", type=float, default=0.0, help="gap between slices mm (default: 0)")
+    p.add_argument("--motion", default="moderate", choices=["none", "mild", "moderate", "severe", "csvr"],
+                   help="motion level; csvr is the cSVR paper's training distribution (default: moderate)")
+    p.add_argument("--noise", type=float, default=0.02, help="Rician noise sd relative to mean brain intensity (default: 0.02)")
+    p.add_argument("--bias", type=float, default=0.0, help="amplitude of a smooth multiplicative bias field (default: 0)")
+    p.add_argument("--gamma", type=float, default=0.0, help="sd of a random gamma intensity change (default: 0)")
+    p.add_argument("--tilt", type=float, default=15.0, help="tilt of oblique stacks in degrees (default: 15)")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="compare a reconstruction with a reference",
+                       description="Image metrics against a reference volume, pose errors, and slice consistency.")
+    p.add_argument("recon", metavar="RECON", help="reconstructed volume (NIfTI)")
+    p.add_argument("--reference", metavar="GT", help="reference volume (NIfTI)")
+    p.add_argument("--mask", metavar="M", help="mask in the reference grid limiting the metrics")
+    p.add_argument("--align", action="store_true", help="rigidly register RECON to GT before comparing")
+    p.add_argument("--no-scale", action="store_true", help="do not fit a linear intensity map RECON -> GT")
+    p.add_argument("--poses", metavar="JSON", help="estimated poses (from --output-transforms) for TRE")
+    p.add_argument("--gt-poses", metavar="JSON", help="ground-truth poses (from simulate) for TRE")
+    p.add_argument("--stacks", nargs="+", metavar="STACK", help="acquired stacks for slice consistency (uses --poses)")
+    p.add_argument("--thickness", nargs="+", type=_positive_float, metavar="MM", help="slice thickness of --stacks")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    _add_common(p)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .runtime import setup_logging
+
+    setup_logging(args.verbose)
+    if args.command == "reconstruct":
+        from .commands import reconstruct_command
+        return reconstruct_command(args)
+    if args.command == "demo":
+        from .commands import demo_command
+        return demo_command(args)
+    if args.command == "simulate":
+        from .simulate import simulate_command
+        return simulate_command(args)
+    if args.command == "evaluate":
+        from .metrics import evaluate_command
+        return evaluate_command(args)
+    raise Slice2VolError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_dispatch(args) or 0)
+    except Slice2VolError as exc:
+        print(f"slice2vol: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slice2vol: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("slice2vol: error: out of memory (try a coarser --resolution or --device cpu)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
