@@ -35,6 +35,7 @@ from .errors import Slice2VolError
 __all__ = [
     "check_affine",
     "make_right_handed",
+    "nearest_rotation",
     "stack_slice_poses",
     "slice_pixel_coords",
     "world_to_grid",
@@ -82,6 +83,19 @@ def make_right_handed(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray,
     return np.ascontiguousarray(data[::-1]), A @ F, True
 
 
+def nearest_rotation(M: np.ndarray) -> np.ndarray:
+    """The proper rotation closest to ``M`` (3, 3) in the Frobenius norm (polar decomposition).
+
+    Header affines are stored in float32 and :func:`check_affine` tolerates tiny shear, so the
+    normalised columns are only orthonormal to ~1e-7; poses must be exact rotations because the
+    ``transforms`` module (axis-angle, inversion by transpose) relies on it.
+    """
+    U, _, Vt = np.linalg.svd(np.asarray(M, dtype=np.float64))
+    if np.linalg.det(U @ Vt) < 0:
+        raise ValueError("nearest_rotation: matrix is a reflection; make the affine right-handed first")
+    return U @ Vt
+
+
 def stack_slice_poses(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, tuple[float, float], float]:
     """Slice-to-world poses of every slice ``k`` of a stack.
 
@@ -90,10 +104,12 @@ def stack_slice_poses(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[
         shape: ``(H, W, N)`` stack data shape.
     Returns:
         poses ``(N, 4, 4)`` float64, in-plane spacing ``(dx, dy)`` mm, slice spacing mm.
+        The pose rotation is the :func:`nearest_rotation` to the affine's normalised columns, so
+        pixels land on ``affine @ (i, j, k)`` to within the shear :func:`check_affine` allows.
     """
     A = np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(A[:3, :3], axis=0)
-    R = A[:3, :3] / spacing
+    R = nearest_rotation(A[:3, :3] / spacing)
     H, W, N = shape
     poses = np.tile(np.eye(4), (N, 1, 1))
     poses[:, :3, :3] = R
@@ -114,6 +130,8 @@ def grid_affine(affine: Tensor, shape: tuple[int, int, int]) -> Tensor:
     """``(4, 4)`` map from world mm to ``grid_sample`` coordinates ``(k, j, i)`` of a volume.
 
     Folding the normalisation into one matrix means sampling costs one matrix-vector product.
+    An axis of length 1 has no extent for ``grid_sample``: every point maps to its single voxel
+    along that axis (never outside), so callers must bound such axes themselves.
     """
     A = affine.to(torch.float64)
     inv = torch.linalg.inv(A)
@@ -140,6 +158,12 @@ def axis_aligned_grid(lo: np.ndarray, hi: np.ndarray, resolution: float) -> tupl
     """
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
+    # Checked here because a zero/NaN resolution or an infinite box would otherwise surface as an
+    # integer overflow or a giant allocation far from its cause.
+    if not (np.isfinite(resolution) and resolution > 0):
+        raise Slice2VolError(f"grid resolution must be a positive number of mm, got {resolution}")
+    if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise Slice2VolError("grid box corners must be two finite 3-vectors (mm)")
     shape = tuple(int(n) for n in np.maximum(np.ceil((hi - lo) / resolution).astype(int) + 1, 1))
     centre = (lo + hi) / 2
     origin = centre - (np.asarray(shape) - 1) / 2 * resolution

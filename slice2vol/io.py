@@ -1,12 +1,13 @@
 """NIfTI input/output at the edge of the package.
 
 Loading keeps geometry exact: the affine is nibabel's ``img.affine`` (sform if valid, else qform,
-as nibabel chooses), data are read with ``scl_slope``/``scl_inter`` applied (``get_fdata``),
-a singleton 4th dimension is dropped, and a stack whose affine has a negative determinant has its
-``i`` axis flipped (world positions unchanged, see :mod:`slice2vol.geometry`).  Every problem with
-the input raises :class:`~slice2vol.errors.Slice2VolError` with one clear sentence.  Outputs are
-written atomically (temporary file in the destination folder, then ``os.replace``) and never over
-an input.
+as nibabel chooses), voxel values are nibabel's ``get_fdata()`` (``scl_slope``/``scl_inter``
+applied in float64) rounded once to float32, trailing singleton dimensions are dropped (a 2D image
+is a stack of one slice), and a stack whose affine has a negative determinant has its ``i`` axis
+flipped (world positions unchanged, see :mod:`slice2vol.geometry`).  NaN/Inf voxels are excluded
+with a warning: zeroed in the data and left out of a stack's mask.  Every problem with the input
+raises :class:`~slice2vol.errors.Slice2VolError` with one clear sentence.  Outputs are written
+atomically (temporary file in the destination folder, then ``os.replace``) and never over an input.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -26,56 +27,129 @@ from .geometry import check_affine, make_right_handed, stack_slice_poses
 from .image import Stack, Volume
 
 __all__ = [
+    "read_nifti",
     "load_nifti",
     "load_volume",
     "load_stack",
+    "load_stacks",
     "load_mask",
     "save_volume",
     "save_stack",
+    "check_output_path",
     "atomic_write",
     "write_json",
+    "poses_to_json",
+    "load_poses_json",
 ]
 
 log = logging.getLogger(__name__)
 
+PathLike = str | os.PathLike
 
-def load_nifti(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI image: ``(data float32 (Ni, Nj, Nk), affine float64 (4, 4))``.
+# Two grids are "the same" when their corner voxels agree to this fraction of a voxel: loose
+# enough for a mask whose header stores the affine as a qform quaternion (float32 rounding),
+# tight enough to catch any real offset or reorientation.
+GRID_TOL = 1e-2
 
-    Non-finite voxels are set to 0 with a warning (never propagated).
-    """
-    p = Path(path)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _open_nifti(p: Path, what: str) -> nib.Nifti1Pair:
+    """Open ``p`` with nibabel (header only), refusing anything that is not a NIfTI image."""
     if not p.exists():
         raise Slice2VolError(f"{what} {p}: file not found")
     if p.is_dir():
         raise Slice2VolError(f"{what} {p}: is a directory, expected a NIfTI file")
     try:
-        img = nib.load(str(p))
-    except Exception as exc:  # nibabel raises many types for non-NIfTI files
-        raise Slice2VolError(f"{what} {p}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise Slice2VolError(f"{what} {p}: not a NIfTI image ({type(img).__name__})")
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) == 2:
-        shape = shape + (1,)
-    if len(shape) != 3:
-        raise Slice2VolError(f"{what} {p}: expected a 3D image, got shape {tuple(img.shape)}")
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    except Exception as exc:
-        raise Slice2VolError(f"{what} {p}: could not read the voxel data ({exc})") from None
+        img = nib.load(p)
+    except Exception as exc:  # nibabel raises many types for non-NIfTI or corrupt files
+        raise Slice2VolError(f"{what} {p}: not a readable NIfTI file ({_one_line(exc)})") from None
+    # Nifti1Pair is the base class of every NIfTI-1/2 image, single-file or pair.
+    if not isinstance(img, nib.Nifti1Pair):
+        raise Slice2VolError(f"{what} {p}: not a NIfTI image (nibabel reads it as {type(img).__name__})")
+    return img
+
+
+def _spatial_shape(shape: tuple[int, ...], what: str, p: Path) -> tuple[int, int, int]:
+    """The 3D shape of an image: trailing singleton dimensions dropped, a 2D image as one slice."""
+    dims = list(shape)
+    # Converters often write a single volume as 4D (or 5D) with length-1 time/extra dimensions.
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) == 2:
+        dims.append(1)
+    if len(dims) > 3:
+        n = int(np.prod(dims[3:]))
+        raise Slice2VolError(
+            f"{what} {p}: a {len(shape)}D image with {n} volumes (shape {tuple(shape)}); give one 3D image per file"
+        )
+    if len(dims) < 3:
+        raise Slice2VolError(f"{what} {p}: expected a 3D image, got shape {tuple(shape)}")
+    if min(dims) < 1:
+        raise Slice2VolError(f"{what} {p}: image has no voxels (shape {tuple(shape)})")
+    return int(dims[0]), int(dims[1]), int(dims[2])
+
+
+def _warn_about_header(img: nib.Nifti1Pair, what: str, p: Path) -> None:
+    """Warn where the header leaves the world geometry uncertain (the load itself goes on)."""
+    hdr = img.header
+    if int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+        log.warning("%s %s: header has no sform or qform; voxel axes are taken along the world axes", what, p)
+    unit = hdr.get_xyzt_units()[0]
+    if unit not in ("mm", "unknown"):
+        log.warning("%s %s: spatial unit is %s; coordinates are used as millimetres unchanged", what, p, unit)
+
+
+def read_nifti(path: PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI image as nibabel sees it: ``(data, affine, finite)``.
+
+    ``data`` is float32 ``(Ni, Nj, Nk)`` equal to ``float32(img.get_fdata())``, non-finite values
+    kept; ``affine`` is ``img.affine`` as float64 (checked: finite, no shear); ``finite`` is the
+    boolean map of finite voxels (values beyond the float32 range count as non-finite).
+    """
+    p = Path(path)
+    img = _open_nifti(p, what)
+    shape = _spatial_shape(img.shape, what, p)
     affine = np.asarray(img.affine, dtype=np.float64)
-    check_affine(affine, f"{what} {p}")
-    bad = ~np.isfinite(data)
-    if bad.any():
-        log.warning("%s %s: %d NaN/Inf voxels set to 0 and excluded", what, p, int(bad.sum()))
-        data = np.where(bad, 0, data).astype(np.float32)
-    return data, affine
+    check_affine(affine, f"{what} {p}")  # before the (possibly large) data are read
+    _warn_about_header(img, what, p)
+    try:
+        # Scale in float64 and round once, so every voxel is the nearest float32 to nibabel's value.
+        values = np.asarray(img.get_fdata(dtype=np.float64)).reshape(shape)
+    except Exception as exc:  # truncated file, unsupported data type (complex, RGB), ...
+        raise Slice2VolError(f"{what} {p}: could not read the voxel data ({_one_line(exc)})") from None
+    with np.errstate(over="ignore"):
+        data = values.astype(np.float32)
+    return data, affine, np.isfinite(data)
 
 
-def load_volume(path: str | os.PathLike, mask: str | os.PathLike | None = None) -> Volume:
+def _zero_non_finite(data: np.ndarray, finite: np.ndarray, what: str, p: PathLike) -> np.ndarray:
+    """``data`` with NaN/Inf set to 0 (warning once); an image with no finite voxel is refused."""
+    if not finite.any():
+        raise Slice2VolError(f"{what} {p}: all voxels are NaN or Inf")
+    n_bad = int(finite.size - np.count_nonzero(finite))
+    if n_bad == 0:
+        return data
+    log.warning("%s %s: %d NaN/Inf voxels set to 0 and excluded", what, p, n_bad)
+    return np.where(finite, data, np.float32(0))
+
+
+def load_nifti(path: PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI image: ``(data float32 (Ni, Nj, Nk), affine float64 (4, 4))``.
+
+    Non-finite voxels are set to 0 with a warning (never propagated); use :func:`read_nifti` to
+    know which they were.
+    """
+    data, affine, finite = read_nifti(path, what)
+    return _zero_non_finite(data, finite, what, path), affine
+
+
+def load_volume(path: PathLike, mask: PathLike | None = None) -> Volume:
+    """Read a 3D volume and optionally its mask (same grid)."""
     data, affine = load_nifti(path, "volume")
     if not np.any(data):
         raise Slice2VolError(f"volume {path}: all voxels are zero")
@@ -85,13 +159,28 @@ def load_volume(path: str | os.PathLike, mask: str | os.PathLike | None = None) 
     return Volume(torch.from_numpy(data), affine, m)
 
 
-def load_mask(path: str | os.PathLike, shape: tuple | None = None, affine: np.ndarray | None = None,
+def _same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether affines ``a`` and ``b`` put every voxel of ``shape`` at the same world point.
+
+    The difference of two affine maps is affine, so its largest value over the grid is at a corner.
+    """
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape], indexing="ij")).reshape(3, -1)
+    homog = np.vstack([corners, np.ones(corners.shape[1])])
+    err = np.abs((a - b)[:3] @ homog).max()
+    return bool(err <= GRID_TOL * np.linalg.norm(b[:3, :3], axis=0).min())
+
+
+def load_mask(path: PathLike, shape: tuple | None = None, affine: np.ndarray | None = None,
               what: str = "mask") -> np.ndarray:
-    """Read a binary mask (``> 0``); if ``shape``/``affine`` are given they must match."""
+    """Read a binary mask (``> 0``; NaN/Inf count as outside).
+
+    If ``shape``/``affine`` are given the mask must be on that grid (same shape, same voxel
+    positions up to a hundredth of a voxel).
+    """
     data, aff = load_nifti(path, what)
     if shape is not None and tuple(data.shape) != tuple(shape):
         raise Slice2VolError(f"{what} {path}: shape {tuple(data.shape)} does not match its image {tuple(shape)}")
-    if affine is not None and not np.allclose(aff, affine, atol=1e-3):
+    if affine is not None and not _same_grid(aff, np.asarray(affine, dtype=np.float64), data.shape):
         raise Slice2VolError(f"{what} {path}: geometry (affine) does not match its image")
     m = data > 0
     if not m.any():
@@ -99,40 +188,53 @@ def load_mask(path: str | os.PathLike, shape: tuple | None = None, affine: np.nd
     return m
 
 
+def _checked_thickness(thickness: float | None, default: float, path: PathLike) -> float:
+    if thickness is None:
+        return default
+    try:
+        th = float(thickness)
+    except (TypeError, ValueError):
+        th = float("nan")
+    if not (np.isfinite(th) and th > 0):
+        raise Slice2VolError(f"stack {path}: thickness must be a positive number of mm, got {thickness!r}")
+    return th
+
+
 def load_stack(
-    path: str | os.PathLike,
+    path: PathLike,
     thickness: float | None = None,
-    mask: str | os.PathLike | None = None,
+    mask: PathLike | None = None,
     name: str | None = None,
 ) -> Stack:
     """Read a stack of slices (slices along voxel axis ``k``).
+
+    The stack's mask marks the pixels to use: finite, positive (zero or negative intensities are
+    background or padding in MR magnitude images) and inside ``mask`` if one is given.
 
     Args:
         path: NIfTI file.
         thickness: slice thickness in mm; default the slice spacing from the header.
         mask: optional mask in the stack's voxel grid (same shape and affine).
+        name: label of the stack; default the file name.
     """
-    data, affine = load_nifti(path, "stack")
+    data, affine, finite = read_nifti(path, "stack")
+    data = _zero_non_finite(data, finite, "stack", path)
     if data.shape[0] < 2 or data.shape[1] < 2:
         raise Slice2VolError(f"stack {path}: slices of shape {data.shape[:2]} are too small")
     if not np.any(data):
         raise Slice2VolError(f"stack {path}: all voxels are zero")
-    m = np.ones(data.shape, dtype=bool) if mask is None else load_mask(mask, data.shape, affine, "stack mask")
-    # Pixels with zero or negative intensity are background or padding in MR magnitude images.
-    m &= data > 0
-    if not m.any():
+    th = _checked_thickness(thickness, float(np.linalg.norm(affine[:3, 2])), path)
+    use = finite & (data > 0)
+    if mask is not None:
+        use &= load_mask(mask, data.shape, affine, "stack mask")
+    if not use.any():
         raise Slice2VolError(f"stack {path}: no positive voxel inside its mask")
     data, affine_rh, flipped = make_right_handed(data, affine)
-    m, _, _ = make_right_handed(m, affine)
-    poses, spacing, dz = stack_slice_poses(affine_rh, data.shape)
-    th = dz if thickness is None else float(thickness)
-    if not np.isfinite(th) or th <= 0:
-        raise Slice2VolError(f"stack {path}: thickness must be positive, got {thickness}")
-    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, 2, 0)))
-    smask = torch.from_numpy(np.ascontiguousarray(np.moveaxis(m, 2, 0)))
+    use, _, _ = make_right_handed(use, affine)
+    poses, spacing, _ = stack_slice_poses(affine_rh, data.shape)
     return Stack(
-        slices=slices,
-        mask=smask,
+        slices=torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, 2, 0))),
+        mask=torch.from_numpy(np.ascontiguousarray(np.moveaxis(use, 2, 0))),
         poses=poses,
         spacing=spacing,
         thickness=th,
@@ -143,37 +245,120 @@ def load_stack(
     )
 
 
-def atomic_write(path: str | os.PathLike, write, protect: Sequence[str | os.PathLike] = ()) -> Path:
-    """Write ``path`` through ``write(tmp_path)`` then rename, refusing to overwrite a protected input."""
+def _per_stack(values: Sequence | None, n: int, noun: str, broadcast: bool) -> list:
+    """One value per stack: ``None`` -> all ``None``; a single value is shared if ``broadcast``."""
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if broadcast and len(values) == 1:
+        return values * n
+    if len(values) != n:
+        hint = "one value for all stacks or one per stack" if broadcast else "one per stack"
+        plural = "" if len(values) == 1 else "s"
+        raise Slice2VolError(
+            f"{len(values)} {noun}{plural} for {n} stack{'' if n == 1 else 's'} (give {hint})"
+        )
+    return values
+
+
+def load_stacks(
+    paths: Sequence[PathLike],
+    thicknesses: Sequence[float] | None = None,
+    masks: Sequence[PathLike | None] | None = None,
+) -> list[Stack]:
+    """Read several stacks, as the CLI's ``STACK... --thickness MM... --stack-masks M...`` give them.
+
+    Args:
+        paths: stack files (at least one).
+        thicknesses: ``None`` (slice spacing of each stack), one value for all stacks, or one per stack.
+        masks: ``None`` or exactly one mask per stack (``None`` entries for stacks without a mask).
+    """
+    if isinstance(paths, (str, os.PathLike)):  # a lone path is not a sequence of paths
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise Slice2VolError("no input stacks given")
+    ths = _per_stack(thicknesses, len(paths), "thickness value", broadcast=True)
+    ms = _per_stack(masks, len(paths), "stack mask", broadcast=False)
+    return [load_stack(p, t, m) for p, t, m in zip(paths, ths, ms)]
+
+
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether writing ``a`` could replace ``b``: the same file now, or the same path once the
+    output's missing folders exist (``new/../input`` resolves to ``input`` after ``mkdir new``)."""
+    try:
+        if os.path.samefile(a, b):  # symbolic and hard links, different spellings
+            return True
+    except OSError:  # one of them does not exist (yet)
+        pass
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def check_output_path(path: PathLike, protect: Sequence[PathLike] = ()) -> Path:
+    """Raise unless ``path`` may be written as an output: not a folder, none of the inputs ``protect``.
+
+    Commands call it before any work so a bad output path fails in seconds, not after a run.
+    """
     out = Path(path)
+    if out.is_dir():
+        raise Slice2VolError(f"output {out} is a directory, expected a file name")
     for p in protect:
-        try:
-            if Path(p).exists() and out.exists() and os.path.samefile(p, out):
-                raise Slice2VolError(f"output {out} would overwrite an input file")
-        except FileNotFoundError:
-            pass
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if _same_file(out, p):
+            raise Slice2VolError(f"output {out} would overwrite the input file {p}")
+    return out
+
+
+def _umask_file_mode() -> int:
+    # mkstemp creates owner-only files; outputs should get the mode any new file gets.  Reading the
+    # umask needs setting it; the CLI writes outputs from one thread, so the swap is harmless.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None], protect: Sequence[PathLike] = ()) -> Path:
+    """Write ``path`` through ``write(tmp_path)`` then rename, refusing to overwrite a protected input.
+
+    On any failure the temporary file is removed and an existing ``path`` is left untouched.
+    OS errors (no permission, disk full) become :class:`Slice2VolError`.
+    """
+    out = check_output_path(path, protect)
+    # The temporary file keeps the output's extensions so writers (nibabel) pick the same format.
     suffix = "".join(out.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + out.name.split(".")[0], suffix=suffix, dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise Slice2VolError(f"cannot write output {out}: {exc.strerror or _one_line(exc)}") from None
     try:
         write(tmp)
+        os.chmod(tmp, _umask_file_mode())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise Slice2VolError(f"cannot write output {out}: {exc.strerror or _one_line(exc)}") from None
         raise
     return out
+
+
+def _check_nifti_name(path: PathLike) -> None:
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        raise Slice2VolError(f"output {path}: a NIfTI file name must end in .nii or .nii.gz")
 
 
 def save_volume(volume: Volume | np.ndarray, path: str | os.PathLike, affine: np.ndarray | None = None,
                 protect: Sequence[str | os.PathLike] = (), dtype=np.float32) -> Path:
     """Write a 3D volume (float32 by default) atomically; sform and qform both set to its affine."""
+    _check_nifti_name(path)
     if isinstance(volume, Volume):
         data, affine = volume.data.detach().cpu().numpy(), volume.affine
     else:
         data = np.asarray(volume)
+    if affine is None:
+        raise ValueError("save_volume: an affine is required for an array")
     img = nib.Nifti1Image(data.astype(dtype), affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
@@ -190,6 +375,7 @@ def save_stack(stack: Stack, path: str | os.PathLike, data=None, protect: Sequen
 
 
 def write_json(obj, path: str | os.PathLike, protect: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write ``obj`` as indented JSON, atomically and never over an input."""
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
@@ -232,6 +418,16 @@ def poses_to_json(stacks: Sequence[Stack], poses: Sequence[np.ndarray], extra: d
     return out
 
 
+def _pose_array(slices: list, name) -> np.ndarray:
+    """``(N, 4, 4)`` poses of a stack's slices, refusing anything that is not finite 4x4 matrices."""
+    if not slices:
+        return np.zeros((0, 4, 4))
+    P = np.array([s["pose"] for s in slices], dtype=np.float64)
+    if P.shape != (len(slices), 4, 4) or not np.all(np.isfinite(P)):
+        raise ValueError(f"stack {name!r}: every pose must be a finite 4x4 matrix")
+    return P
+
+
 def load_poses_json(path: str | os.PathLike) -> list[dict]:
     """Read a poses JSON: per stack ``{"name", "index": (N,), "order": (N,) or None, "poses": (N, 4, 4)}``."""
     try:
@@ -245,9 +441,9 @@ def load_poses_json(path: str | os.PathLike) -> list[dict]:
                     "name": st.get("name"),
                     "index": np.array([s["index"] for s in sl], dtype=np.int64),
                     "order": np.array([s["order"] for s in sl], dtype=np.int64) if sl and "order" in sl[0] else None,
-                    "poses": np.array([s["pose"] for s in sl], dtype=np.float64).reshape(-1, 4, 4),
+                    "poses": _pose_array(sl, st.get("name")),
                 }
             )
         return out
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise Slice2VolError(f"poses file {path}: cannot be read ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Slice2VolError(f"poses file {path}: cannot be read ({_one_line(exc)})") from None

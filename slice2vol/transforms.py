@@ -61,19 +61,24 @@ def axis_angle_to_matrix(r: Tensor) -> Tensor:
 
 
 def matrix_to_axis_angle(R: Tensor) -> Tensor:
-    """Inverse of :func:`axis_angle_to_matrix` for angles in ``[0, pi)``. ``(..., 3, 3) -> (..., 3)``."""
+    """Inverse of :func:`axis_angle_to_matrix` for angles in ``[0, pi)``. ``(..., 3, 3) -> (..., 3)``.
+
+    The angle comes from ``atan2(sin, cos)`` (accurate over the whole range, unlike ``acos``) and
+    the small-angle branch uses a series, so gradients are finite at the identity.
+    """
     trace = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]
-    cos = ((trace - 1) / 2).clamp(-1.0, 1.0)
-    theta = torch.acos(cos)
+    cos = (trace - 1) / 2
     w = torch.stack(
         [R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1
-    )
-    sin = torch.sin(theta)
-    small = theta < 1e-4
-    factor = torch.where(small, 0.5 + theta**2 / 12, theta / (2 * torch.where(small, torch.ones_like(sin), sin)))
+    )  # 2 sin(theta) * axis
+    s2 = (w * w).sum(-1)  # 4 sin^2
+    small = s2 < 1e-10
+    sin = torch.sqrt(torch.where(small, torch.ones_like(s2), s2)) / 2
+    theta = torch.atan2(sin, cos)
+    factor = torch.where(small & (cos > 0), 0.5 + s2 / 48, theta / (2 * sin))
     r = w * factor[..., None]
     # Near pi the antisymmetric part vanishes; recover the axis from the symmetric part instead.
-    near_pi = theta > torch.pi - 1e-3
+    near_pi = (theta > torch.pi - 1e-3) | (small & (cos < 0))
     if bool(near_pi.any()):
         S = (R + R.transpose(-1, -2)) / 2 - cos[..., None, None] * torch.eye(3, dtype=R.dtype, device=R.device)
         idx = torch.diagonal(S, dim1=-2, dim2=-1).argmax(-1)
@@ -81,7 +86,8 @@ def matrix_to_axis_angle(R: Tensor) -> Tensor:
         axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         # keep the sign consistent with the (tiny) antisymmetric part
         sign = torch.where((axis * w).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(R.dtype)
-        r = torch.where(near_pi[..., None], axis * sign * theta[..., None], r)
+        ang = torch.where(small, torch.full_like(theta, torch.pi), theta)
+        r = torch.where(near_pi[..., None], axis * sign * ang[..., None], r)
     return r
 
 
