@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", type=float, default=0.0, help="amplitude of a smooth multiplicative bias field (default: 0)")
     p.add_argument("--gamma", type=float, default=0.0, help="sd of a random gamma intensity change (default: 0)")
     p.add_argument("--tilt", type=float, default=15.0, help="tilt of oblique stacks in degrees (default: 15)")
+    p.add_argument("--slice-bias", type=float, default=0.0,
+                   help="amplitude of an extra slice-wise smooth bias field, as in cSVR training (default: 0)")
+    p.add_argument("--interleave", type=int, default=2,
+                   help="interleave step of the acquisition order, 1 = sequential (default: 2)")
+    p.add_argument("--margin", type=float, default=10.0, help="field-of-view margin around the mask in mm (default: 10)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="compare a reconstruction with a reference",
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poses", metavar="JSON", help="estimated poses (from --output-transforms) for TRE")
     p.add_argument("--gt-poses", metavar="JSON", help="ground-truth poses (from simulate) for TRE")
     p.add_argument("--stacks", nargs="+", metavar="STACK", help="acquired stacks for slice consistency (uses --poses)")
+    p.add_argument("--stack-masks", nargs="+", metavar="M", help="one mask per --stacks entry (only masked pixels count)")
     p.add_argument("--thickness", nargs="+", type=_positive_float, metavar="MM", help="slice thickness of --stacks")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     _add_common(p)

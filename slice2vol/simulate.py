@@ -761,6 +761,8 @@ def config_from_args(args) -> SimulationConfig:
         orientations=tuple(args.orientations) if args.orientations else None,
         spacing=args.spacing, thickness=args.thickness, gap=args.gap, tilt=args.tilt,
         motion=args.motion, noise=args.noise, bias=args.bias, gamma=args.gamma,
+        slice_bias=getattr(args, "slice_bias", 0.0), interleave=getattr(args, "interleave", 2),
+        margin=getattr(args, "margin", 10.0),
     )
 
 
