@@ -148,7 +148,9 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution}
     vol = _write_results(args, prep, result, inputs, extra)
-    excluded = int((result.slice_weights < 0.5).sum())
+    has_pixels = torch.zeros(prep.slices.n_slices, dtype=torch.bool, device=prep.slices.device)
+    has_pixels[prep.slices.slice_id] = True
+    excluded = int(((result.slice_weights < 0.5) & has_pixels).sum())
     print(f"slice2vol: wrote {args.output} ({'x'.join(map(str, vol.shape))} at {args.resolution} mm) "
           f"in {time.perf_counter() - t0:.1f} s on {device.type}; "
           f"{excluded}/{prep.slices.n_slices} slices excluded as outliers")

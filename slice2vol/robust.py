@@ -24,18 +24,22 @@ __all__ = ["RobustState", "fit_scales", "em_weights"]
 
 @dataclass
 class RobustState:
-    """Pixel weights ``(P,)``, slice weights ``(M,)``, inlier sigma, mixing proportions."""
+    """Pixel weights ``(P,)``, slice weights ``(M,)``, inlier sigma, mixing proportions, and which
+    slices had enough pixels to be judged (``valid (M,)``)."""
 
     pixel: Tensor
     slice: Tensor
     sigma: float
     inlier_fraction: float
+    valid: Tensor | None = None
 
     def combined(self, slice_id: Tensor) -> Tensor:
         return self.pixel * self.slice[slice_id]
 
     def excluded(self) -> Tensor:
-        return self.slice < 0.5
+        """``(M,)`` bool: slices judged outliers (slices without pixels are not counted)."""
+        out = self.slice < 0.5
+        return out if self.valid is None else out & self.valid
 
 
 def fit_scales(simulated: Tensor, values: Tensor, slice_id: Tensor, n_slices: int, weights: Tensor | None = None,
@@ -85,7 +89,7 @@ def em_weights(residual: Tensor, slice_id: Tensor, n_slices: int, intensity_rang
     pot = torch.sqrt(pot / counts.clamp_min(1))
     valid = counts >= min_pixels
     q = _slice_mixture(pot, valid)
-    return RobustState(pixel=p, slice=q, sigma=math.sqrt(sigma2), inlier_fraction=c)
+    return RobustState(pixel=p, slice=q, sigma=math.sqrt(sigma2), inlier_fraction=c, valid=counts > 0)
 
 
 def _slice_mixture(pot: Tensor, valid: Tensor, iterations: int = 10) -> Tensor:

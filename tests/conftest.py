@@ -4,6 +4,7 @@ Keep this file generic (any test module may use it); module-specific helpers bel
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -191,3 +192,41 @@ def bad_stack_mask(request, make_stack) -> tuple[Path, Path, str]:
     else:
         mask = make_stack("mask.nii.gz", data=0 * ones)
     return stack, mask, _BAD_MASKS[request.param]
+
+
+# ----------------------------------------------------------------- real atlas at low resolution
+
+
+def _atlas_lowres(folder: Path, resolution: float, margin: float):
+    """An atlas volume and mask resampled to ``resolution`` mm on a world-axis-aligned grid
+    cropped to the brain mask plus ``margin`` mm (anti-aliased by a Gaussian first)."""
+    import torch
+
+    from slice2vol.geometry import axis_aligned_grid
+    from slice2vol.image import Volume
+    from slice2vol.resample import gaussian_blur, resample
+
+    img, msk = nib.load(folder / "t2.nii.gz"), nib.load(folder / "mask.nii.gz")
+    data = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))
+    mask = torch.from_numpy(np.asarray(msk.dataobj) > 0)
+    A = img.affine
+    src_res = float(np.linalg.norm(A[:3, :3], axis=0).mean())
+    idx = np.argwhere(mask.numpy()).astype(np.float64)
+    lo, hi = idx.min(0) @ A[:3, :3].T + A[:3, 3], idx.max(0) @ A[:3, :3].T + A[:3, 3]
+    B, shape = axis_aligned_grid(np.minimum(lo, hi) - margin, np.maximum(lo, hi) + margin, resolution)
+    sigma = math.sqrt(max(resolution**2 - src_res**2, 0.0)) / 2.3548
+    smooth = gaussian_blur(data, sigma, [src_res] * 3) if sigma > 0 else data
+    vol = resample(smooth, A, B, shape).clamp_min(0)
+    m = resample(mask.float(), A, B, shape) > 0.5
+    return Volume(vol.contiguous(), B, m)
+
+
+@pytest.fixture(scope="session")
+def atlas_lowres(shared_data):
+    """CRL 2017 STA30 T2 atlas at 1.6 mm (58 x 68 x 59 voxels, brain mask as ``.mask``): a real
+    fetal brain that is quick to simulate from and register to.  Skipped without shared data.
+    Tests must not modify it (session-scoped)."""
+    folder = shared_data / "fetal_atlases" / "crl2017" / "STA30"
+    if not (folder / "t2.nii.gz").is_file():
+        pytest.skip(f"atlas STA30 not found in {folder}")
+    return _atlas_lowres(folder, 1.6, 6.0)
