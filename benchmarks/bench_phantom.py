@@ -67,7 +67,8 @@ def _reset_peak_rss() -> bool:
 
 
 def mid_slices(vol: np.ndarray) -> list[np.ndarray]:
-    """Axial, coronal, sagittal mid-slices of an (R, A, S)-axis-aligned volume, displayed radiologically upright."""
+    """Axial, coronal, sagittal mid-slices of an (R, A, S)-axis-aligned volume: anterior/superior up,
+    the patient's right on the right of the image (neurological convention)."""
     ci, cj, ck = (n // 2 for n in vol.shape)
     axial = vol[:, :, ck].T  # rows: A, cols: R
     coronal = vol[:, cj, :].T  # rows: S, cols: R
@@ -165,7 +166,9 @@ def main(argv=None) -> int:
     save_views([("naive (header poses)", naive), ("SVR", recon)], png,
                f"SVRTK phantom, 6 stacks -> {args.resolution:g} mm; slice SSIM {before['ssim']:.3f} -> {after['ssim']:.3f}")
 
-    excluded = int((result.slice_weights < 0.5).sum())
+    has_pixels = torch.zeros(prep.slices.n_slices, dtype=torch.bool, device=prep.slices.device)
+    has_pixels[prep.slices.slice_id] = True
+    excluded = int(((result.slice_weights < 0.5) & has_pixels).sum())  # as the CLI counts them
     print(f"reconstruction: {'x'.join(map(str, recon.shape))} voxels at {args.resolution:g} mm, "
           f"{prep.slices.n_slices} slices ({prep.slices.n_pixels:,} pixels), {excluded} excluded as outliers")
     print(f"time: {wall:.1f} s (prepare {timings['prepare_s']:.1f} s + SVR {timings['method_s']:.1f} s); "

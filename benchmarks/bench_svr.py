@@ -170,6 +170,8 @@ def worker(case_dir: Path, args) -> dict:
     before = naive_consistency(prep)
     after = slice_consistency(ss, result.simulated.detach())
 
+    has_pixels = torch.zeros(ss.n_slices, dtype=torch.bool, device=ss.device)
+    has_pixels[ss.slice_id] = True
     keys = ("psnr", "ssim", "nrmse", "ncc", "fov_coverage")
     return {
         "device": str(device),
@@ -179,7 +181,7 @@ def worker(case_dir: Path, args) -> dict:
         "peak_rss_mb": peak_rss, "rss_before_mb": rss_before, "peak_rss_reset": hwm_reset,
         "gpu_peak_mb": gpu_peak,
         "grid": list(prep.shape), "pixels": ss.n_pixels, "slices": ss.n_slices, "template": prep.template,
-        "excluded_slices": int((result.slice_weights < 0.5).sum()),
+        "excluded_slices": int(((result.slice_weights < 0.5) & has_pixels).sum()),  # as the CLI counts them
         "naive": {k: m_naive[k] for k in keys},
         "svr": {k: m_svr[k] for k in keys},
         "tre_header": tre_header, "tre_stackreg": tre_stack, "tre_svr": tre_svr,

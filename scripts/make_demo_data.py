@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,6 @@ import torch
 
 from slice2vol import __version__, io
 from slice2vol.commands import crop_to_roi
-from slice2vol.image import Volume
 from slice2vol.runtime import seed_everything
 from slice2vol.simulate import SimulationConfig, simulate_stacks
 

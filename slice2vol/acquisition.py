@@ -52,7 +52,8 @@ class PSF:
         return int(self.offsets.shape[1])
 
 
-_GH3 = (torch.tensor([-math.sqrt(3.0), 0.0, math.sqrt(3.0)]), torch.tensor([1 / 6, 2 / 3, 1 / 6]))
+_GH3 = (torch.tensor([-math.sqrt(3.0), 0.0, math.sqrt(3.0)], dtype=torch.float64),
+        torch.tensor([1 / 6, 2 / 3, 1 / 6], dtype=torch.float64))
 
 
 def _axis_nodes(sigma: float, step: float, truncate: float) -> tuple[Tensor, Tensor]:

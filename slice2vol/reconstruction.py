@@ -10,7 +10,8 @@
   and ``b_d = 1 / sqrt(1 + ((D_d V0)/delta)^2)`` are edge-preserving weights from the current
   estimate ``V0`` (one iteratively-reweighted step per outer SVR iteration, the quadratic
   majoriser of the Huber-like edge-preserving prior SVRTK uses, so CG applies).  ``lam`` is
-  relative: it multiplies the mean diagonal of ``A^T W A`` inside the mask so its effect does
+  relative: it multiplies the mean of ``A^T W A 1`` (the weighted coverage, i.e. the row sums of
+  the data term) inside the mask so its effect does
   not depend on intensity units or slice counts.  The volume is restricted to a mask (voxels
   outside stay 0) and clamped at 0 after solving (magnitude images are non-negative).
 """
@@ -113,7 +114,7 @@ def super_resolve(
     if delta is None:
         delta = 0.1 * float(torch.quantile(values[:: max(1, values.numel() // 100000)], 0.99))
     delta = max(delta, 1e-6)
-    proj = acq.Projector(shape, affine, poses, coords, slice_id, psf)
+    proj = acq.Projector(shape, affine, poses, coords, slice_id, psf, dtype=values.dtype)
     wa2 = w * ap * ap
 
     def data_term(v):

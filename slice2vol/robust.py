@@ -88,11 +88,11 @@ def em_weights(residual: Tensor, slice_id: Tensor, n_slices: int, intensity_rang
     pot = torch.zeros(n_slices, device=dev, dtype=dt).index_add_(0, slice_id, (1 - p) ** 2)
     pot = torch.sqrt(pot / counts.clamp_min(1))
     valid = counts >= min_pixels
-    q = _slice_mixture(pot, valid)
+    q = _slice_mixture(pot, valid, float(counts[valid].median()) if bool(valid.any()) else 1.0)
     return RobustState(pixel=p, slice=q, sigma=math.sqrt(sigma2), inlier_fraction=c, valid=counts > 0)
 
 
-def _slice_mixture(pot: Tensor, valid: Tensor, iterations: int = 10) -> Tensor:
+def _slice_mixture(pot: Tensor, valid: Tensor, counts_median: float, iterations: int = 10) -> Tensor:
     """Posterior inlier probability of slice potentials.
 
     Inlier potentials ~ N(mu, sd) with ``mu``/``sd`` started from the median and MAD, outliers
@@ -105,15 +105,18 @@ def _slice_mixture(pot: Tensor, valid: Tensor, iterations: int = 10) -> Tensor:
     if x.numel() < 4:
         q[valid] = 1.0
         return q
+    # One rejected pixel among n raises a slice's potential by about 1/sqrt(n); the inlier spread
+    # is floored there so a slice is never dropped for a handful of outlier pixels.
+    floor = float(min(0.5, 2.0 / max(float(counts_median), 1.0) ** 0.5))
     mu = x.median()
-    sd = (1.4826 * (x - mu).abs().median()).clamp_min(1e-3)
+    sd = (1.4826 * (x - mu).abs().median()).clamp_min(floor)
     pi_in = torch.tensor(0.9, dtype=x.dtype, device=x.device)
     for _ in range(iterations):
         gi = pi_in * _gauss(x, mu, sd)
         inl = gi / (gi + (1 - pi_in)).clamp_min(1e-30)
         inl = torch.where(x <= mu, torch.ones_like(inl), inl)
         mu = (inl * x).sum() / inl.sum().clamp_min(1e-6)
-        sd = (((inl * (x - mu) ** 2).sum() / inl.sum().clamp_min(1e-6)).sqrt()).clamp_min(1e-3)
+        sd = (((inl * (x - mu) ** 2).sum() / inl.sum().clamp_min(1e-6)).sqrt()).clamp_min(floor)
         pi_in = inl.mean().clamp(0.5, 0.999)
     q[valid] = inl
     return q

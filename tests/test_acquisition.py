@@ -130,8 +130,8 @@ def test_psf_weights_sum_to_one_and_are_centred(quality):
     thick = torch.tensor([3.0, 2.5, 4.0, 3.0], dtype=D)
     psf = acq.psf_kernel(spacing, thick, 0.8, quality=quality)
     assert psf.offsets.shape[:2] == psf.weights.shape
-    # 1e-7, not 1e-12: the in-plane rule's constants are float32 (see the xfail test below)
-    torch.testing.assert_close(psf.weights.sum(1), torch.ones(4, dtype=D), rtol=0, atol=1e-7)
+    # the in-plane rule is exact in float64
+    torch.testing.assert_close(psf.weights.sum(1), torch.ones(4, dtype=D), rtol=0, atol=1e-12)
     assert bool((psf.weights >= 0).all())
     mean = (psf.weights[..., None] * psf.offsets).sum(1)
     torch.testing.assert_close(mean, torch.zeros(4, 3, dtype=D), rtol=0, atol=1e-12)
@@ -187,19 +187,12 @@ def test_psf_inplane_variance_is_exact_for_the_3_point_rule():
     w, o = psf.weights[0], psf.offsets[0]
     for axis, dx in ((0, 1.5), (1, 2.0)):
         expected = (1.2 * dx * acq.FWHM_TO_SIGMA) ** 2
-        # rel 1e-6, not 1e-12: float32 Gauss-Hermite constants (see the xfail test below)
-        assert float((w * o[:, axis] ** 2).sum()) == pytest.approx(expected, rel=1e-6)
+        assert float((w * o[:, axis] ** 2).sum()) == pytest.approx(expected, rel=1e-12)
     # normal quality on a coarse volume: in-plane sigma (0.76 / 1.02 mm) < 1.6 mm voxels -> single node
     psf_n = acq.psf_kernel(sp, th, 1.6, quality="normal")
     assert float(psf_n.offsets[0, :, :2].abs().max()) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "acquisition._GH3 is built with torch.tensor(...) in the default float32 and only then "
-    "converted with .double(), so in float64 the 3-point Gauss-Hermite nodes (sqrt 3) and weights "
-    "(1/6, 2/3) carry float32 rounding: in-plane PSF weights sum to 1 - 6e-8 and the in-plane "
-    "variance is off by 2e-8 relative, i.e. float64 callers (gradcheck, adjoint tests, exact "
-    "least squares) get float32-accurate quadrature. Fix: dtype=torch.float64 in _GH3."))
 def test_psf_quadrature_is_exact_in_float64():
     sp = torch.tensor([[1.5, 2.0]], dtype=D)
     psf = acq.psf_kernel(sp, torch.tensor([3.0], dtype=D), 0.8, quality="high")
@@ -269,8 +262,7 @@ def test_forward_of_constant_volume_is_that_constant_inside_the_support(quality)
     inside = ((ijk >= 1) & (ijk <= torch.tensor(shape, dtype=D) - 2)).all(-1) | (w == 0)
     inside = inside.all(-1)
     assert int(inside.sum()) > 0.8 * len(inside)
-    # rtol 1e-7 because of the float32 in-plane rule constants (see the xfail test above)
-    torch.testing.assert_close(out[inside], torch.full_like(out[inside], 37.5), rtol=1e-7, atol=0)
+    torch.testing.assert_close(out[inside], torch.full_like(out[inside], 37.5), rtol=1e-12, atol=0)
     # and the normalisation of A^T: splatting ones from those pixels conserves their total weight
     cov = acq.adjoint(inside.to(D), shape, A, c["poses"], c["coords"], c["slice_id"], c["psf"])
     assert float(cov.sum()) == pytest.approx(float(inside.sum()), rel=1e-7)

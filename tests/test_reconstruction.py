@@ -185,6 +185,16 @@ def test_zero_regularisation_reaches_the_weighted_least_squares_solution():
     np.testing.assert_allclose(x.numpy(), x_ls, rtol=1e-6, atol=1e-6 * np.abs(x_ls).max())
 
 
+def test_super_resolve_accepts_float64_data_with_float32_poses():
+    shape, A, poses, coords, sid, psf, mat, g = _tiny_case(2)
+    y = torch.from_numpy(mat @ np.full(125, 100.0))
+    P32, c32, psf32 = poses.float(), coords.float(), acq.PSF(psf.offsets.float(), psf.weights.float())
+    V0 = psf_average(y, torch.ones_like(y), shape, A, P32, c32, sid, psf32)  # mixed dtypes work here
+    assert V0.dtype == D
+    x = super_resolve(V0, A, P32, c32, sid, y, psf32, iterations=3)
+    assert x.dtype == D
+
+
 def test_regularisation_smooths_towards_neighbours():
     """With a large lam the solution of noisy data is smoother (smaller total variation) than
     without, and its mean stays close to the data's."""
@@ -219,15 +229,8 @@ def test_output_is_non_negative_and_zero_outside_the_mask(acquired):
 
 # ------------------------------------------------------------------------------ robust EM
 
-EM_BUG = (
-    "robust._slice_mixture floors the inlier sd of slice potentials at 1e-3 while clean slices "
-    "have potentials ~3e-4, and the potential of a slice with ONE rejected pixel among n is "
-    "~(1 - p)/sqrt(n) ~ 0.02-0.05: so a single >= 5-sigma pixel (which the pixel level already "
-    "down-weights) puts its whole slice at weight 0.  On pure-noise residuals (exact operator) "
-    "4 of 38 normal slices of the phantom are excluded, 11 of 38 with the normal-quality PSF. "
-    "The inlier sd needs a floor on the scale of one pixel's contribution (e.g. ~1/sqrt(n_pixels)) "
-    "or a heavier-tailed inlier model."
-)
+# Regression (fixed): the inlier sd of slice potentials was floored at 1e-3 while one rejected
+# pixel among n raises a potential by ~1/sqrt(n), so a single outlier pixel dropped its slice.
 
 
 def _exact_residuals(acquired, garbage: int | None = None):
@@ -280,14 +283,12 @@ def test_em_gives_low_weight_to_a_garbage_slice(acquired, capsys):
     assert bool((state.slice[~valid] == 0).all())
 
 
-@pytest.mark.xfail(strict=True, reason=EM_BUG)
 def test_em_keeps_every_normal_slice_next_to_a_garbage_slice(acquired):
     state, bad, sel, valid, normal = _em_case(acquired)
     assert float(state.slice[bad]) < 0.1
     assert float(state.slice[normal].min()) > 0.5
 
 
-@pytest.mark.xfail(strict=True, reason=EM_BUG)
 def test_em_on_pure_noise_residuals_excludes_nothing(acquired):
     _, ss, _ = acquired
     y, e, _ = _exact_residuals(acquired)
@@ -309,7 +310,6 @@ def test_em_on_gaussian_residuals_excludes_nothing_and_estimates_sigma():
     assert again.sigma == pytest.approx(state.sigma, rel=0.01) and float(again.slice.min()) > 0.5
 
 
-@pytest.mark.xfail(strict=True, reason=EM_BUG)
 def test_a_single_outlier_pixel_does_not_exclude_its_slice():
     """20 slices x 400 pixels of N(0, 1) residuals; one pixel of slice 5 set to 5 (5 sigma).
     Measured: that pixel gets weight 0.13 (right) and slice 5 gets weight 0.0 (wrong)."""
