@@ -43,7 +43,7 @@ from slice2vol.metrics import slice_consistency
 from slice2vol.reconstruction import psf_average
 from slice2vol.runtime import resolve_device, seed_everything
 
-DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_DATA", "/work/shared/data"))
+DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_SHARED") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def _status_mb(field: str) -> float | None:

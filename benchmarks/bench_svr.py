@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_DATA", "/work/shared/data"))
+DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_SHARED") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TARGETS = {"psnr_gain_db": 6.0, "time_s": 60.0, "memory_gb": 4.0}
 GT_MARGIN_VOX = 5  # ground truth cropped to the brain + 4 mm (registration for --align is then faster)
 
