@@ -147,7 +147,7 @@ def grid_affine(affine: Tensor, shape: tuple[int, int, int]) -> Tensor:
 
 def world_to_grid(x: Tensor, affine: Tensor, shape: tuple[int, int, int]) -> Tensor:
     """World points ``(..., 3)`` mm -> ``grid_sample`` coordinates ``(..., 3)`` of a volume."""
-    G = grid_affine(affine, shape).to(x.dtype)
+    G = grid_affine(affine, shape).to(x.device, x.dtype)
     return x @ G[:3, :3].T + G[:3, 3]
 
 

@@ -248,7 +248,7 @@ def register_volumes(moving, fixed, fixed_mask: Tensor | None = None, sigmas=(4.
     if idx.shape[0] > max_points:
         # deterministic subsample: every n-th voxel keeps the result reproducible
         idx = idx[:: int(np.ceil(idx.shape[0] / max_points))]
-    A = torch.as_tensor(fixed.affine, dtype=torch.float64)
+    A = torch.as_tensor(fixed.affine, dtype=torch.float64, device=idx.device)
     pts = (idx.to(torch.float64) @ A[:3, :3].T + A[:3, 3]).to(dev, dtype)
     vals = fixed.data[idx[:, 0], idx[:, 1], idx[:, 2]].to(dev, dtype)
     T0 = torch.eye(4, dtype=dtype, device=dev)[None] if initial is None else torch.as_tensor(initial, dtype=dtype, device=dev)[None]
