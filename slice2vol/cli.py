@@ -44,6 +44,8 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-transforms", metavar="JSON", help="write the estimated per-slice poses as JSON")
     p.add_argument("--output-simulated", metavar="DIR",
                    help="write slices simulated from the result, one NIfTI per input stack, into DIR")
+    p.add_argument("--report", metavar="DIR",
+                   help="write a visual report (DIR/index.html with PNG figures) into DIR (demo default: OUT/report)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -112,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thickness", nargs="+", type=_positive_float, metavar="MM", help="slice thickness of --stacks")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     _add_common(p)
+
+    p = sub.add_parser("report", help="write the visual report of a reconstruction folder",
+                       description="Rebuild the HTML report (index.html with PNG figures) of a reconstruction from "
+                                   "RECON_DIR: a folder written by reconstruct --report (its report_data.json; "
+                                   "rewritten in place) or a folder holding the --output-transforms JSON "
+                                   "(report written into RECON_DIR/report).  The input stacks and the output "
+                                   "volume are read from the paths recorded there.")
+    p.add_argument("recon_dir", metavar="RECON_DIR", help="reconstruction or report folder")
+    p.add_argument("--output", "-o", metavar="DIR", help="report folder (default: see above)")
+    _add_common(p)
     return parser
 
 
@@ -131,6 +143,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from .metrics import evaluate_command
         return evaluate_command(args)
+    if args.command == "report":
+        from .report import report_command
+        return report_command(args)
     raise Slice2VolError(f"unknown command {args.command}")
 
 

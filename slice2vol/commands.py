@@ -50,7 +50,7 @@ def crop_to_roi(volume: Volume, roi: torch.Tensor, margin_vox: int = 2) -> Volum
     return Volume(volume.data[sl].contiguous(), A, roi[sl].contiguous())
 
 
-def naive_consistency(prep: Prepared) -> dict:
+def naive_consistency(prep: Prepared, per_slice: bool = False) -> dict:
     """Slice consistency of the motion-blind baseline: PSF average of the slices at their header
     poses (after intensity normalisation), simulated back with fitted slice scales."""
     from .metrics import slice_consistency
@@ -62,7 +62,7 @@ def naive_consistency(prep: Prepared) -> dict:
                     header.coords, header.slice_id, psf)
     s = acq.forward(V, prep.affine, header.poses, header.coords, header.slice_id, psf)
     a = fit_scales(s, header.values, header.slice_id, header.n_slices)
-    return slice_consistency(header, s * a[header.slice_id])
+    return slice_consistency(header, s * a[header.slice_id], per_slice=per_slice)
 
 
 def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, method: str = "svr",
@@ -99,22 +99,28 @@ def _outputs(args: argparse.Namespace, inputs: list[str]) -> None:
     sim = getattr(args, "output_simulated", None)
     if sim and Path(sim).exists() and not Path(sim).is_dir():
         raise Slice2VolError(f"--output-simulated {sim} exists and is not a directory")
+    rep = getattr(args, "report", None)
+    if rep and Path(rep).exists() and not Path(rep).is_dir():
+        raise Slice2VolError(f"--report {rep} exists and is not a directory")
+
+
+def _transforms_record(prep: Prepared, result, extra: dict) -> dict:
+    ss = prep.slices
+    poses = result.poses.detach().double().cpu().numpy()
+    per_stack = [poses[ss.stack_slices[s]:ss.stack_slices[s + 1]] for s in range(ss.n_stacks)]
+    return io.poses_to_json(prep.stacks, per_stack, extra={
+        "template": prep.template,
+        "slice_weights": [result.slice_weights[ss.stack_slices[s]:ss.stack_slices[s + 1]].cpu().tolist() for s in range(ss.n_stacks)],
+        "slice_scales": [result.scales[ss.stack_slices[s]:ss.stack_slices[s + 1]].cpu().tolist() for s in range(ss.n_stacks)],
+        **extra,
+    })
 
 
 def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict) -> Volume:
     vol = crop_to_roi(Volume(result.volume.data * prep.roi, prep.affine, prep.roi), prep.roi)
     vol_cpu = Volume(vol.data.cpu(), vol.affine)
     if getattr(args, "output_transforms", None):
-        ss = prep.slices
-        poses = result.poses.detach().double().cpu().numpy()
-        per_stack = [poses[ss.stack_slices[s]:ss.stack_slices[s + 1]] for s in range(ss.n_stacks)]
-        obj = io.poses_to_json(prep.stacks, per_stack, extra={
-            "template": prep.template,
-            "slice_weights": [result.slice_weights[ss.stack_slices[s]:ss.stack_slices[s + 1]].cpu().tolist() for s in range(ss.n_stacks)],
-            "slice_scales": [result.scales[ss.stack_slices[s]:ss.stack_slices[s + 1]].cpu().tolist() for s in range(ss.n_stacks)],
-            **extra,
-        })
-        io.write_json(obj, args.output_transforms, protect=inputs)
+        io.write_json(_transforms_record(prep, result, extra), args.output_transforms, protect=inputs)
     if getattr(args, "output_simulated", None):
         out_dir = Path(args.output_simulated)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,11 +149,21 @@ def reconstruct_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress)
     from .metrics import slice_consistency
 
-    before = naive_consistency(prep)
-    after = slice_consistency(prep.slices, result.simulated.detach())
+    from .report import report_record
+
+    before = naive_consistency(prep, per_slice=True)
+    after = slice_consistency(prep.slices, result.simulated.detach(), per_slice=True)
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution}
+    extra.update(report_record(args, prep, before, after))
     vol = _write_results(args, prep, result, inputs, extra)
+    if getattr(args, "report", None):
+        from .report import write_report
+
+        page = write_report(args.report, prep, result, vol, before, after,
+                            title=f"slice2vol reconstruction: {Path(args.output).name}",
+                            record=_transforms_record(prep, result, extra), protect=inputs)
+        print(f"slice2vol: wrote report {page}")
     has_pixels = torch.zeros(prep.slices.n_slices, dtype=torch.bool, device=prep.slices.device)
     has_pixels[prep.slices.slice_id] = True
     excluded = int(((result.slice_weights < 0.5) & has_pixels).sum())
@@ -187,6 +203,7 @@ def demo_command(args: argparse.Namespace) -> int:
     ns.template = None
     ns.output = str(out_dir / "recon.nii.gz")
     ns.output_transforms = ns.output_transforms or str(out_dir / "transforms.json")
+    ns.report = ns.report or str(out_dir / "report")
     reconstruct_command(ns)
     gt = io.load_volume(DEMO_DIR / meta["ground_truth"], DEMO_DIR / meta["ground_truth_mask"])
     recon = io.load_volume(ns.output)

@@ -1,0 +1,202 @@
+"""The visual report (slice2vol.report): ``reconstruct --report`` and ``slice2vol report``.
+
+One tiny simulated case (a synthetic 'brain' of a few ellipsoids at 2 mm, three stacks of 2 mm
+pixels and 4 mm slices with mild motion) is reconstructed once through the CLI at 3 mm, with the
+registration and SVR schedules trimmed (monkeypatched) to what a report needs: poses, weights and a
+volume, not a good one.  The tests check the page's integrity (every referenced file exists, every
+PNG decodes, nothing external is referenced, the expected sections are there) rather than the
+figures' looks, which were checked by eye in a browser.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html.parser
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import slice2vol.methods.svr as svr
+import slice2vol.preprocess as preprocess
+from slice2vol.cli import main
+from slice2vol.image import Volume
+from slice2vol.report import REPORT_DATA, REPORT_HTML, slice_motion
+from slice2vol.simulate import SimulationConfig, save_simulation, simulate_stacks
+from slice2vol.transforms import params_to_matrix
+
+FAST = ["--device", "cpu", "--iterations", "1", "--resolution", "3", "--no-progress"]
+SECTIONS = ("summary", "volume", "consistency", "slices", "motion", "outliers")
+
+
+def _phantom() -> Volume:
+    """A 48 mm ellipsoid with brighter and darker inclusions, 2 mm voxels, axis-aligned."""
+    n, res = 28, 2.0
+    g = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * res
+    x, y, z = torch.meshgrid(g, g, g, indexing="ij")
+    inside = (x / 24) ** 2 + (y / 20) ** 2 + (z / 18) ** 2 < 1
+    v = torch.where(inside, torch.tensor(100.0), torch.tensor(0.0))
+    for c, r, val in (((-8, 4, 2), 7, 180.0), ((9, -5, -3), 5, 40.0), ((0, 10, 8), 4, 150.0)):
+        v = torch.where(((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) < r * r, torch.tensor(val), v)
+    A = np.diag([res, res, res, 1.0])
+    A[:3, 3] = -(n - 1) / 2 * res
+    return Volume(v, A, inside)
+
+
+@pytest.fixture(scope="module")
+def recon(tmp_path_factory) -> Path:
+    """A folder with stacks, and a reconstruction written with every output option."""
+    root = tmp_path_factory.mktemp("report")
+    vol = _phantom()
+    cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=2.0, thickness=4.0,
+                           motion="mild", noise=0.02, margin=4.0)
+    save_simulation(simulate_stacks(vol, vol.mask, cfg, torch.Generator().manual_seed(0)), root / "stacks")
+    stacks = [root / "stacks" / f"stack_{i:02d}.nii.gz" for i in range(3)]
+    masks = [root / "stacks" / f"mask_{i:02d}.nii.gz" for i in range(3)]
+    out = root / "out"
+
+    @dataclasses.dataclass
+    class FastConfig(svr.SVRConfig):
+        coarse_iterations: int = 0
+        reg_iterations: int = 2
+        cg_iterations: int = 4
+        final_cg_iterations: int = 4
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(svr, "SVRConfig", FastConfig)
+        mp.setattr(preprocess, "register_stacks",
+                   functools.partial(preprocess.register_stacks, resolution=3.0, sigmas=(2.0,), iterations=3))
+        rc = _reconstruct(stacks, masks, out)
+    assert rc == 0
+    return out
+
+
+def _reconstruct(stacks, masks, out) -> int:
+    return main([str(a) for a in ["reconstruct", *stacks, "--stack-masks", *masks, "-o", out / "recon.nii.gz",
+                                "--output-transforms", out / "transforms.json", "--output-simulated", out / "sim",
+                                "--report", out / "report", *FAST]])
+
+
+class _Refs(html.parser.HTMLParser):
+    """Collects the ``src``/``href`` attributes and element ids of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.ids, self.tags = [], set(), set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        for k, v in attrs:
+            if k in ("src", "href") and v and not v.startswith("#"):
+                self.refs.append(v)
+            if k == "id":
+                self.ids.add(v)
+
+
+def check_page(folder: Path, n_stacks: int = 3) -> str:
+    """The page in ``folder`` is complete and self-contained; returns its text."""
+    from PIL import Image
+    import matplotlib.image
+
+    page = folder / REPORT_HTML
+    text = page.read_text(encoding="utf-8")
+    p = _Refs()
+    p.feed(text)
+    assert set(SECTIONS) <= p.ids, p.ids
+    assert not ({"script", "link", "iframe"} & p.tags)
+    assert "http://" not in text and "https://" not in text and "@import" not in text and "url(" not in text
+    pngs = [r for r in p.refs if r.endswith(".png")]
+    assert {"views.png", "consistency.png", "outliers.png"} <= set(pngs)
+    for s in range(n_stacks):
+        assert {f"stack{s}_slices.png", f"stack{s}_reslice.png", f"stack{s}_motion.png"} <= set(pngs)
+    for ref in p.refs:
+        assert "/" not in ref and ":" not in ref, ref  # relative, beside the page
+        assert (folder / ref).is_file(), ref
+    for ref in pngs:
+        with Image.open(folder / ref) as im:
+            im.verify()
+        img = matplotlib.image.imread(folder / ref)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert float(img[..., :3].std()) > 0.01, f"{ref} is blank"
+    return text
+
+
+def test_reconstruct_report_is_complete(recon):
+    text = check_page(recon / "report")
+    for name in ("stack_00.nii.gz", "stack_01.nii.gz", "stack_02.nii.gz", "recon.nii.gz"):
+        assert name in text
+    for words in ("SSIM", "PSNR", "NCC", "rotation", "translation", "excluded"):
+        assert words in text
+    record = json.loads((recon / "report" / REPORT_DATA).read_text())
+    transforms = json.loads((recon / "transforms.json").read_text())
+    assert record == transforms
+    detail = record["slice_consistency_detail"]
+    assert [len(x) for x in detail["before"]["per_slice_ncc"]] == [len(st["slices"]) for st in record["stacks"]]
+    assert Path(record["output"]).is_absolute() and Path(record["output"]).name == "recon.nii.gz"
+
+
+def test_report_command_rebuilds_from_a_reconstruction_folder(recon, tmp_path, capsys):
+    # the --output-transforms folder, with the simulated stacks it recorded
+    assert main(["report", str(recon), "--output", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    check_page(tmp_path / "a")
+    assert "read from" in (tmp_path / "a" / REPORT_HTML).read_text()
+    # a copy of the report folder elsewhere, without the simulated stacks: slices simulated again,
+    # and the folder's own page rebuilt in place
+    copy = tmp_path / "copy"
+    shutil.copytree(recon / "report", copy)
+    for f in copy.glob("*.png"):
+        f.unlink()
+    rec = json.loads((copy / REPORT_DATA).read_text())
+    rec["output_simulated"] = None
+    (copy / REPORT_DATA).write_text(json.dumps(rec))
+    assert main(["report", str(copy), "--device", "cpu"]) == 0
+    text = check_page(copy)
+    assert "simulated again" in text
+    assert capsys.readouterr().out.count("wrote report") == 2
+
+
+def _one_error(argv, capsys) -> str:
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc != 0 and len(lines) == 1 and lines[0].startswith("slice2vol: error:"), err
+    return lines[0]
+
+
+def test_report_of_a_bad_folder_is_one_error_line(tmp_path, recon, capsys):
+    assert "not a directory" in _one_error(["report", str(tmp_path / "missing")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no reconstruction found" in _one_error(["report", str(tmp_path / "empty")], capsys)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "transforms.json").write_text("{not json")
+    assert "not a reconstruction record" in _one_error(["report", str(bad)], capsys)
+    # a record whose stacks have gone
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    rec = json.loads((recon / "transforms.json").read_text())
+    rec["inputs"]["stacks"] = [str(tmp_path / "nowhere.nii.gz")] * len(rec["stacks"])
+    (gone / "transforms.json").write_text(json.dumps(rec))
+    assert "not found" in _one_error(["report", str(gone)], capsys)
+    assert not (gone / "report").exists() or not any((gone / "report").iterdir())
+
+
+def test_report_folder_that_is_a_file_is_refused_before_work(tmp_path, capsys):
+    f = tmp_path / "report.txt"
+    f.write_text("x")
+    argv = ["reconstruct", str(tmp_path / "s.nii.gz"), "-o", str(tmp_path / "r.nii.gz"), "--report", str(f), *FAST]
+    assert "--report" in _one_error(argv, capsys)
+
+
+def test_slice_motion_in_the_slice_frame():
+    header = np.tile(np.eye(4), (2, 1, 1))
+    header[1, :3, 3] = [5.0, -3.0, 7.0]
+    D = params_to_matrix(torch.tensor([[0.0, 0.0, np.radians(10.0), 1.0, 0.0, 2.0],
+                                       [np.radians(3.0), 0.0, 0.0, 0.0, -1.5, 0.0]], dtype=torch.float64)).numpy()
+    ang, t = slice_motion(header, header @ D)
+    np.testing.assert_allclose(ang, [10.0, 3.0], atol=1e-9)
+    np.testing.assert_allclose(t, [[1.0, 0.0, 2.0], [0.0, -1.5, 0.0]], atol=1e-9)
