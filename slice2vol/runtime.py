@@ -38,4 +38,4 @@ def setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "slice2vol: %(levelname)s: %(message)s",
     )
-    logging.getLogger("slice2vol").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("slice2vol").setLevel(logging.DEBUG if verbose else logging.WARNING)
