@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from _memory import peak_rss_mb, reset_peak_rss, status_mb
 
 from slice2vol import acquisition as acq
 from slice2vol import io
@@ -44,26 +45,6 @@ from slice2vol.reconstruction import psf_average
 from slice2vol.runtime import resolve_device, seed_everything
 
 DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_SHARED") or Path(__file__).resolve().parents[2] / "shared" / "data")
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def mid_slices(vol: np.ndarray) -> list[np.ndarray]:
@@ -131,8 +112,8 @@ def main(argv=None) -> int:
           f"template 2, mask-for-stack-2; device {device}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    rss_before = _status_mb("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = status_mb("VmRSS")
+    reset = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -142,7 +123,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
     before = naive_consistency(prep)

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _memory import peak_rss_mb, reset_peak_rss, status_mb
 
 DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_SHARED") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TARGETS = {"psnr_gain_db": 6.0, "time_s": 60.0, "memory_gb": 4.0}
@@ -52,36 +53,6 @@ GT_MARGIN_VOX = 5  # ground truth cropped to the brain + 4 mm (registration for 
 
 
 # ----------------------------------------------------------------------------------- memory
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_mb() -> float:
-    hwm = _status_kb("VmHWM")
-    if hwm is not None:
-        return hwm / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
 # ----------------------------------------------------------------------------------- worker
@@ -108,8 +79,8 @@ def worker(case_dir: Path, args) -> dict:
                             [case_dir / f for f in meta["stack_masks"]])
 
     # ---- SVR (timed, memory)
-    rss_before = (_status_kb("VmRSS") or 0) / 1024  # after imports and reading the stacks
-    hwm_reset = _reset_peak_rss()  # if False, the peak below is the whole process's
+    rss_before = (status_mb("VmRSS") or 0)  # after imports and reading the stacks
+    hwm_reset = reset_peak_rss()  # if False, the peak below is the whole process's
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -119,7 +90,7 @@ def worker(case_dir: Path, args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     svr_s = time.perf_counter() - t0
-    peak_rss = _peak_rss_mb()
+    peak_rss = peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
     # ---- naive motion-blind baseline: as commands.naive_consistency builds it (timed separately)
