@@ -20,6 +20,10 @@ full one, and finish with a few iterations on the output grid.  Robust statistic
 on the output grid: before that, slices are misregistered rather than corrupted, and excluding
 them would freeze them where they are.  Registration itself uses pixel weights and masks but
 not slice weights, so an excluded slice is still re-registered and may come back (as in SVRTK).
+Slices with fewer than ``min_slice_pixels`` masked pixels follow their stack instead of being
+registered alone, and a slice update that moves a slice more than ``max_deviation`` (30 deg /
+20 mm) from its stack-registered pose is refused; both guard the weakly determined slices at
+the brain's edges.
 
 Defaults (research choices tuned on simulated atlas cases, not on held-out data): up to 12 coarse
 iterations (stopping early once the median slice moves less than 0.1 mm per iteration; half the
@@ -70,6 +74,8 @@ class SVRConfig:
     robust: bool = True
     reg_iterations: int = 6
     reg_subsample: int = 2
+    min_slice_pixels: int = 150
+    max_deviation: tuple[float, float] = (30.0, 20.0)
     progress: bool = True
 
 
@@ -113,6 +119,20 @@ def _coarse_grid(prep: Prepared, factor: float) -> tuple[np.ndarray, tuple[int, 
     return affine, cshape, roi.to(prep.roi.device)
 
 
+def _plausible(new: Tensor, old: Tensor, reference: Tensor, max_deviation: tuple[float, float]) -> Tensor:
+    """Keep ``old`` where ``new`` strays further than ``max_deviation`` (deg, mm at the slice centre)
+    from ``reference`` (the stack-registered poses): a registration that turns a slice by tens of
+    degrees away from its stack has locked onto the wrong structure, not found the fetus."""
+    from ..transforms import rotation_angle
+
+    ang = torch.rad2deg(rotation_angle(new[:, :3, :3] @ reference[:, :3, :3].transpose(-1, -2)))
+    shift = (new[:, :3, 3] - reference[:, :3, 3]).norm(dim=-1)
+    bad = (ang > max_deviation[0]) | (shift > max_deviation[1])
+    if bool(bad.any()):
+        log.info("svr: %d slice updates reverted (beyond %.0f deg / %.0f mm of their stack)", int(bad.sum()), *max_deviation)
+    return torch.where(bad[:, None, None], old, new)
+
+
 def _median_motion(old: Tensor, new: Tensor, ss, sub: Tensor) -> float:
     """Median over slices of the mean displacement (mm) of their pixels between two pose sets."""
     c, sid = ss.coords[sub], ss.slice_id[sub]
@@ -135,7 +155,12 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
     y, coords, sid = ss.values, ss.coords, ss.slice_id
     M = ss.n_slices
     poses = ss.poses
+    stack_poses = ss.poses
     rng = float(y.max() - y.min())
+    # Slices with few pixels (brain edges) are too weakly determined to register on their own;
+    # they keep following their stack, as SVRTK leaves small slices out of slice registration.
+    counts = torch.zeros(M, device=dev, dtype=y.dtype).index_add_(0, sid, torch.ones_like(y))
+    registrable = (counts >= cfg.min_slice_pixels).to(y.dtype)[sid]
     history: list[dict] = []
     res = float(np.linalg.norm(prep.affine[:3, :3], axis=0).mean())
 
@@ -175,11 +200,12 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
             moved = 0.0
             if cfg.register_slices:
                 sigmas = (2.0, 1.0, 0.0) if it == 0 else (1.0, 0.0)
-                reg_w = inside if state is None else inside * state.pixel
+                reg_w = registrable * (inside if state is None else inside * state.pixel)
                 r = register(V, affine, poses, coords[sub], sid[sub], y[sub], psf_reg, weights=reg_w[sub],
                              sigmas=tuple(s * vres / res for s in sigmas), iterations=cfg.reg_iterations)
-                moved = _median_motion(poses, r.poses, ss, sub)
-                poses = r.poses
+                new = _plausible(r.poses, poses, stack_poses, cfg.max_deviation)
+                moved = _median_motion(poses, new, ss, sub)
+                poses = new
                 inside = roi_weights(roi, affine, ss, poses)
             s = acq.forward(V, affine, poses, coords, sid, psf)
             scales = fit_scales(s, y, sid, M, inside if state is None else inside * state.combined(sid))
