@@ -158,3 +158,22 @@ def test_svr_corrects_moderate_motion(atlas_lowres, capsys):
     assert svr["psnr"] > naive["psnr"] + 1.5
     assert tre_after["median"] < 0.5 * tre_before["median"]
     assert tre_after["p90"] < tre_before["p90"]
+
+
+def test_implausible_slice_updates_are_refused():
+    """A slice update turning a slice 40 deg (or moving it 25 mm) away from its stack pose is
+    reverted to the previous pose; a 5 deg / 3 mm update is kept."""
+    from slice2vol.methods.svr import _plausible
+    from slice2vol.transforms import params_to_matrix
+
+    ref = params_to_matrix(torch.tensor([[0.0, 0, 0, 10, 0, 0]] * 3))
+    old = params_to_matrix(torch.tensor([[0.01, 0, 0, 10.5, 0, 0]] * 3))
+    new = params_to_matrix(torch.tensor([
+        [np.deg2rad(5.0), 0, 0, 13.0, 0, 0],    # plausible
+        [np.deg2rad(40.0), 0, 0, 10.0, 0, 0],   # turned too far
+        [0.0, 0, 0, 10.0, 25.0, 0],             # moved too far
+    ]))
+    out = _plausible(new, old, ref, (30.0, 20.0))
+    torch.testing.assert_close(out[0], new[0])
+    torch.testing.assert_close(out[1], old[1])
+    torch.testing.assert_close(out[2], old[2])
