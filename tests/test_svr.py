@@ -166,13 +166,14 @@ def test_implausible_slice_updates_are_refused():
     from slice2vol.methods.svr import _plausible
     from slice2vol.transforms import params_to_matrix
 
-    ref = params_to_matrix(torch.tensor([[0.0, 0, 0, 10, 0, 0]] * 3))
-    old = params_to_matrix(torch.tensor([[0.01, 0, 0, 10.5, 0, 0]] * 3))
+    f32 = torch.float32
+    ref = params_to_matrix(torch.tensor([[0.0, 0, 0, 10, 0, 0]] * 3, dtype=f32))
+    old = params_to_matrix(torch.tensor([[0.01, 0, 0, 10.5, 0, 0]] * 3, dtype=f32))
     new = params_to_matrix(torch.tensor([
-        [np.deg2rad(5.0), 0, 0, 13.0, 0, 0],    # plausible
-        [np.deg2rad(40.0), 0, 0, 10.0, 0, 0],   # turned too far
-        [0.0, 0, 0, 10.0, 25.0, 0],             # moved too far
-    ]))
+        [float(np.deg2rad(5.0)), 0, 0, 13.0, 0, 0],    # plausible
+        [float(np.deg2rad(40.0)), 0, 0, 10.0, 0, 0],   # turned too far
+        [0.0, 0, 0, 10.0, 25.0, 0],                    # moved too far
+    ], dtype=f32))
     out = _plausible(new, old, ref, (30.0, 20.0))
     torch.testing.assert_close(out[0], new[0])
     torch.testing.assert_close(out[1], old[1])
