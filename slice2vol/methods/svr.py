@@ -75,7 +75,7 @@ class SVRConfig:
     robust: bool = True
     reg_iterations: int = 6
     reg_subsample: int = 2
-    min_slice_pixels: int = 150
+    min_slice_pixels: int = 50
     max_deviation: tuple[float, float] = (45.0, 40.0)
     progress: bool = True
 
