@@ -29,14 +29,6 @@ log = logging.getLogger("slice2vol")
 __all__ = ["reconstruct_command", "demo_command", "run_reconstruction", "naive_consistency", "crop_to_roi"]
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-
-
 def crop_to_roi(volume: Volume, roi: torch.Tensor, margin_vox: int = 2) -> Volume:
     """Crop a volume to the bounding box of its region of interest (plus a margin), keeping world geometry."""
     nz = torch.nonzero(roi)

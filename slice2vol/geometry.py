@@ -39,6 +39,7 @@ __all__ = [
     "stack_slice_poses",
     "slice_pixel_coords",
     "world_to_grid",
+    "slice_to_world",
     "grid_affine",
     "axis_aligned_grid",
 ]
@@ -143,6 +144,12 @@ def grid_affine(affine: Tensor, shape: tuple[int, int, int]) -> Tensor:
         N[row, 3] = -1.0 if n > 1 else 0.0
     N[3, 3] = 1
     return N @ inv
+
+
+def slice_to_world(poses: Tensor, coords: Tensor, slice_id: Tensor) -> Tensor:
+    """World positions ``(P, 3)`` mm of slice-frame points ``coords (P, 3)`` of slices ``slice_id``
+    under ``poses (M, 4, 4)``."""
+    return (poses[slice_id, :3, :3] @ coords[..., None])[..., 0] + poses[slice_id, :3, 3]
 
 
 def world_to_grid(x: Tensor, affine: Tensor, shape: tuple[int, int, int]) -> Tensor:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .acquisition import forward, psf_kernel
 from .errors import Slice2VolError
-from .geometry import slice_pixel_coords
+from .geometry import slice_pixel_coords, slice_to_world
 from .image import SliceSet, Stack, Volume
 from .resample import resample
 from .transforms import apply, kabsch
@@ -282,7 +282,7 @@ def compare_volumes(
 
 def _world_points(poses: Tensor, coords: Tensor, slice_id: Tensor, chunk: int = 1 << 20) -> Tensor:
     """``(P, 3)`` world positions of slice-frame pixels; chunked so ``(p, 4, 4)`` gathers stay small."""
-    parts = [apply(poses[slice_id[s:s + chunk]], coords[s:s + chunk]) for s in range(0, coords.shape[0], chunk)]
+    parts = [slice_to_world(poses, coords[s:s + chunk], slice_id[s:s + chunk]) for s in range(0, coords.shape[0], chunk)]
     return torch.cat(parts) if parts else coords.new_zeros(0, 3)
 
 

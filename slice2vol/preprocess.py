@@ -16,9 +16,10 @@ from torch import Tensor
 
 from . import acquisition as acq
 from .errors import Slice2VolError
-from .geometry import axis_aligned_grid, slice_pixel_coords, world_to_grid
+from .geometry import axis_aligned_grid, slice_pixel_coords, slice_to_world
 from .image import SliceSet, Stack, Volume
 from .reconstruction import psf_average
+from .resample import resample, sample_at
 from .registration import register
 
 __all__ = [
@@ -65,14 +66,6 @@ def _world_points(stack: Stack, poses: np.ndarray | None = None) -> Tensor:
     return torch.einsum("nab,hwb->nhwa", P[:, :3, :3], xy) + P[:, None, None, :3, 3]
 
 
-def _sample_mask(mask: Volume, pts: Tensor) -> Tensor:
-    """Nearest-neighbour lookup of a 3D mask at world points ``(..., 3)`` -> bool."""
-    g = world_to_grid(pts.reshape(-1, 3), torch.as_tensor(mask.affine), mask.shape).to(torch.float32)
-    m = mask.data.to(torch.float32)[None, None]
-    v = torch.nn.functional.grid_sample(m, g[None, :, None, None, :], mode="nearest", align_corners=True)
-    return (v.reshape(pts.shape[:-1]) > 0.5)
-
-
 def apply_volume_mask(stacks: Sequence[Stack], mask: Volume, dilate_mm: float = 0.0) -> list[Stack]:
     """Restrict each stack's pixel mask to a 3D world-space mask (optionally dilated)."""
     m = mask
@@ -83,7 +76,7 @@ def apply_volume_mask(stacks: Sequence[Stack], mask: Volume, dilate_mm: float = 
         m = Volume(d > 0, mask.affine)
     out = []
     for st in stacks:
-        inside = _sample_mask(m, _world_points(st))
+        inside = sample_at(m.data.float(), m.affine, _world_points(st), mode="nearest") > 0.5
         out.append(replace(st, mask=st.mask & inside.to(st.mask.device)))
     return out
 
@@ -181,11 +174,6 @@ def _bbox(points: Tensor, margin: float) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def _pixel_world(ss: SliceSet, poses: Tensor | None = None) -> Tensor:
-    P = ss.poses if poses is None else poses
-    return (P[ss.slice_id, :3, :3] @ ss.coords[..., None])[..., 0] + P[ss.slice_id, :3, 3]
-
-
 def register_stacks(ss: SliceSet, template: int, resolution: float = 1.5, sigmas=(4.0, 2.0, 1.0), iterations: int = 10,
                     subsample: int = 3) -> Tensor:
     """Rigid stack-to-template registration: one correction per stack, template fixed.
@@ -199,7 +187,7 @@ def register_stacks(ss: SliceSet, template: int, resolution: float = 1.5, sigmas
     dev = ss.device
     tsl = slice(ss.stack_slices[template], ss.stack_slices[template + 1])
     tpix = (ss.slice_id >= tsl.start) & (ss.slice_id < tsl.stop)
-    lo, hi = _bbox(_pixel_world(ss)[tpix], 15.0)
+    lo, hi = _bbox(slice_to_world(ss.poses, ss.coords, ss.slice_id)[tpix], 15.0)
     affine, shape = axis_aligned_grid(lo, hi, resolution)
     psf = acq.psf_kernel(ss.spacing, ss.thickness, resolution)
     vol = psf_average(ss.values[tpix], torch.ones_like(ss.values[tpix]), shape, affine, ss.poses,
@@ -227,14 +215,13 @@ def output_grid(ss: SliceSet, resolution: float, roi: Volume | None = None, marg
     least ``min_stacks`` stacks (default: half of them, rounded up), dilated by ``margin``.
     Returns ``(affine, shape, roi_mask (Ni, Nj, Nk) bool)``.
     """
-    pts = _pixel_world(ss)
+    pts = slice_to_world(ss.poses, ss.coords, ss.slice_id)
     if roi is not None:
         idx = torch.nonzero(roi.data > 0).double()
         A = torch.as_tensor(roi.affine)
         pts_roi = idx @ A[:3, :3].T + A[:3, 3]
         lo, hi = _bbox(pts_roi, margin)
         affine, shape = axis_aligned_grid(lo, hi, resolution)
-        from .resample import resample
         m = resample(roi.data.float(), roi.affine, affine, shape, mode="linear") > 0.5
         return affine, shape, m.to(ss.device)
     lo, hi = _bbox(pts, margin)

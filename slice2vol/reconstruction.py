@@ -63,7 +63,7 @@ def _regulariser(v: Tensor, edge: list[Tensor]) -> Tensor:
 def psf_average(values, weights, shape, affine, poses, coords, slice_id, psf: PSF, eps: float = 1e-6) -> Tensor:
     """PSF-weighted average of slices in a volume (cSVR eq. 2), ``(Ni, Nj, Nk)``.
 
-    Voxels no slice reaches are 0.  Returns also nothing else: use :func:`normal_diag` for coverage.
+    Voxels no slice reaches are 0; :func:`normal_diag` gives the coverage itself.
     """
     num = acq.adjoint(values * weights, shape, affine, poses, coords, slice_id, psf)
     den = acq.adjoint(weights, shape, affine, poses, coords, slice_id, psf)

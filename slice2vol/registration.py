@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from .acquisition import PSF, DEFAULT_CHUNK, psf_kernel, sample_points
-from .geometry import grid_affine
+from .geometry import grid_affine, slice_to_world
+from .resample import gaussian_blur
 from .transforms import rotation_about
 
 __all__ = ["RegistrationResult", "register", "register_volumes", "smooth", "gradient_channels"]
@@ -55,20 +56,7 @@ def smooth(volume: Tensor, sigma_mm: float, spacing: np.ndarray | float) -> Tens
     """Separable Gaussian smoothing of ``(Ni, Nj, Nk)`` with ``sigma_mm`` (mm) on a grid of ``spacing``."""
     if sigma_mm <= 0:
         return volume
-    sp = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
-    out = volume[None, None]
-    for axis in range(3):
-        s = sigma_mm / sp[axis]
-        r = max(1, int(np.ceil(3 * s)))
-        x = torch.arange(-r, r + 1, dtype=volume.dtype, device=volume.device)
-        k = torch.exp(-0.5 * (x / s) ** 2)
-        k = k / k.sum()
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = -1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        out = torch.nn.functional.conv3d(torch.nn.functional.pad(out, pad, mode="replicate"), k.reshape(shape))
-    return out[0, 0]
+    return gaussian_blur(volume, sigma_mm, np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
 
 
 def gradient_channels(volume: Tensor, affine) -> tuple[Tensor, Tensor]:
@@ -145,8 +133,7 @@ def register(
     G = grid_affine(torch.as_tensor(affine, dtype=torch.float64), tuple(volume.shape)).to(device, dtype)
 
     if centres is None:
-        base, _ = sample_points(poses, coords, slice_id, PSF(psf.offsets[:, :1] * 0, psf.weights[:, :1] * 0 + 1))
-        base = base[:, 0]
+        base = slice_to_world(poses, coords, slice_id)
         wsum = torch.zeros(n_groups, device=device, dtype=dtype).index_add_(0, pix_group, weights)
         centres = torch.zeros(n_groups, 3, device=device, dtype=dtype).index_add_(0, pix_group, base * weights[:, None])
         centres = centres / wsum.clamp_min(1e-12)[:, None]
@@ -154,7 +141,6 @@ def register(
     params = torch.zeros(n_groups, 6, device=device, dtype=dtype)
     lam = torch.full((n_groups,), 1e-3, device=device, dtype=dtype)
     ones_M = torch.ones(M, device=device, dtype=dtype)
-    slice_w = torch.zeros(M, device=device, dtype=dtype).index_add_(0, slice_id, weights)
 
     def current_poses(p):
         D = rotation_about(p, centres)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import Slice2VolError
-from .geometry import grid_affine
+from .geometry import grid_affine, world_to_grid
 
-__all__ = ["resample", "gaussian_blur", "DEFAULT_RESAMPLE_CHUNK"]
+__all__ = ["resample", "sample_at", "gaussian_blur", "DEFAULT_RESAMPLE_CHUNK"]
 
 # Output voxels per grid_sample call: the (n, 3) sampling grid is the temporary that grows
 # with the output, so bounding n bounds memory (2^22 voxels ~ 48 MB of float32 coordinates).
@@ -117,6 +117,17 @@ def _blur_axis(x: Tensor, axis: int, kernel: Tensor) -> Tensor:
     padded = F.pad(flat, (half, half), mode="replicate")
     y = F.conv1d(padded, kernel.view(1, 1, -1))
     return y.reshape(shape).movedim(-1, axis)
+
+
+def sample_at(data: Tensor, affine, points: Tensor, mode: str = "linear") -> Tensor:
+    """Values of ``data (Ni, Nj, Nk)`` at world points ``(..., 3)`` mm (0 outside), shaped like ``points[..., 0]``."""
+    if mode not in _MODES:
+        raise Slice2VolError(f"sample_at: unknown mode {mode!r} (use 'linear' or 'nearest')")
+    src = data if data.is_floating_point() else data.float()
+    g = world_to_grid(points.reshape(-1, 3).to(torch.float64), _as_f64(affine).to(points.device), tuple(data.shape))
+    v = F.grid_sample(src[None, None], g[None, :, None, None, :].to(src.device, src.dtype), mode=_MODES[mode],
+                      padding_mode="zeros", align_corners=True)
+    return v.reshape(points.shape[:-1])
 
 
 def gaussian_blur(

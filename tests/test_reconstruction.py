@@ -8,7 +8,6 @@ the exact least-squares and scale checks.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

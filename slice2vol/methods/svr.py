@@ -44,12 +44,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import acquisition as acq
-from ..geometry import axis_aligned_grid, world_to_grid
+from ..geometry import axis_aligned_grid, slice_to_world
 from ..image import Volume
 from ..preprocess import Prepared
 from ..reconstruction import psf_average, super_resolve
 from ..registration import register
-from ..resample import resample
+from ..resample import resample, sample_at
 from ..robust import RobustState, em_weights, fit_scales
 
 __all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights"]
@@ -100,13 +100,11 @@ class SVRResult:
 
 def roi_weights(roi: Tensor, affine: np.ndarray, ss, poses: Tensor, dilate_vox: int = 2) -> Tensor:
     """``(P,)`` 1 for pixels whose centre lies inside the (dilated) region of interest, else 0."""
-    m = roi.float()[None, None]
+    m = roi.float()
     if dilate_vox:
-        m = torch.nn.functional.max_pool3d(m, 2 * dilate_vox + 1, 1, dilate_vox)
-    pts = (poses[ss.slice_id, :3, :3] @ ss.coords[..., None])[..., 0] + poses[ss.slice_id, :3, 3]
-    g = world_to_grid(pts, torch.as_tensor(affine), tuple(roi.shape))
-    v = torch.nn.functional.grid_sample(m, g[None, :, None, None, :].to(m.dtype), mode="nearest", align_corners=True)
-    return (v.reshape(-1) > 0.5).to(ss.values.dtype)
+        m = torch.nn.functional.max_pool3d(m[None, None], 2 * dilate_vox + 1, 1, dilate_vox)[0, 0]
+    v = sample_at(m, affine, slice_to_world(poses, ss.coords, ss.slice_id), mode="nearest")
+    return (v > 0.5).to(ss.values.dtype)
 
 
 def _coarse_grid(prep: Prepared, factor: float) -> tuple[np.ndarray, tuple[int, int, int], Tensor]:
@@ -175,7 +173,7 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
     state: RobustState | None = None
     t0 = time.perf_counter()
     V = None
-    prev_affine = prev_shape = None
+    prev_affine = None
     total = sum(s[4] for s in stages)
     bar = tqdm(total=total, desc="svr", disable=not cfg.progress, leave=False)
     it = 0
@@ -223,7 +221,7 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
             if name == "coarse" and moved < cfg.coarse_tolerance:
                 bar.update(n_iter - 1 - _)
                 break
-        prev_affine, prev_shape = affine, shape
+        prev_affine = affine
     bar.close()
     psf = acq.psf_kernel(ss.spacing, ss.thickness, res)
     V = super_resolve(V, prep.affine, poses, coords, sid, y, psf, weights=w, scales=scales, mask=prep.roi,
