@@ -26,7 +26,8 @@ from .runtime import resolve_device, seed_everything
 
 log = logging.getLogger("slice2vol")
 
-__all__ = ["reconstruct_command", "demo_command", "run_reconstruction", "naive_consistency", "crop_to_roi"]
+__all__ = ["reconstruct_command", "demo_command", "run_reconstruction", "naive_consistency", "crop_to_roi",
+           "METHOD_VARIANTS", "method_variant"]
 
 
 def crop_to_roi(volume: Volume, roi: torch.Tensor, margin_vox: int = 2) -> Volume:
@@ -57,14 +58,31 @@ def naive_consistency(prep: Prepared, per_slice: bool = False) -> dict:
     return slice_consistency(header, s * a[header.slice_id], per_slice=per_slice)
 
 
+#: Named method variants for the benchmark and the ablations: name -> (method, options).  The
+#: options are passed to :func:`run_reconstruction`; a plain method name is its own variant.
+METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
+    "svr": ("svr", {}),
+}
+
+
+def method_variant(name: str) -> tuple[str, dict]:
+    """``(method, options)`` of a method or variant name (see :data:`METHOD_VARIANTS`)."""
+    if name not in METHOD_VARIANTS:
+        raise Slice2VolError(f"unknown method {name!r}; choose from {', '.join(METHOD_VARIANTS)}")
+    method, options = METHOD_VARIANTS[name]
+    return method, dict(options)
+
+
 def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, method: str = "svr",
                        mask: Volume | None = None, have_stack_masks: bool = False, template: int | None = None,
                        bias_field: bool = False, iterations: int | None = None, device: torch.device | str = "cpu",
-                       progress: bool = True):
+                       progress: bool = True, options: dict | None = None):
     """Library entry point used by the CLI and the benchmarks.
 
+    ``options`` are method-specific settings (e.g. ``{"psf": "analytic"}`` for ``gaussian``).
     Returns ``(prepared, result, timings)``; ``result.volume`` is on the full ROI grid.
     """
+    options = dict(options or {})
     t0 = time.perf_counter()
     prep = prepare(stacks, resolution, mask=mask, have_stack_masks=have_stack_masks, template=template,
                    bias_field=bias_field, device=device)
@@ -75,6 +93,10 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
         cfg = SVRConfig(progress=progress)
         if iterations is not None:
             cfg.iterations = iterations
+        for k, v in options.items():
+            if not hasattr(cfg, k):
+                raise Slice2VolError(f"svr: unknown option {k!r}")
+            setattr(cfg, k, v)
         result = reconstruct_svr(prep, cfg)
     else:
         raise Slice2VolError(f"unknown method {method!r}")
