@@ -1,32 +1,6 @@
-"""Peak-memory helpers shared by the benchmark scripts (Linux /proc, with a getrusage fallback)."""
+"""Peak-memory helpers for the benchmark scripts: re-exported from :mod:`slice2vol.memory` (one copy)."""
 from __future__ import annotations
 
-import resource
+from slice2vol.memory import peak_rss_mb, reset_peak_rss, status_mb
 
-
-def status_mb(field: str) -> float | None:
-    """A ``/proc/self/status`` field (e.g. ``VmRSS``, ``VmHWM``) in MB, or None where unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS since the last :func:`reset_peak_rss` (VmHWM), else over the process's life."""
-    hwm = status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+__all__ = ["status_mb", "reset_peak_rss", "peak_rss_mb"]

@@ -124,7 +124,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recon_dir", metavar="RECON_DIR", help="reconstruction or report folder")
     p.add_argument("--output", "-o", metavar="DIR", help="report folder (default: see above)")
     _add_common(p)
+
+    _add_benchmark_parser(sub)
     return parser
+
+
+def _add_benchmark_parser(sub) -> None:
+    """``benchmark``: lists are comma-separated (``--motion mild,moderate``) and checked by
+    :func:`slice2vol.benchmark.config_from_args`, so a bad value is one ``slice2vol: error:`` line."""
+    p = sub.add_parser("benchmark", help="benchmark methods on simulated atlas cases with ground truth",
+                       description="Simulate cases from CRL 2017 atlases (once per atlas x motion x seed), "
+                                   "reconstruct each with every method in its own worker process, evaluate against "
+                                   "the ground truth, and write results.csv, results.md (mean ± sd per method and "
+                                   "motion level) and PNG plots into --output.  Resumable: a finished "
+                                   "(case, method) job is not recomputed.")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder (created; reused on reruns)")
+    p.add_argument("--atlases", nargs="+", metavar="A",
+                   help="CRL 2017 atlas names, comma-separated (default: STA23,STA29,STA35)")
+    p.add_argument("--motion", nargs="+", metavar="LEVEL",
+                   help="motion levels: none, mild, moderate, severe, csvr (default: mild,moderate,severe)")
+    p.add_argument("--seeds", nargs="+", metavar="S", help="simulation seeds, comma-separated (default: 0,1)")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="method variant names of slice2vol.commands.METHOD_VARIANTS, comma-separated (default: every "
+                        "plain method name, i.e. without '-'); the naive baseline is always added")
+    p.add_argument("--data", metavar="DIR",
+                   help="shared data folder holding fetal_atlases/crl2017 (default: $SLICE2VOL_SHARED, else ../shared/data)")
+    p.add_argument("--resolution", type=float, default=0.8, help="reconstruction voxel size in mm (default: 0.8)")
+    p.add_argument("--thickness", type=float, default=3.0, help="simulated slice thickness in mm (default: 3)")
+    p.add_argument("--noise", type=float, default=0.02,
+                   help="simulated Rician noise sd relative to the mean brain intensity (default: 0.02)")
+    p.add_argument("--iterations", type=int, default=None, help="outer iterations of every method (default: each method's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="compute device of the workers: auto picks CUDA when available (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--update-readme", metavar="README",
+                   help="afterwards copy results.md and the plots into README between <!-- benchmark:start/end --> "
+                        "markers (pictures into benchmarks/results/ beside it)")
+    p.add_argument("--report-picture", metavar="PNG",
+                   help="with --update-readme: also show this report picture (e.g. REPORT_DIR/views.png) between "
+                        "<!-- report-picture:start/end --> markers")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress details")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -146,6 +186,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from .report import report_command
         return report_command(args)
+    if args.command == "benchmark":
+        from .benchmark import benchmark_command
+        return benchmark_command(args)
     raise Slice2VolError(f"unknown command {args.command}")
 
 
