@@ -1,0 +1,80 @@
+"""Slice poses from the trained cSVR network: :func:`register_csvr`.
+
+The shipped weights live in ``slice2vol/data/csvr/`` (see ``MODEL_CARD.md`` there for what they
+were trained on and how well they do); nothing is downloaded.  Inputs are normalised by
+:func:`.inputs.prepare_inputs` (crop to the mask, resample to the model's working spacing,
+median intensity scaling, centring on the masked pixels' centroid).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...errors import Slice2VolError
+from ...image import SliceSet, Stack
+from .inputs import prepare_inputs, to_original_poses
+from .network import CSVRConfig, CSVRNet
+
+__all__ = ["DEFAULT_WEIGHTS", "load_model", "register_csvr", "stacks_from_slice_set"]
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "data" / "csvr" / "csvr_cpu_small.pt"
+
+
+def load_model(weights_path: str | Path | None = None, device: torch.device | str = "cpu") -> CSVRNet:
+    """The network with weights from ``weights_path`` (default: the packaged ones), in eval mode,
+    float32 on ``device``."""
+    path = Path(weights_path) if weights_path else DEFAULT_WEIGHTS
+    if not path.is_file():
+        raise Slice2VolError(f"cSVR weights not found at {path}")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    state = ck["state_dict"] if "state_dict" in ck else ck["model"]
+    net = CSVRNet(CSVRConfig.from_dict(ck["config"]))
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net.to(device).eval()
+
+
+def stacks_from_slice_set(ss: SliceSet) -> list[Stack]:
+    """Rebuild per-stack ``(N, H, W)`` images and masks (pixels outside the set are 0 / masked out)
+    with the set's current poses, so a method holding a :class:`SliceSet` can call the network."""
+    values = ss.to_images(ss.values)
+    masks = ss.to_images(torch.ones_like(ss.values))
+    out = []
+    for s in range(ss.n_stacks):
+        sl = slice(ss.stack_slices[s], ss.stack_slices[s + 1])
+        n = sl.stop - sl.start
+        sp = ss.spacing[sl.start].tolist()
+        # The affine is only used to write stacks back to disk, which never happens here.
+        out.append(Stack(slices=values[s].cpu(), mask=masks[s].cpu() > 0, poses=ss.poses[sl].double().cpu().numpy(),
+                         spacing=(float(sp[0]), float(sp[1])), thickness=float(ss.thickness[sl.start]),
+                         affine=np.eye(4), index=np.arange(n), name=f"stack_{s:02d}"))
+    return out
+
+
+@torch.no_grad()
+def register_csvr(slices: SliceSet | Sequence[Stack], weights_path: str | Path | None = None,
+                  device: torch.device | str = "cpu", model: CSVRNet | None = None) -> Tensor:
+    """Slice-to-world poses predicted by the cSVR network in one forward pass.
+
+    Args:
+        slices: a :class:`SliceSet` (its ``poses`` are taken as the header poses) or the stacks
+            (header poses in ``Stack.poses``, masks in ``Stack.mask``).  Stacks should be brain-
+            masked and the world frame roughly anatomical (see :mod:`.inputs`).
+        weights_path: weights file (default: the packaged model); ignored when ``model`` is given.
+        device: where the network runs.
+        model: an already loaded network (saves reloading when called repeatedly).
+    Returns:
+        ``(n_slices, 4, 4)`` float64 CPU tensor of rigid slice-to-world poses (mm, RAS), in the order
+        of the slice set (stack by stack, slice by slice).  The poses are in the network's
+        canonical frame (the brain centred where the header poses put it); like any SVR
+        result they are defined up to one global rigid transform.
+    """
+    stacks = stacks_from_slice_set(slices) if isinstance(slices, SliceSet) else list(slices)
+    net = model if model is not None else load_model(weights_path, device)
+    dev = next(net.parameters()).device
+    inp = prepare_inputs(stacks, net.config.spacing)
+    poses, _ = net(inp.to(dev))
+    return torch.from_numpy(to_original_poses(poses, inp))
