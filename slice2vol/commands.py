@@ -62,6 +62,11 @@ def naive_consistency(prep: Prepared, per_slice: bool = False) -> dict:
 #: options are passed to :func:`run_reconstruction`; a plain method name is its own variant.
 METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
     "svr": ("svr", {}),
+    "gaussian": ("gaussian", {}),
+    "gaussian-analytic": ("gaussian", {"psf": "analytic"}),
+    "gaussian-sampled": ("gaussian", {"psf": "sampled"}),
+    "gaussian-frozen": ("gaussian", {"optimise_poses": False}),
+    "gaussian-single": ("gaussian", {"two_stage": False}),
 }
 
 
@@ -98,6 +103,17 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
                 raise Slice2VolError(f"svr: unknown option {k!r}")
             setattr(cfg, k, v)
         result = reconstruct_svr(prep, cfg)
+    elif method == "gaussian":
+        from .methods.gaussian.optimise import GaussianConfig, reconstruct_gaussian
+
+        cfg = GaussianConfig(progress=progress)
+        if iterations is not None:
+            cfg.iterations = iterations
+        for k, v in options.items():
+            if not hasattr(cfg, k):
+                raise Slice2VolError(f"gaussian: unknown option {k!r}")
+            setattr(cfg, k, v)
+        result = reconstruct_gaussian(prep, cfg)
     else:
         raise Slice2VolError(f"unknown method {method!r}")
     t2 = time.perf_counter()

@@ -1,0 +1,178 @@
+"""Rendering Gaussians: onto a voxel grid (``--psf sampled``) or straight onto slices (``--psf analytic``).
+
+Both use :func:`.splat.splat`, so both are memory-bounded and differentiable in every Gaussian
+parameter; the slice renderer is also differentiable in the slice poses.
+
+**Voxeliser** (GaussianSVR): ``V(x_v) = sum_j I_j exp(-1/2 (x_v - mu_j)^T Sigma_j^-1 (x_v - mu_j))`` at
+the voxel centres ``x_v`` of a grid, each Gaussian inside the axis-aligned box spanning
+``truncate`` (3) standard deviations of its marginals.  Slices are then simulated from ``V`` by
+the shared acquisition model (:mod:`slice2vol.acquisition`): this is ``--psf sampled``.
+
+**Analytic slices** (Dannecker et al., MIDL 2026): a Gaussian blurred by a Gaussian PSF is a
+Gaussian, so the PSF-integrated value of pixel ``c`` of slice ``n`` is, in the slice frame,
+
+    s_nc = sum_j I_j sqrt(|Sigma_j| / |C_nj|) exp(-1/2 (c - m_nj)^T C_nj^-1 (c - m_nj))
+    m_nj = R_n^T (mu_j - t_n),    C_nj = R_n^T Sigma_j R_n + Sigma_PSF
+
+with ``Sigma_PSF = diag(sx^2, sy^2, sz^2)`` the same PSF as the acquisition model (in-plane FWHM
+1.2 x pixel spacing, through-plane FWHM = slice thickness) and ``c = (u, v, 0)``.  A Gaussian
+contributes to slice ``n`` only if the plane lies within ``truncate`` standard deviations of it
+(``|m_w| <= 3 sqrt(C_ww)``), and then only to the pixels of its in-plane 3-sigma box.  No voxel
+grid and no PSF quadrature is involved.  The sampled path additionally blurs by trilinear
+interpolation of the voxel grid (about a third of a voxel in standard deviation), so the two agree
+only to that extent (``tests/test_gaussian.py`` checks a single Gaussian).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ... import acquisition as acq
+from .model import GaussianModel, covariance, precision
+from .splat import DEFAULT_CHUNK, splat
+
+__all__ = ["voxelise", "render_slices", "SliceLattice", "psf_sigmas", "dense_gaussians"]
+
+
+def psf_sigmas(spacing: Tensor, thickness: Tensor, inplane_fwhm: float = 1.2) -> Tensor:
+    """``(M, 3)`` PSF standard deviations (mm) in the slice frame, as :func:`acquisition.psf_kernel` uses."""
+    return torch.stack([spacing[:, 0] * inplane_fwhm * acq.FWHM_TO_SIGMA, spacing[:, 1] * inplane_fwhm * acq.FWHM_TO_SIGMA,
+                        thickness * acq.FWHM_TO_SIGMA], -1)
+
+
+def voxelise(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[int, int, int], truncate: float = 3.0,
+             max_radius: int = 10, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Evaluate the Gaussians at the voxel centres of a grid.
+
+    Args:
+        model: a :class:`GaussianModel` (or a dict with its four tensors).
+        affine: ``(4, 4)`` voxel-to-world of the grid (mm).
+        shape: grid shape ``(Ni, Nj, Nk)``.
+        truncate: box half-width in standard deviations.
+        max_radius: cap on the box half-width in voxels (larger Gaussians are truncated; density
+            control prunes them before they matter).
+    Returns:
+        ``(Ni, Nj, Nk)`` volume, differentiable in the model's parameters.
+    """
+    t = model.tensors() if isinstance(model, GaussianModel) else model
+    mu, ls, q, inten = t["means"], t["log_scales"], t["quats"], t["intensities"]
+    dev, dt = mu.device, mu.dtype
+    A = torch.as_tensor(affine, dtype=dt, device=dev)
+    Ainv = torch.linalg.inv(A)
+    centre = mu @ Ainv[:3, :3].T + Ainv[:3, 3]
+    prec = A[:3, :3].T @ precision(ls, q) @ A[:3, :3]
+    with torch.no_grad():
+        cov_v = Ainv[:3, :3] @ covariance(ls, q) @ Ainv[:3, :3].T
+        radius = torch.ceil(truncate * torch.diagonal(cov_v, dim1=-2, dim2=-1).amax(-1).sqrt()).long()
+        radius = radius.clamp(1, max_radius)
+        n = torch.tensor(shape, device=dev, dtype=dt)
+        keep = ((centre >= -radius[:, None]) & (centre <= n - 1 + radius[:, None])).all(1)
+        idx = torch.nonzero(keep, as_tuple=False).squeeze(1)
+    Ni, Nj, Nk = shape
+    R = int(radius[idx].max()) if idx.numel() else 1
+    # kept centres lie within r of the grid, so boxes reach 2r beyond it: pad by 2R
+    P2 = 2 * R
+    pn = (Ni + 2 * P2, Nj + 2 * P2, Nk + 2 * P2)
+    st = torch.tensor([pn[1] * pn[2], pn[2], 1], device=dev)
+    c = centre[idx]
+    base = ((torch.round(c.detach()).long() + P2) * st).sum(-1)
+    out = splat(c, prec[idx], inten[idx], radius[idx], base, st.expand(idx.shape[0], 3), pn[0] * pn[1] * pn[2],
+                dims=3, chunk=chunk)
+    return out.reshape(pn)[P2:P2 + Ni, P2:P2 + Nj, P2:P2 + Nk]
+
+
+class SliceLattice:
+    """Pixel lattices of ``M`` slices laid end to end in one dense buffer.
+
+    Slice ``n`` (stack shape ``(H, W)``) is padded by ``pad`` pixels on every side and occupies
+    ``offset[n] : offset[n] + (H + 2 pad)(W + 2 pad)``; pixel ``(a, b)`` is at
+    ``offset[n] + (a + pad)(W + 2 pad) + b + pad``.  ``pixel_index (P,)`` maps a :class:`~slice2vol.image.SliceSet`'s
+    masked pixels into the buffer.
+    """
+
+    def __init__(self, ss, pad: int = 16) -> None:
+        dev = ss.device
+        hw = torch.zeros(ss.n_slices, 2, dtype=torch.long, device=dev)
+        for s, (H, W) in enumerate(ss.shapes):
+            hw[ss.stack_slices[s]:ss.stack_slices[s + 1]] = torch.tensor([H, W], device=dev)
+        self.hw = hw
+        self.pad = pad
+        phw = hw + 2 * pad  # every slice padded so Gaussian boxes up to ``pad`` need no bounds test
+        size = phw[:, 0] * phw[:, 1]
+        self.row = phw[:, 1]
+        self.offset = torch.cumsum(size, 0) - size
+        self.size = int(size.sum())
+        hw_p = hw[ss.slice_id]
+        a = ss.flat_index % (hw_p[:, 0] * hw_p[:, 1]) // hw_p[:, 1]
+        b = ss.flat_index % hw_p[:, 1]
+        self.pixel_index = self.offset[ss.slice_id] + (a + pad) * self.row[ss.slice_id] + b + pad
+        self.spacing = ss.spacing
+        self.thickness = ss.thickness
+
+
+def render_slices(model: GaussianModel | dict, poses: Tensor, lattice: SliceLattice, slices: Tensor | None = None,
+                  truncate: float = 3.0, max_radius: int = 10, psf_scale: float = 1.0,
+                  chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Analytic PSF-integrated slices (module docstring), for all slices or a subset.
+
+    Args:
+        model: the Gaussians.
+        poses: ``(M, 4, 4)`` slice-to-world (differentiable).
+        lattice: the slices' pixel lattices.
+        slices: ``(B,)`` int64 slices to render (default all).  Pixels of other slices stay 0.
+        psf_scale: multiplies the in-plane PSF width (2 when rendering for 2x-coarsened slices).
+    Returns:
+        ``(lattice.size,)`` dense buffer; index it with ``lattice.pixel_index``.
+    """
+    t = model.tensors() if isinstance(model, GaussianModel) else model
+    mu, ls, q, inten = t["means"], t["log_scales"], t["quats"], t["intensities"]
+    dev, dt = mu.device, mu.dtype
+    if slices is None:
+        slices = torch.arange(poses.shape[0], device=dev)
+    R = poses[slices, :3, :3]  # (B, 3, 3)
+    tr = poses[slices, :3, 3]
+    sig = psf_sigmas(lattice.spacing[slices], lattice.thickness[slices]).to(dt)
+    sig = sig * torch.tensor([psf_scale, psf_scale, 1.0], device=dev, dtype=dt)
+    cov = covariance(ls, q)  # (J, 3, 3)
+    hw = lattice.hw[slices]
+    sp = lattice.spacing[slices].to(dt)
+    with torch.no_grad():
+        normal = R[:, :, 2]  # (B, 3) world direction of w
+        m_w = (mu[None] - tr[:, None]) @ normal[..., None]  # (B, J, 1)
+        c_ww = torch.einsum("ba,jac,bc->bj", normal, cov, normal) + sig[:, None, 2] ** 2
+        near = m_w[..., 0].abs() <= truncate * c_ww.sqrt()
+        b_idx, j_idx = torch.nonzero(near, as_tuple=True)
+    Rb = R[b_idx]
+    m = (Rb.transpose(-1, -2) @ (mu[j_idx] - tr[b_idx])[..., None])[..., 0]  # (Q, 3) slice frame mm
+    C = Rb.transpose(-1, -2) @ cov[j_idx] @ Rb + torch.diag_embed(sig[b_idx] ** 2)
+    Cinv = torch.linalg.inv(C)
+    det_ratio = torch.exp(2 * ls[j_idx].sum(-1)) / torch.linalg.det(C)
+    amp = inten[j_idx] * det_ratio.clamp_min(0).sqrt()
+    H, W = hw[b_idx, 0], hw[b_idx, 1]
+    D = torch.stack([sp[b_idx, 0], sp[b_idx, 1], torch.ones_like(sp[b_idx, 0])], -1)  # lattice unit -> mm
+    centre = torch.stack([m[:, 0] / D[:, 0] + (H - 1).to(dt) / 2, m[:, 1] / D[:, 1] + (W - 1).to(dt) / 2, m[:, 2]], -1)
+    prec = D[:, :, None] * Cinv * D[:, None, :]
+    with torch.no_grad():
+        rad = torch.ceil(truncate * torch.maximum(C[:, 0, 0].sqrt() / D[:, 0], C[:, 1, 1].sqrt() / D[:, 1])).long()
+        # kept centres lie within rad of the slice, so boxes reach 2 rad beyond it
+        rad = rad.clamp(1, min(max_radius, lattice.pad // 2))
+        inside = ((centre[:, 0] >= -rad) & (centre[:, 0] <= H - 1 + rad)
+                  & (centre[:, 1] >= -rad) & (centre[:, 1] <= W - 1 + rad))
+        keep = torch.nonzero(inside, as_tuple=False).squeeze(1)
+    sl = slices[b_idx[keep]]
+    c = centre[keep]
+    row = lattice.row[sl]
+    rc = torch.round(c.detach()).long()
+    base = lattice.offset[sl] + (rc[:, 0] + lattice.pad) * row + rc[:, 1] + lattice.pad
+    strides = torch.stack([row, torch.ones_like(row), torch.zeros_like(row)], -1)
+    return splat(c, prec[keep], amp[keep], rad[keep], base, strides, lattice.size, dims=2, chunk=chunk)
+
+
+def dense_gaussians(model: GaussianModel | dict, points: Tensor) -> Tensor:
+    """Brute-force ``V(x)`` at ``(N, 3)`` world points with no truncation (for tests; O(N J) memory)."""
+    t = model.tensors() if isinstance(model, GaussianModel) else model
+    d = points[:, None, :] - t["means"][None]
+    P = precision(t["log_scales"], t["quats"])
+    qf = torch.einsum("nja,jab,njb->nj", d, P, d)
+    return (t["intensities"][None] * torch.exp(-0.5 * qf)).sum(1)
