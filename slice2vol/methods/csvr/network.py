@@ -25,7 +25,7 @@ Shapes: a stack in network form has ``N`` slices of ``H x W`` working pixels (se
   rigid transform by mask-weighted Kabsch/Arun: one pose per slice.
 
 Differences from the paper (to fit a 1-thread CPU): 2D (not (2, 3, 3) 3D) decoder kernels, two
-convolutions per encoder level instead of four, and about 10^5 instead of 6.6 x 10^8 parameters.
+convolutions per encoder level instead of four, and 2.5 x 10^5 instead of 6.6 x 10^8 parameters (default config).
 """
 from __future__ import annotations
 
