@@ -15,7 +15,7 @@ from .errors import Slice2VolError
 
 log = logging.getLogger("slice2vol")
 
-METHODS = ("svr",)
+METHODS = ("svr", "gaussian")
 
 
 def _positive_float(text: str) -> float:
@@ -39,7 +39,17 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_positive_float, default=0.8, help="output voxel size in mm (default: 0.8)")
     p.add_argument("--method", choices=METHODS, default="svr", help="reconstruction method (default: svr)")
     p.add_argument("--iterations", type=int, default=None,
-                   help="outer registration/reconstruction iterations (svr default: 4)")
+                   help="svr: outer registration/reconstruction iterations on the output grid (default: 3); "
+                        "gaussian: optimisation iterations (default: 400)")
+    g = p.add_argument_group("gaussian method (experimental, see README)")
+    g.add_argument("--psf", choices=["sampled", "analytic"], default=None,
+                   help="gaussian: slices simulated from a voxelisation through the acquisition model (sampled, "
+                        "default) or rendered from the PSF-convolved Gaussians directly (analytic)")
+    g.add_argument("--init", choices=["stack", "svr"], default=None,
+                   help="gaussian: start from the stack-registered poses (stack, default) or from classical SVR (svr)")
+    g.add_argument("--max-gaussians", type=int, default=None, help="gaussian: cap on the number of Gaussians (default: 150000)")
+    g.add_argument("--output-gaussians", metavar="FILE.pt",
+                   help="gaussian: also save the Gaussians (world mm) for slice2vol render")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
     p.add_argument("--output-transforms", metavar="JSON", help="write the estimated per-slice poses as JSON")
     p.add_argument("--output-simulated", metavar="DIR",
@@ -115,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     _add_common(p)
 
+    p = sub.add_parser("render", help="voxelise saved Gaussians at any resolution",
+                       description="Render Gaussians saved by reconstruct --method gaussian --output-gaussians "
+                                   "onto a world-axis-aligned grid at --resolution (over the saved ROI box, or "
+                                   "the grid of --like).")
+    p.add_argument("gaussians", metavar="FILE.pt", help="saved Gaussians")
+    p.add_argument("--output", "-o", required=True, metavar="OUT.nii.gz", help="output volume (NIfTI)")
+    p.add_argument("--resolution", type=_positive_float, default=None, help="voxel size mm (default: as reconstructed)")
+    p.add_argument("--like", metavar="REF.nii.gz", help="render on the grid of this volume instead")
+    _add_common(p)
+
     p = sub.add_parser("report", help="write the visual report of a reconstruction folder",
                        description="Rebuild the HTML report (index.html with PNG figures) of a reconstruction from "
                                    "RECON_DIR: a folder written by reconstruct --report (its report_data.json; "
@@ -183,6 +203,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from .metrics import evaluate_command
         return evaluate_command(args)
+    if args.command == "render":
+        from .commands import render_command
+        return render_command(args)
     if args.command == "report":
         from .report import report_command
         return report_command(args)

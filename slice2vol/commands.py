@@ -120,8 +120,48 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
     return prep, result, {"prepare_s": t1 - t0, "method_s": t2 - t1, "total_s": t2 - t0}
 
 
+def _method_options(args: argparse.Namespace) -> dict:
+    """Method-specific CLI options; giving one that the chosen method ignores is an error."""
+    opts = {"psf": getattr(args, "psf", None), "init": getattr(args, "init", None),
+            "max_gaussians": getattr(args, "max_gaussians", None)}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if getattr(args, "output_gaussians", None) and args.method != "gaussian":
+        raise Slice2VolError("--output-gaussians needs --method gaussian")
+    if opts and args.method != "gaussian":
+        flags = ", ".join("--" + k.replace("_", "-") for k in opts)
+        raise Slice2VolError(f"{flags} only apply to --method gaussian")
+    return opts
+
+
+def render_command(args: argparse.Namespace) -> int:
+    """Voxelise saved Gaussians (``slice2vol render``)."""
+    from .geometry import axis_aligned_grid
+    from .methods.gaussian.model import load_gaussians
+    from .methods.gaussian.render import voxelise
+
+    io.check_output_path(args.output, [args.gaussians] + ([args.like] if args.like else []))
+    device = resolve_device(args.device)
+    model, meta = load_gaussians(args.gaussians, device)
+    if args.like:
+        ref, affine = io.load_nifti(args.like, "reference")
+        shape = tuple(int(n) for n in ref.shape[:3])
+    else:
+        if "affine" not in meta:
+            raise Slice2VolError(f"{args.gaussians}: no grid recorded; give --like REF.nii.gz")
+        A, shp = np.asarray(meta["affine"]), meta["shape"]
+        res = args.resolution or float(np.linalg.norm(A[:3, :3], axis=0).mean())
+        lo = A[:3, 3]
+        hi = A[:3, :3] @ (np.asarray(shp, dtype=float) - 1) + A[:3, 3]
+        affine, shape = axis_aligned_grid(np.minimum(lo, hi), np.maximum(lo, hi), res)
+    with torch.no_grad():
+        V = voxelise(model, affine, shape).clamp_min(0)
+    io.save_volume(Volume(V.cpu(), affine), args.output, protect=[args.gaussians])
+    print(f"slice2vol: wrote {args.output} ({'x'.join(map(str, shape))}) from {len(model)} Gaussians")
+    return 0
+
+
 def _outputs(args: argparse.Namespace, inputs: list[str]) -> None:
-    for p in [args.output, getattr(args, "output_transforms", None)]:
+    for p in [args.output, getattr(args, "output_transforms", None), getattr(args, "output_gaussians", None)]:
         if p:
             io.check_output_path(p, inputs)
     if not str(args.output).endswith((".nii", ".nii.gz")):
@@ -176,7 +216,12 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     prep, result, timings = run_reconstruction(
         stacks, resolution=args.resolution, method=args.method, mask=mask, have_stack_masks=bool(args.stack_masks),
         template=args.template, bias_field=args.bias_field, iterations=args.iterations, device=device,
-        progress=not args.no_progress)
+        progress=not args.no_progress, options=_method_options(args))
+    if getattr(args, "output_gaussians", None):
+        from .methods.gaussian.model import save_gaussians
+
+        save_gaussians(result.gaussians, args.output_gaussians, protect=inputs,
+                       meta={"affine": prep.affine.tolist(), "shape": list(prep.shape), "resolution": args.resolution})
     from .metrics import slice_consistency
 
     from .report import report_record
