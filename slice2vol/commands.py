@@ -66,7 +66,9 @@ METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
     "gaussian-analytic": ("gaussian", {"psf": "analytic"}),
     "gaussian-sampled": ("gaussian", {"psf": "sampled"}),
     "gaussian-frozen": ("gaussian", {"optimise_poses": False}),
-    "gaussian-single": ("gaussian", {"two_stage": False}),
+    "gaussian-twostage": ("gaussian", {"two_stage": True}),
+    "gaussian-stack": ("gaussian", {"init": "stack", "two_stage": True, "iterations": 200, "batch_fraction": 0.125,
+                                    "lr_pose_rotation": 2e-3, "lr_pose_translation": 0.05, "pose_warmup": (20, 40)}),
 }
 
 
