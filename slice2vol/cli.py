@@ -15,7 +15,7 @@ from .errors import Slice2VolError
 
 log = logging.getLogger("slice2vol")
 
-METHODS = ("svr", "gaussian")
+METHODS = ("svr", "gaussian", "csvr")
 
 
 def _positive_float(text: str) -> float:
@@ -39,17 +39,23 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_positive_float, default=0.8, help="output voxel size in mm (default: 0.8)")
     p.add_argument("--method", choices=METHODS, default="svr", help="reconstruction method (default: svr)")
     p.add_argument("--iterations", type=int, default=None,
-                   help="svr: outer registration/reconstruction iterations on the output grid (default: 3); "
-                        "gaussian: optimisation iterations (default: 400)")
+                   help="svr, csvr: outer registration/reconstruction iterations on the output grid (default: 3); "
+                        "gaussian: optimisation iterations (default: 30)")
     g = p.add_argument_group("gaussian method (experimental, see README)")
     g.add_argument("--psf", choices=["sampled", "analytic"], default=None,
                    help="gaussian: slices simulated from a voxelisation through the acquisition model (sampled, "
                         "default) or rendered from the PSF-convolved Gaussians directly (analytic)")
-    g.add_argument("--init", choices=["stack", "svr"], default=None,
-                   help="gaussian: start from the stack-registered poses (stack, default) or from classical SVR (svr)")
+    g.add_argument("--init", choices=["stack", "svr", "csvr"], default=None,
+                   help="gaussian: start from classical SVR's poses and volume (svr, default), from the "
+                        "stack-registered poses (stack) or from the cSVR network's poses (csvr)")
     g.add_argument("--max-gaussians", type=int, default=None, help="gaussian: cap on the number of Gaussians (default: 150000)")
     g.add_argument("--output-gaussians", metavar="FILE.pt",
                    help="gaussian: also save the Gaussians (world mm) for slice2vol render")
+    g = p.add_argument_group("csvr method (see README: the shipped CPU-trained weights are weak)")
+    g.add_argument("--refine", action="store_true",
+                   help="csvr: refine the network's poses with classical SVR (default: reconstruct with them fixed)")
+    g.add_argument("--weights", metavar="FILE.pt",
+                   help="csvr (and gaussian --init csvr): network weights (default: the packaged model)")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
     p.add_argument("--output-transforms", metavar="JSON", help="write the estimated per-slice poses as JSON")
     p.add_argument("--output-simulated", metavar="DIR",

@@ -69,6 +69,10 @@ METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
     "gaussian-twostage": ("gaussian", {"two_stage": True}),
     "gaussian-stack": ("gaussian", {"init": "stack", "two_stage": True, "iterations": 200, "batch_fraction": 0.125,
                                     "lr_pose_rotation": 2e-3, "lr_pose_translation": 0.05, "pose_warmup": (20, 40)}),
+    "gaussian-csvr": ("gaussian", {"init": "csvr", "two_stage": True, "iterations": 200, "batch_fraction": 0.125,
+                                   "lr_pose_rotation": 2e-3, "lr_pose_translation": 0.05, "pose_warmup": (20, 40)}),
+    "csvr": ("csvr", {}),
+    "csvr-refine": ("csvr", {"refine": True}),
 }
 
 
@@ -116,6 +120,17 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
                 raise Slice2VolError(f"gaussian: unknown option {k!r}")
             setattr(cfg, k, v)
         result = reconstruct_gaussian(prep, cfg)
+    elif method == "csvr":
+        from .methods.csvr.reconstruct import CSVRMethodConfig, reconstruct_csvr
+
+        cfg = CSVRMethodConfig(progress=progress)
+        if iterations is not None:
+            cfg.iterations = iterations
+        for k, v in options.items():
+            if not hasattr(cfg, k):
+                raise Slice2VolError(f"csvr: unknown option {k!r}")
+            setattr(cfg, k, v)
+        result = reconstruct_csvr(prep, cfg)
     else:
         raise Slice2VolError(f"unknown method {method!r}")
     t2 = time.perf_counter()
@@ -124,15 +139,27 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
 
 def _method_options(args: argparse.Namespace) -> dict:
     """Method-specific CLI options; giving one that the chosen method ignores is an error."""
-    opts = {"psf": getattr(args, "psf", None), "init": getattr(args, "init", None),
-            "max_gaussians": getattr(args, "max_gaussians", None)}
-    opts = {k: v for k, v in opts.items() if v is not None}
-    if getattr(args, "output_gaussians", None) and args.method != "gaussian":
+    method = getattr(args, "method", "svr")
+    gauss = {"psf": getattr(args, "psf", None), "init": getattr(args, "init", None),
+             "max_gaussians": getattr(args, "max_gaussians", None)}
+    gauss = {k: v for k, v in gauss.items() if v is not None}
+    csvr = {"refine": True if getattr(args, "refine", False) else None, "weights": getattr(args, "weights", None)}
+    csvr = {k: v for k, v in csvr.items() if v is not None}
+    if getattr(args, "output_gaussians", None) and method != "gaussian":
         raise Slice2VolError("--output-gaussians needs --method gaussian")
-    if opts and args.method != "gaussian":
-        flags = ", ".join("--" + k.replace("_", "-") for k in opts)
+    if gauss and method != "gaussian":
+        flags = ", ".join("--" + k.replace("_", "-") for k in gauss)
         raise Slice2VolError(f"{flags} only apply to --method gaussian")
-    return opts
+    if "refine" in csvr and method != "csvr":
+        raise Slice2VolError("--refine only applies to --method csvr")
+    if "weights" in csvr:
+        if method == "gaussian" and gauss.get("init") == "csvr":
+            gauss["csvr_weights"] = csvr.pop("weights")
+        elif method != "csvr":
+            raise Slice2VolError("--weights only applies to --method csvr or --method gaussian --init csvr")
+        if not Path(csvr.get("weights", gauss.get("csvr_weights"))).is_file():
+            raise Slice2VolError(f"--weights {csvr.get('weights', gauss.get('csvr_weights'))}: file not found")
+    return gauss if method == "gaussian" else csvr
 
 
 def render_command(args: argparse.Namespace) -> int:

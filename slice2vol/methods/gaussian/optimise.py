@@ -87,6 +87,7 @@ class GaussianConfig:
 
     psf: str = "sampled"
     init: str = "svr"
+    csvr_weights: str | None = None
     iterations: int = 30
     coarse_fraction: float = 0.4
     two_stage: bool = False
@@ -125,8 +126,8 @@ class GaussianConfig:
             raise Slice2VolError(f"--iterations must be at least 1 for gaussian, got {self.iterations}")
         if self.max_gaussians < 100:
             raise Slice2VolError(f"--max-gaussians must be at least 100, got {self.max_gaussians}")
-        if self.init not in ("stack", "svr"):
-            raise Slice2VolError(f"--init must be 'stack' or 'svr' for gaussian, got {self.init!r}")
+        if self.init not in ("stack", "svr", "csvr"):
+            raise Slice2VolError(f"--init must be 'stack', 'svr' or 'csvr' for gaussian, got {self.init!r}")
         if not 0 < self.batch_fraction <= 1:
             raise Slice2VolError("batch_fraction must be in (0, 1]")
 
@@ -250,8 +251,13 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
         base = svr.poses.detach()
         V0 = svr.volume.data.detach() / norm * prep.roi
     else:
-        inside0 = roi_weights(prep.roi, prep.affine, ss, ss.poses)
-        V0 = psf_average(y, inside0, prep.shape, prep.affine, ss.poses, ss.coords, sid, psf0) * prep.roi
+        if cfg.init == "csvr":
+            # extension beyond both papers (issue 5): the cSVR network's poses as the start
+            from ..csvr.reconstruct import network_poses
+
+            base = network_poses(prep, cfg.csvr_weights).detach()
+        inside0 = roi_weights(prep.roi, prep.affine, ss, base)
+        V0 = psf_average(y, inside0, prep.shape, prep.affine, base, ss.coords, sid, psf0) * prep.roi
     torch.manual_seed(cfg.seed)
     model = init_from_volume(V0, prep.affine, prep.roi, cfg.n_init, cfg.n_background, size_factor=cfg.init_size,
                              generator=gen if dev.type == "cpu" else None).to(dev)

@@ -1,0 +1,118 @@
+"""``--method csvr`` (issue 5, part 3): network poses moved into the template frame, fixed-pose
+reconstruction, the SVR refinement, GaussianSVR's ``--init csvr`` and the CLI's option checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slice2vol.cli import main
+from slice2vol.geometry import slice_to_world
+from slice2vol.image import SliceSet
+from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
+from slice2vol.methods.csvr.reconstruct import CSVRMethodConfig, align_to_frame, network_poses, reconstruct_csvr
+from slice2vol.preprocess import prepare
+from slice2vol.simulate import SimulationConfig, simulate_stacks
+from slice2vol.transforms import params_to_matrix
+
+needs_weights = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="no packaged cSVR weights")
+
+
+@pytest.fixture(scope="module")
+def mild_case(atlas_lowres):
+    cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=2.0, thickness=4.0,
+                           margin=4.0, motion="mild", noise=0.02)
+    return simulate_stacks(atlas_lowres, atlas_lowres.mask, cfg, 3)
+
+
+def _relative(P: torch.Tensor) -> torch.Tensor:
+    """Every pose relative to the first: invariant to one global rigid transform."""
+    return torch.linalg.inv(P[:1]) @ P
+
+
+def test_align_to_frame_recovers_a_global_transform():
+    g = torch.Generator().manual_seed(0)
+    M = 12
+    d = torch.float64
+    ref = params_to_matrix(torch.cat([0.3 * torch.randn(M, 3, generator=g, dtype=d),
+                                      10 * torch.randn(M, 3, generator=g, dtype=d)], 1))
+    T = params_to_matrix(torch.tensor([[0.4, -0.2, 0.7, 15.0, -8.0, 3.0]], dtype=ref.dtype))[0]
+    coords = torch.randn(600, 3, generator=g, dtype=ref.dtype) * torch.tensor([30.0, 30.0, 0.0], dtype=ref.dtype)
+    sid = torch.randint(0, M, (600,), generator=g)
+    moved = T @ ref
+    back = align_to_frame(moved, ref, coords, sid)
+    assert torch.allclose(back, ref, atol=1e-8)
+    # per-slice noise on top: the global transform is still a least-squares fit, relative poses kept
+    noisy = moved @ params_to_matrix(torch.cat([0.02 * torch.randn(M, 3, generator=g, dtype=d),
+                                                torch.randn(M, 3, generator=g, dtype=d)], 1))
+    out = align_to_frame(noisy, ref, coords, sid)
+    assert torch.allclose(_relative(out), _relative(noisy), atol=1e-8)
+    err = (slice_to_world(out, coords, sid) - slice_to_world(ref, coords, sid)).norm(dim=1).mean()
+    err_before = (slice_to_world(noisy, coords, sid) - slice_to_world(ref, coords, sid)).norm(dim=1).mean()
+    assert err < 0.1 * err_before
+
+
+@needs_weights
+def test_network_poses_are_rigid_in_the_template_frame(mild_case):
+    torch.set_num_threads(1)
+    prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
+    net = load_model()
+    raw = register_csvr(prep.stacks, model=net)
+    P = network_poses(prep, model=net)
+    assert P.shape == (prep.slices.n_slices, 4, 4) and torch.isfinite(P).all()
+    R = P[:, :3, :3].double()
+    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3, dtype=R.dtype).expand_as(R), atol=1e-4)
+    # one global transform only: the network's relative poses are kept
+    assert torch.allclose(_relative(P.double()), _relative(raw), atol=1e-3)
+    # and the brain sits where stack registration put it (the output grid's frame)
+    ss = prep.slices
+    c_net = slice_to_world(P, ss.coords, ss.slice_id).mean(0)
+    c_stk = slice_to_world(ss.poses, ss.coords, ss.slice_id).mean(0)
+    assert float((c_net - c_stk).norm()) < 1.0
+
+
+@needs_weights
+@pytest.mark.parametrize("refine", [False, True])
+def test_reconstruct_csvr_fixed_and_refined(mild_case, refine):
+    torch.set_num_threads(1)
+    prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
+    res = reconstruct_csvr(prep, CSVRMethodConfig(refine=refine, iterations=1, progress=False))
+    assert res.volume.shape == prep.shape and torch.isfinite(res.volume.data).all()
+    assert float(res.volume.data[prep.roi].std()) > 0
+    assert res.poses.shape == (prep.slices.n_slices, 4, 4)
+    assert res.history[0]["stage"] == "network"
+    start = network_poses(prep)
+    moved = float((res.poses[:, :3, 3] - start[:, :3, 3]).norm(dim=1).max())
+    if refine:
+        assert moved > 0.01  # the SVR stage registered slices
+    else:
+        assert moved < 1e-5  # poses fixed
+
+
+def test_csvr_options_are_checked(tmp_path, capsys, make_stack):
+    s = str(make_stack("a.nii.gz"))
+    out = str(tmp_path / "o.nii.gz")
+    assert main(["reconstruct", s, "-o", out, "--refine"]) == 2
+    assert main(["reconstruct", s, "-o", out, "--method", "csvr", "--weights", str(tmp_path / "none.pt")]) == 2
+    assert main(["reconstruct", s, "-o", out, "--method", "svr", "--weights", str(DEFAULT_WEIGHTS)]) == 2
+    assert main(["reconstruct", s, "-o", out, "--method", "csvr", "--psf", "analytic"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("slice2vol: error:") == 4
+    assert "--refine only applies to --method csvr" in err
+    assert not (tmp_path / "o.nii.gz").exists()
+    with pytest.raises(Exception):
+        reconstruct_csvr(None, CSVRMethodConfig(iterations=0))
+
+
+@needs_weights
+def test_gaussian_starts_from_the_network_poses(mild_case):
+    from slice2vol.methods.gaussian.optimise import GaussianConfig, reconstruct_gaussian
+
+    torch.set_num_threads(1)
+    prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
+    res = reconstruct_gaussian(prep, GaussianConfig(init="csvr", optimise_poses=False, iterations=2, n_init=2000,
+                                                    fit_iterations=2, progress=False))
+    # poses frozen: the result's poses are exactly the network's start, not the stack-registered ones
+    assert torch.allclose(res.poses.double(), network_poses(prep).double(), atol=1e-5)
+    assert not torch.allclose(res.poses.double(), prep.slices.poses.double(), atol=1e-2)
+    assert torch.isfinite(res.volume.data).all()
