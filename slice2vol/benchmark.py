@@ -64,7 +64,18 @@ NAIVE = "naive"  # the motion-blind baseline's row name (evaluated once per case
 DEFAULT_ATLASES = ("STA23", "STA29", "STA35")
 DEFAULT_MOTION = ("mild", "moderate", "severe")
 DEFAULT_SEEDS = (0, 1)
-ATLAS_SUBDIR = Path("fetal_atlases") / "crl2017"
+#: Atlas collections searched for a bare atlas name, in this order: CRL 2017 (``STA21``..``STA38``)
+#: and the spina-bifida atlas (``GA27_operated``, ...), which cSVR's training never saw.
+ATLAS_GROUPS = ("crl2017", "spina_bifida2021")
+
+
+def atlas_dir(data: Path, atlas: str) -> Path | None:
+    """Folder of ``atlas`` (with ``t2.nii.gz`` and ``mask.nii.gz``) under ``data/fetal_atlases``, or None."""
+    for group in ATLAS_GROUPS:
+        d = Path(data) / "fetal_atlases" / group / atlas
+        if (d / "t2.nii.gz").is_file() and (d / "mask.nii.gz").is_file():
+            return d
+    return None
 GT_MARGIN_VOX = 5  # ground truth cropped to the brain + 5 voxels (registration for align=True is then faster)
 RESULT_JSON = "result.json"
 CASE_JSON = "case.json"
@@ -186,12 +197,12 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         method_variant(name)  # raises Slice2VolError for an unknown name
     if not data.is_dir():
         raise Slice2VolError(f"data folder {data} not found (give --data DIR or set SLICE2VOL_SHARED)")
-    atlas_root = data / ATLAS_SUBDIR
     for a in atlases:
-        if not (atlas_root / a / "t2.nii.gz").is_file() or not (atlas_root / a / "mask.nii.gz").is_file():
-            known = sorted(p.name for p in atlas_root.iterdir() if p.is_dir()) if atlas_root.is_dir() else []
-            raise Slice2VolError(f"unknown atlas {a!r}: no t2.nii.gz and mask.nii.gz in {atlas_root / a}"
-                                 + (f" (available: {', '.join(known)})" if known else ""))
+        if "/" in a or a in (".", "..") or atlas_dir(data, a) is None:
+            roots = [data / "fetal_atlases" / g for g in ATLAS_GROUPS]
+            known = sorted(p.name for r in roots if r.is_dir() for p in r.iterdir() if p.is_dir())
+            raise Slice2VolError(f"unknown atlas {a!r}: no t2.nii.gz and mask.nii.gz for it in "
+                                 + " or ".join(map(str, roots)) + (f" (available: {', '.join(known)})" if known else ""))
     for name, value in (("resolution", args.resolution), ("thickness", args.thickness)):
         if not value > 0:
             raise Slice2VolError(f"--{name} must be positive, got {value}")
@@ -271,7 +282,7 @@ def simulate_case(cfg: BenchmarkConfig, atlas: str, motion: str, seed: int, case
     from .runtime import seed_everything
     from .simulate import SimulationConfig, save_simulation, simulate_stacks
 
-    adir = cfg.data / ATLAS_SUBDIR / atlas
+    adir = atlas_dir(cfg.data, atlas)
     volume = io.load_volume(adir / "t2.nii.gz", adir / "mask.nii.gz")
     config = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=1.0,
                               thickness=cfg.thickness, motion=motion, noise=cfg.noise)

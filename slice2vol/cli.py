@@ -159,14 +159,15 @@ def _add_benchmark_parser(sub) -> None:
     """``benchmark``: lists are comma-separated (``--motion mild,moderate``) and checked by
     :func:`slice2vol.benchmark.config_from_args`, so a bad value is one ``slice2vol: error:`` line."""
     p = sub.add_parser("benchmark", help="benchmark methods on simulated atlas cases with ground truth",
-                       description="Simulate cases from CRL 2017 atlases (once per atlas x motion x seed), "
+                       description="Simulate cases from fetal brain atlases (once per atlas x motion x seed), "
                                    "reconstruct each with every method in its own worker process, evaluate against "
                                    "the ground truth, and write results.csv, results.md (mean ± sd per method and "
                                    "motion level) and PNG plots into --output.  Resumable: a finished "
                                    "(case, method) job is not recomputed.")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder (created; reused on reruns)")
     p.add_argument("--atlases", nargs="+", metavar="A",
-                   help="CRL 2017 atlas names, comma-separated (default: STA23,STA29,STA35)")
+                   help="atlas names, comma-separated: CRL 2017 (STA21..STA38) or spina-bifida 2021 (e.g. "
+                        "GA27_operated, never seen by cSVR's training) (default: STA23,STA29,STA35)")
     p.add_argument("--motion", nargs="+", metavar="LEVEL",
                    help="motion levels: none, mild, moderate, severe, csvr (default: mild,moderate,severe)")
     p.add_argument("--seeds", nargs="+", metavar="S", help="simulation seeds, comma-separated (default: 0,1)")
@@ -174,7 +175,7 @@ def _add_benchmark_parser(sub) -> None:
                    help="method variant names of slice2vol.commands.METHOD_VARIANTS, comma-separated (default: every "
                         "plain method name, i.e. without '-'); the naive baseline is always added")
     p.add_argument("--data", metavar="DIR",
-                   help="shared data folder holding fetal_atlases/crl2017 (default: $SLICE2VOL_SHARED, else ../shared/data)")
+                   help="shared data folder holding fetal_atlases/{crl2017,spina_bifida2021} (default: $SLICE2VOL_SHARED, else ../shared/data)")
     p.add_argument("--resolution", type=float, default=0.8, help="reconstruction voxel size in mm (default: 0.8)")
     p.add_argument("--thickness", type=float, default=3.0, help="simulated slice thickness in mm (default: 3)")
     p.add_argument("--noise", type=float, default=0.02,

@@ -21,8 +21,8 @@ def fake_data(tmp_path) -> Path:
     """A data folder with two (empty) atlas entries: enough for the argument checks, which only
     look for the files; nothing is simulated from them in the fast tests."""
     root = tmp_path / "data"
-    for a in ("STA23", "STA29"):
-        d = root / "fetal_atlases" / "crl2017" / a
+    for a in ("crl2017/STA23", "crl2017/STA29", "spina_bifida2021/GA27_operated"):
+        d = root / "fetal_atlases" / a
         d.mkdir(parents=True)
         (d / "t2.nii.gz").write_bytes(b"")
         (d / "mask.nii.gz").write_bytes(b"")
@@ -46,6 +46,7 @@ def record(method: str, motion: str, case: str, **values) -> dict:
 
 @pytest.mark.parametrize("extra, message", [
     (["--atlases", "STA23,STA99"], "unknown atlas 'STA99'"),
+    (["--atlases", "crl2017/STA23"], "unknown atlas 'crl2017/STA23'"),
     (["--motion", "mild,wild"], "unknown motion level 'wild'"),
     (["--methods", "svr,nosuchmethod"], "unknown method 'nosuchmethod'"),
     (["--methods", "naive"], "always evaluated"),
@@ -61,6 +62,14 @@ def test_bad_arguments_one_line_exit_2(fake_data, tmp_path, capsys, extra, messa
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("slice2vol: error:") and message in err[0], err
     assert not out.exists()  # nothing written on failure
+
+
+def test_atlases_from_both_collections(fake_data, tmp_path):
+    cfg = cfg_for(["--data", fake_data, "--atlases", "STA23,GA27_operated", "--output", tmp_path / "o"])
+    assert cfg.atlases == ["STA23", "GA27_operated"]
+    assert bm.atlas_dir(fake_data, "GA27_operated") == fake_data / "fetal_atlases" / "spina_bifida2021" / "GA27_operated"
+    assert bm.atlas_dir(fake_data, "STA23").parent.name == "crl2017"
+    assert bm.atlas_dir(fake_data, "GA99") is None
 
 
 def test_missing_data_folder(tmp_path, capsys):
