@@ -94,45 +94,26 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
     Returns ``(prepared, result, timings)``; ``result.volume`` is on the full ROI grid.
     """
     options = dict(options or {})
+    if method == "svr":
+        from .methods.svr import SVRConfig as Config, reconstruct_svr as run
+    elif method == "gaussian":
+        from .methods.gaussian.optimise import GaussianConfig as Config, reconstruct_gaussian as run
+    elif method == "csvr":
+        from .methods.csvr.reconstruct import CSVRMethodConfig as Config, reconstruct_csvr as run
+    else:
+        raise Slice2VolError(f"unknown method {method!r}")
+    cfg = Config(progress=progress)
+    if iterations is not None:
+        cfg.iterations = iterations
+    for k, v in options.items():
+        if not hasattr(cfg, k):
+            raise Slice2VolError(f"{method}: unknown option {k!r}")
+        setattr(cfg, k, v)
     t0 = time.perf_counter()
     prep = prepare(stacks, resolution, mask=mask, have_stack_masks=have_stack_masks, template=template,
                    bias_field=bias_field, device=device)
     t1 = time.perf_counter()
-    if method == "svr":
-        from .methods.svr import SVRConfig, reconstruct_svr
-
-        cfg = SVRConfig(progress=progress)
-        if iterations is not None:
-            cfg.iterations = iterations
-        for k, v in options.items():
-            if not hasattr(cfg, k):
-                raise Slice2VolError(f"svr: unknown option {k!r}")
-            setattr(cfg, k, v)
-        result = reconstruct_svr(prep, cfg)
-    elif method == "gaussian":
-        from .methods.gaussian.optimise import GaussianConfig, reconstruct_gaussian
-
-        cfg = GaussianConfig(progress=progress)
-        if iterations is not None:
-            cfg.iterations = iterations
-        for k, v in options.items():
-            if not hasattr(cfg, k):
-                raise Slice2VolError(f"gaussian: unknown option {k!r}")
-            setattr(cfg, k, v)
-        result = reconstruct_gaussian(prep, cfg)
-    elif method == "csvr":
-        from .methods.csvr.reconstruct import CSVRMethodConfig, reconstruct_csvr
-
-        cfg = CSVRMethodConfig(progress=progress)
-        if iterations is not None:
-            cfg.iterations = iterations
-        for k, v in options.items():
-            if not hasattr(cfg, k):
-                raise Slice2VolError(f"csvr: unknown option {k!r}")
-            setattr(cfg, k, v)
-        result = reconstruct_csvr(prep, cfg)
-    else:
-        raise Slice2VolError(f"unknown method {method!r}")
+    result = run(prep, cfg)
     t2 = time.perf_counter()
     return prep, result, {"prepare_s": t1 - t0, "method_s": t2 - t1, "total_s": t2 - t0}
 
@@ -152,13 +133,14 @@ def _method_options(args: argparse.Namespace) -> dict:
         raise Slice2VolError(f"{flags} only apply to --method gaussian")
     if "refine" in csvr and method != "csvr":
         raise Slice2VolError("--refine only applies to --method csvr")
-    if "weights" in csvr:
-        if method == "gaussian" and gauss.get("init") == "csvr":
-            gauss["csvr_weights"] = csvr.pop("weights")
-        elif method != "csvr":
+    weights = csvr.get("weights")
+    if weights is not None:
+        if not (method == "csvr" or (method == "gaussian" and gauss.get("init") == "csvr")):
             raise Slice2VolError("--weights only applies to --method csvr or --method gaussian --init csvr")
-        if not Path(csvr.get("weights", gauss.get("csvr_weights"))).is_file():
-            raise Slice2VolError(f"--weights {csvr.get('weights', gauss.get('csvr_weights'))}: file not found")
+        if not Path(weights).is_file():
+            raise Slice2VolError(f"--weights {weights}: file not found")
+        if method == "gaussian":
+            gauss["csvr_weights"] = weights
     return gauss if method == "gaussian" else csvr
 
 
