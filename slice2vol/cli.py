@@ -43,8 +43,9 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
                         "gaussian: optimisation iterations (default: 30)")
     g = p.add_argument_group("gaussian method (experimental, see README)")
     g.add_argument("--psf", choices=["sampled", "analytic"], default=None,
-                   help="gaussian: slices simulated from a voxelisation through the acquisition model (sampled, "
-                        "default) or rendered from the PSF-convolved Gaussians directly (analytic)")
+                   help="gaussian: slices rendered from the PSF-convolved Gaussians directly (analytic, default: "
+                        "better and faster in our benchmark) or simulated from a voxelisation through the "
+                        "acquisition model (sampled, the GaussianSVR paper's way)")
     g.add_argument("--init", choices=["stack", "svr", "csvr"], default=None,
                    help="gaussian: start from classical SVR's poses and volume (svr, default), from the "
                         "stack-registered poses (stack) or from the cSVR network's poses (csvr)")

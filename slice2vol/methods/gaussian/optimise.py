@@ -85,7 +85,7 @@ log = logging.getLogger(__name__)
 class GaussianConfig:
     """Parameters of :func:`reconstruct_gaussian` (module docstring explains the defaults)."""
 
-    psf: str = "sampled"
+    psf: str = "analytic"
     init: str = "svr"
     csvr_weights: str | None = None
     iterations: int = 30
@@ -314,8 +314,9 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
             else:
                 buf = render_slices(model, sp, stage.lattice, slices)
                 pred = buf[stage.lattice.pixel_index[pix]]
-                tv_vol = voxelise(model, tv_grid[0], tv_grid[1])
-                tv_mask = tv_grid[2]
+                if cfg.lambda_tv > 0:  # the only voxel grid this mode forms: skip it when unused
+                    tv_vol = voxelise(model, tv_grid[0], tv_grid[1])
+                    tv_mask = tv_grid[2]
             ps = st_ss.slice_id[pix]
             with torch.no_grad():
                 w_pix = torch.ones_like(pred) if stage.name == "coarse" or state is None else \

@@ -128,7 +128,7 @@ def cpu_extension():
 
         src = Path(__file__).resolve().parent / "csrc" / "splat_cpu.cpp"
         log.info("gaussian: compiling the CPU splat kernel (first use only)")
-        _EXT = load(name="slice2vol_splat_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
+        _EXT = load(name="slice2vol_splat_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp", "-ffast-math", "-march=native"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers, ...: the PyTorch path is always there
         log.warning("gaussian: compiled CPU kernel unavailable (%s); using the slower PyTorch path",

@@ -3,14 +3,18 @@
 // Gaussians.  Compiled at first use by torch.utils.cpp_extension; splat.py falls back to the
 // PyTorch path when no compiler is available.
 #include <torch/extension.h>
+#include <omp.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+// Each thread adds into its own copy of the output, summed at the end: an atomic float add is a
+// compare-and-swap loop that costs more than the exponential it accumulates.  Boxes of one
+// thread never race, and the copies cost nthreads x size of memory (tens of MB for a volume).
 template <typename T>
-static void fwd_impl(const T* c, const T* p, const T* a, const int64_t* base, const int64_t* st, const int64_t* rad,
-                     int64_t J, int dims, T* out) {
-#pragma omp parallel for schedule(dynamic, 64)
-  for (int64_t j = 0; j < J; ++j) {
+static void fwd_box(const T* c, const T* p, const T* a, const int64_t* base, const int64_t* st, const int64_t* rad,
+                    int64_t j, int dims, T* out) {
+  {
     const T* cj = c + 3 * j;
     const T* P = p + 9 * j;
     const int64_t r = rad[j];
@@ -28,11 +32,34 @@ static void fwd_impl(const T* c, const T* p, const T* a, const int64_t* base, co
           const T dk = (T)ok - f2;
           const T q = qij + P[8] * dk * dk + 2 * (P[2] * di + P[5] * dj) * dk;
           const T v = aj * std::exp((T)-0.5 * q);
-          T* dst = out + idx_ij + ok * st[3 * j + 2];
-#pragma omp atomic
-          *dst += v;
+          out[idx_ij + ok * st[3 * j + 2]] += v;
         }
       }
+    }
+  }
+}
+
+template <typename T>
+static void fwd_impl(const T* c, const T* p, const T* a, const int64_t* base, const int64_t* st, const int64_t* rad,
+                     int64_t J, int dims, T* out, int64_t size) {
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), (int)((J + 255) / 256)));
+  if (nt == 1) {
+    for (int64_t j = 0; j < J; ++j) fwd_box(c, p, a, base, st, rad, j, dims, out);
+    return;
+  }
+  std::vector<T> priv((size_t)(nt - 1) * (size_t)size, (T)0);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    T* mine = tid == 0 ? out : priv.data() + (size_t)(tid - 1) * (size_t)size;
+    // static: a Gaussian always lands in the same copy, so a sum is the same on every run
+#pragma omp for schedule(static, 64)
+    for (int64_t j = 0; j < J; ++j) fwd_box(c, p, a, base, st, rad, j, dims, mine);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < size; ++i) {
+      T acc = out[i];
+      for (int t = 1; t < nt; ++t) acc += priv[(size_t)(t - 1) * (size_t)size + i];
+      out[i] = acc;
     }
   }
 }
@@ -86,7 +113,7 @@ torch::Tensor splat_forward(torch::Tensor c, torch::Tensor p, torch::Tensor a, t
   const int64_t J = c.size(0);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "splat_forward", [&] {
     fwd_impl<scalar_t>(c.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), base.data_ptr<int64_t>(),
-                       st.data_ptr<int64_t>(), rad.data_ptr<int64_t>(), J, (int)dims, out.data_ptr<scalar_t>());
+                       st.data_ptr<int64_t>(), rad.data_ptr<int64_t>(), J, (int)dims, out.data_ptr<scalar_t>(), size);
   });
   return out;
 }
