@@ -24,7 +24,7 @@ grow with the number of evaluations.  Gradients, with ``e = exp(-1/2 d^T P d)``:
 
 On the CPU an optional compiled kernel (``csrc/splat_cpu.cpp``, built by
 ``torch.utils.cpp_extension`` at first use and cached, as MONAI does for its optional kernels)
-computes exactly the same sums about ten times faster; without a C++ compiler, or with
+computes the same sums (to float rounding) about ten times faster; without a C++ compiler, or with
 ``SLICE2VOL_NO_EXTENSIONS=1``, the PyTorch path above runs instead.  The test suite checks that
 the two agree.
 """
