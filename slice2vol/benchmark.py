@@ -177,7 +177,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     that is a file) raises :class:`Slice2VolError` before anything is written.
     """
     from .commands import method_variant
-    from .motion import MOTION_LEVELS
+    from .motion import motion_level
 
     data = Path(args.data) if args.data else default_data_dir()
     atlases = split_list(args.atlases, "atlases") if args.atlases else list(DEFAULT_ATLASES)
@@ -189,8 +189,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     except ValueError:
         raise Slice2VolError(f"--seeds: expected integers, got {','.join(seed_text)!r}") from None
     for m in motion:
-        if m not in MOTION_LEVELS:
-            raise Slice2VolError(f"unknown motion level {m!r}; choose from {', '.join(MOTION_LEVELS)}")
+        motion_level(m)  # raises for an unknown level
     for name in methods:
         if name == NAIVE:
             raise Slice2VolError(f"{NAIVE!r} is always evaluated (once per case); do not list it in --methods")

@@ -55,6 +55,9 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("csvr method (see README: the shipped CPU-trained weights are weak)")
     g.add_argument("--refine", action="store_true",
                    help="csvr: refine the network's poses with classical SVR (default: reconstruct with them fixed)")
+    g.add_argument("--csvr-start", choices=["auto", "network"], default=None,
+                   help="csvr --refine: start SVR from the network's or the stack-registered poses, whichever "
+                        "explains the slices better (auto, default), or always from the network's (network)")
     g.add_argument("--weights", metavar="FILE.pt",
                    help="csvr (and gaussian --init csvr): network weights (default: the packaged model)")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
@@ -104,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=_positive_float, default=1.0, help="in-plane pixel spacing mm (default: 1.0)")
     p.add_argument("--thickness", type=_positive_float, default=3.0, help="slice thickness mm (default: 3.0)")
     p.add_argument("--gap", type=float, default=0.0, help="gap between slices mm (default: 0)")
-    p.add_argument("--motion", default="moderate", choices=["none", "mild", "moderate", "severe", "csvr"],
-                   help="motion level; csvr is the cSVR paper's training distribution (default: moderate)")
+    p.add_argument("--motion", default="moderate", metavar="LEVEL",
+                   help="motion level: none, mild, moderate, severe, csvr (the cSVR paper's training distribution), "
+                        "or rot<deg> / trans<mm> for one magnitude of the sweep (default: moderate)")
     p.add_argument("--noise", type=float, default=0.02, help="Rician noise sd relative to mean brain intensity (default: 0.02)")
     p.add_argument("--bias", type=float, default=0.0, help="amplitude of a smooth multiplicative bias field (default: 0)")
     p.add_argument("--gamma", type=float, default=0.0, help="sd of a random gamma intensity change (default: 0)")
@@ -170,7 +174,8 @@ def _add_benchmark_parser(sub) -> None:
                    help="atlas names, comma-separated: CRL 2017 (STA21..STA38) or spina-bifida 2021 (e.g. "
                         "GA27_operated, never seen by cSVR's training) (default: STA23,STA29,STA35)")
     p.add_argument("--motion", nargs="+", metavar="LEVEL",
-                   help="motion levels: none, mild, moderate, severe, csvr (default: mild,moderate,severe)")
+                   help="motion levels: none, mild, moderate, severe, csvr, rot<deg>, trans<mm> "
+                        "(default: mild,moderate,severe)")
     p.add_argument("--seeds", nargs="+", metavar="S", help="simulation seeds, comma-separated (default: 0,1)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="method variant names of slice2vol.commands.METHOD_VARIANTS, comma-separated (default: every "

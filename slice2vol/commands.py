@@ -74,6 +74,8 @@ METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
                                    "lr_pose_rotation": 2e-3, "lr_pose_translation": 0.05, "pose_warmup": (20, 40)}),
     "csvr": ("csvr", {}),
     "csvr-refine": ("csvr", {"refine": True}),
+    # the paper's Refine: always from the network's poses (csvr-refine may start from stack registration)
+    "csvr-refine-network": ("csvr", {"refine": True, "start": "network"}),
 }
 
 
@@ -125,7 +127,8 @@ def _method_options(args: argparse.Namespace) -> dict:
     gauss = {"psf": getattr(args, "psf", None), "init": getattr(args, "init", None),
              "max_gaussians": getattr(args, "max_gaussians", None)}
     gauss = {k: v for k, v in gauss.items() if v is not None}
-    csvr = {"refine": True if getattr(args, "refine", False) else None, "weights": getattr(args, "weights", None)}
+    csvr = {"refine": True if getattr(args, "refine", False) else None, "weights": getattr(args, "weights", None),
+            "start": getattr(args, "csvr_start", None)}
     csvr = {k: v for k, v in csvr.items() if v is not None}
     if getattr(args, "output_gaussians", None) and method != "gaussian":
         raise Slice2VolError("--output-gaussians needs --method gaussian")
@@ -134,6 +137,8 @@ def _method_options(args: argparse.Namespace) -> dict:
         raise Slice2VolError(f"{flags} only apply to --method gaussian")
     if "refine" in csvr and method != "csvr":
         raise Slice2VolError("--refine only applies to --method csvr")
+    if "start" in csvr and not csvr.get("refine"):
+        raise Slice2VolError("--csvr-start only applies to --method csvr --refine")
     weights = csvr.get("weights")
     if weights is not None:
         if not (method == "csvr" or (method == "gaussian" and gauss.get("init") == "csvr")):

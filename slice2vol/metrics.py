@@ -53,6 +53,7 @@ __all__ = [
     "ssim3d",
     "nrmse",
     "ncc",
+    "per_slice_ncc",
     "fit_intensity",
     "compare_volumes",
     "slice_tre",
@@ -421,8 +422,9 @@ def simulate_slices(volume: Volume, slice_set: SliceSet, resolution: float | Non
                        slice_set.coords, slice_set.slice_id, psf)
 
 
-def _per_slice_ncc(x: Tensor, y: Tensor, slice_id: Tensor, n_slices: int) -> Tensor:
-    """``(M,)`` Pearson correlation within each slice; NaN for slices with < 2 pixels or no variance."""
+def per_slice_ncc(x: Tensor, y: Tensor, slice_id: Tensor, n_slices: int) -> Tensor:
+    """``(M,)`` Pearson correlation of ``x`` and ``y`` (``(P,)`` pixel values) within each slice;
+    NaN for slices with < 2 pixels or no variance."""
     x, y = x.double(), y.double()
 
     def ssum(v: Tensor) -> Tensor:
@@ -495,7 +497,7 @@ def slice_consistency(slice_set: SliceSet, simulated: Tensor, per_slice: bool = 
     if per_slice:
         out["per_slice"] = {
             "ssim": ssim_slices.cpu().tolist(),
-            "ncc": _per_slice_ncc(sim, acq, slice_set.slice_id, slice_set.n_slices).cpu().tolist(),
+            "ncc": per_slice_ncc(sim, acq, slice_set.slice_id, slice_set.n_slices).cpu().tolist(),
         }
     return out
 

@@ -39,6 +39,14 @@ csvr      20.0        U[-6.1, 6.1]  K ~ U{1..100}  bulk in-plane rotation U[-12,
                                     per stack      the cSVR paper's training distribution
 ========  ==========  ============  =============  ==========================================
 
+Sweep levels (the cSVR paper's sensitivity analysis, Fig. 4, varies "the possible range of
+sampled rotations and translations separately"): ``rot<A>`` draws every rotation-vector component
+of every control transform uniformly in ``[-A, A]`` degrees with no translation, ``trans<T>``
+every translation component uniformly in ``[-T, T]`` mm with no rotation (e.g. ``rot20``,
+``trans7.5``).  The paper gives neither its ranges nor its trajectory model for the sweep; we use
+the named levels' smooth trajectory with a control transform every 6 slices (as ``moderate``), so
+the sweep isolates the magnitude of motion from its temporal structure.
+
 For ``csvr`` the paper's "1-100 smooth motion perturbations per stack" is read as ``K`` control
 transforms per stack with ``K`` uniform in 1..100 (``K = 1``: one rigid offset for the whole
 stack; ``K`` near the slice count: abrupt slice-to-slice motion) and "rotation sd 20 deg" as each
@@ -49,6 +57,7 @@ between consecutive slices ~35 deg): a deliberately harsh training distribution.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -62,6 +71,7 @@ from .transforms import rotation_about
 __all__ = [
     "MotionLevel",
     "MOTION_LEVELS",
+    "motion_level",
     "CSVR_BULK_DEG",
     "CSVR_ROT_SD_DEG",
     "CSVR_TRANS_MM",
@@ -85,6 +95,7 @@ class MotionLevel:
     jump_rate: float = 0.0  # expected abrupt jumps per slice
     jump_rot_sd_deg: float = 0.0
     jump_trans_sd_mm: float = 0.0
+    uniform: bool = False  # controls ~ U[-a, a] per component (sweep levels), else N(0, sd)
 
 
 MOTION_LEVELS: dict[str, MotionLevel | None] = {
@@ -95,6 +106,32 @@ MOTION_LEVELS: dict[str, MotionLevel | None] = {
                           jump_rate=1 / 20, jump_rot_sd_deg=5.0, jump_trans_sd_mm=3.0),
     "csvr": None,  # sampled by _sample_csvr_stack (its own distribution)
 }
+
+SWEEP_KNOT_INTERVAL = 6  # slices between control transforms of the rot<A> / trans<T> sweep levels
+_SWEEP = re.compile(r"^(rot|trans)(\d+(?:\.\d+)?)$")
+
+
+def motion_level(name: str) -> MotionLevel | None:
+    """The amplitudes of a named level or a sweep level ``rot<A>`` / ``trans<T>`` (module doc);
+    ``None`` for ``none`` and ``csvr`` (which has its own sampler).
+
+    Raises:
+        Slice2VolError: for an unknown name.
+
+    >>> motion_level("rot20").rot_sd_deg, motion_level("rot20").trans_sd_mm
+    (20.0, 0.0)
+    """
+    if name in MOTION_LEVELS:
+        return MOTION_LEVELS[name]
+    m = _SWEEP.match(name)
+    if m is None:
+        raise Slice2VolError(f"unknown motion level {name!r} (use one of {', '.join(MOTION_LEVELS)}, "
+                             "or rot<degrees> / trans<mm> for a magnitude sweep, e.g. rot20, trans10)")
+    a = float(m.group(2))
+    if m.group(1) == "rot":
+        return MotionLevel(rot_sd_deg=a, trans_sd_mm=0.0, knot_interval=SWEEP_KNOT_INTERVAL, uniform=True)
+    return MotionLevel(rot_sd_deg=0.0, trans_sd_mm=a, knot_interval=SWEEP_KNOT_INTERVAL, uniform=True)
+
 
 # cSVR paper, "Training": bulk in-plane rotation U[-12, 12] deg, 1..100 B-spline perturbations,
 # rotation ~ N(0, 20 deg), translation ~ U[-6.1, 6.1] mm.
@@ -158,7 +195,7 @@ def _sample_level_stack(level: MotionLevel, times: np.ndarray, rng: np.random.Ge
     n = len(times)
     k = max(2, int(math.ceil(max(n - 1, 1) / level.knot_interval)) + 1)
     sd = np.array([math.radians(level.rot_sd_deg)] * 3 + [level.trans_sd_mm] * 3)
-    control = rng.normal(size=(k, 6)) * sd
+    control = (rng.uniform(-1.0, 1.0, size=(k, 6)) if level.uniform else rng.normal(size=(k, 6))) * sd
     n_jumps = int(rng.poisson(level.jump_rate * n)) if level.jump_rate > 0 else 0
     t0, t1 = float(times.min()), float(times.max())
     jump_times = np.sort(rng.uniform(t0, max(t1, t0 + 1.0), n_jumps))
@@ -190,14 +227,13 @@ def sample_motion(
     """Draw the motion parameters of a simulation (the only random step).
 
     Args:
-        level: ``none``, ``mild``, ``moderate``, ``severe`` or ``csvr``.
+        level: ``none``, ``mild``, ``moderate``, ``severe``, ``csvr`` or a sweep level (``rot20``).
         stack_times: per stack, ``(N_s,)`` global acquisition times of its slices.
         normals: per stack, ``(3,)`` world direction of the slice normal (used by ``csvr``).
         centre: ``(3,)`` world mm, brain centre (rotation centre).
         rng: numpy generator.
     """
-    if level not in MOTION_LEVELS:
-        raise Slice2VolError(f"unknown motion level {level!r} (use one of {', '.join(MOTION_LEVELS)})")
+    amplitudes = motion_level(level)
     params = MotionParams(level, [float(x) for x in np.asarray(centre, dtype=np.float64)])
     if level == "none":
         return params
@@ -206,7 +242,7 @@ def sample_motion(
         if level == "csvr":
             params.stacks.append(_sample_csvr_stack(times, normal, rng))
         else:
-            params.stacks.append(_sample_level_stack(MOTION_LEVELS[level], times, rng))  # type: ignore[arg-type]
+            params.stacks.append(_sample_level_stack(amplitudes, times, rng))  # type: ignore[arg-type]
     return params
 
 

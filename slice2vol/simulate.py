@@ -45,7 +45,7 @@ from .errors import Slice2VolError
 from .geometry import check_affine, slice_pixel_coords, stack_slice_poses
 from .image import Stack, Volume
 from .io import load_volume, poses_to_json, save_stack, save_volume, write_json
-from .motion import MOTION_LEVELS, MotionParams, apply_motion, sample_motion
+from .motion import MotionParams, apply_motion, motion_level, sample_motion
 from .runtime import resolve_device, seed_everything
 from .transforms import axis_angle_to_matrix
 
@@ -154,8 +154,7 @@ class SimulationConfig:
             raise Slice2VolError(f"interleave step must be at least 1, got {self.interleave}")
         if self.bias_order < 1:
             raise Slice2VolError(f"bias field order must be at least 1, got {self.bias_order}")
-        if self.motion not in MOTION_LEVELS:
-            raise Slice2VolError(f"unknown motion level {self.motion!r} (use {', '.join(MOTION_LEVELS)})")
+        motion_level(self.motion)  # raises for an unknown level
 
     def to_dict(self) -> dict:
         d = asdict(self)

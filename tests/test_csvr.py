@@ -125,3 +125,35 @@ def test_training_step_reduces_the_loss_on_a_fixed_batch():
     with torch.no_grad():
         after = float(multilayer_loss(net(inp)[1], gt))
     assert after < 0.9 * before, (before, after)
+
+
+def test_train_command_resumes_from_exported_weights_with_a_motion_mix(tmp_path):
+    """``train-csvr --init-weights W --motion a,b``: starts from W (0 steps exports W back) and
+    trains on the listed levels; an unknown level is one clear error."""
+    import nibabel as nib
+
+    from slice2vol.methods.csvr.infer import load_model
+    from slice2vol.methods.csvr.train import export_weights, main as train_main, split_motions
+
+    vol = _blob_volume()
+    for folder in (tmp_path / "data/fetal_atlases/crl2017/BLOB", tmp_path / "data/fetal_atlases/spina_bifida2021/GA22_notoperated"):
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(vol.data.numpy(), vol.affine), folder / "t2.nii.gz")
+        nib.save(nib.Nifti1Image(vol.mask.numpy().astype(np.uint8), vol.affine), folder / "mask.nii.gz")
+    torch.manual_seed(0)
+    init = export_weights(CSVRNet(TINY), tmp_path / "init.pt", {})
+    common = ["--data", str(tmp_path / "data"), "--init-weights", str(init), "--motion", "mild,none",
+              "--atlas-resolution", "2.0"]
+    assert train_main(["--output", str(tmp_path / "r0"), "--steps", "0", "--export", str(tmp_path / "e0.pt")] + common) == 0
+    a, b = load_model(init).state_dict(), load_model(tmp_path / "e0.pt").state_dict()
+    assert load_model(tmp_path / "e0.pt").config.channels == TINY.channels
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_main(["--output", str(tmp_path / "r2"), "--steps", "2", "--lr", "1e-2",
+                       "--export", str(tmp_path / "e2.pt")] + common) == 0
+    c = load_model(tmp_path / "e2.pt").state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert torch.load(tmp_path / "r2" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert (tmp_path / "r2" / "log.csv").read_text().count("\n") >= 3  # header, step 0 and final validation
+    assert split_motions("mild, csvr") == ["mild", "csvr"]
+    assert train_main(["--output", str(tmp_path / "r3"), "--steps", "1", "--motion", "mild,wild",
+                       "--data", str(tmp_path / "data")]) == 2

@@ -10,7 +10,9 @@ from slice2vol.cli import main
 from slice2vol.geometry import slice_to_world
 from slice2vol.image import SliceSet
 from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
-from slice2vol.methods.csvr.reconstruct import CSVRMethodConfig, align_to_frame, network_poses, reconstruct_csvr
+from slice2vol.methods.csvr import reconstruct as csvr_reconstruct
+from slice2vol.methods.csvr.reconstruct import (CSVRMethodConfig, align_to_frame, network_poses, reconstruct_csvr,
+                                                start_scores)
 from slice2vol.preprocess import prepare
 from slice2vol.simulate import SimulationConfig, simulate_stacks
 from slice2vol.transforms import params_to_matrix
@@ -76,7 +78,7 @@ def test_network_poses_are_rigid_in_the_template_frame(mild_case):
 def test_reconstruct_csvr_fixed_and_refined(mild_case, refine):
     torch.set_num_threads(1)
     prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
-    res = reconstruct_csvr(prep, CSVRMethodConfig(refine=refine, iterations=1, progress=False))
+    res = reconstruct_csvr(prep, CSVRMethodConfig(refine=refine, start="network", iterations=1, progress=False))
     assert res.volume.shape == prep.shape and torch.isfinite(res.volume.data).all()
     assert float(res.volume.data[prep.roi].std()) > 0
     assert res.poses.shape == (prep.slices.n_slices, 4, 4)
@@ -89,6 +91,56 @@ def test_reconstruct_csvr_fixed_and_refined(mild_case, refine):
         assert moved < 1e-5  # poses fixed
 
 
+def _perturbed(P: torch.Tensor, rot_deg: float, trans_mm: float, seed: int = 0) -> torch.Tensor:
+    """Every slice moved by its own random rigid transform (about its slice-frame origin)."""
+    g = torch.Generator().manual_seed(seed)
+    M = P.shape[0]
+    d = torch.float64
+    e = torch.cat([torch.deg2rad(torch.tensor(rot_deg, dtype=d)) * torch.randn(M, 3, generator=g, dtype=d),
+                   trans_mm * torch.randn(M, 3, generator=g, dtype=d)], 1)
+    return (P.double() @ params_to_matrix(e)).to(P.dtype)
+
+
+def test_start_scores_prefer_consistent_poses(mild_case):
+    torch.set_num_threads(1)
+    prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
+    P = prep.slices.poses
+    s = start_scores(prep, {"stack": P, "small": _perturbed(P, 2, 1.5), "large": _perturbed(P, 8, 6, seed=1)})
+    assert set(s) == {"stack", "small", "large"} and all(-1 <= v <= 1 for v in s.values())
+    assert s["stack"] > s["small"] > s["large"]
+
+
+@pytest.mark.parametrize("network_is_better", [False, True])
+def test_refine_starts_from_the_better_pose_set(mild_case, monkeypatch, network_is_better):
+    """``start="auto"``: SVR starts from whichever pose set explains the slices better; the
+    network is replaced by a stub so the test controls which set that is."""
+    torch.set_num_threads(1)
+    prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
+    good, bad = prep.slices.poses, _perturbed(prep.slices.poses, 8, 6)
+    if network_is_better:
+        prep = csvr_reconstruct.replace(prep, slices=prep.slices.with_poses(bad))
+        monkeypatch.setattr(csvr_reconstruct, "network_poses", lambda *a, **k: good)
+    else:
+        monkeypatch.setattr(csvr_reconstruct, "network_poses", lambda *a, **k: bad)
+    seen = {}
+    real_svr = csvr_reconstruct.reconstruct_svr
+
+    def spy(start, cfg):
+        seen["poses"] = start.slices.poses
+        return real_svr(start, cfg)
+
+    monkeypatch.setattr(csvr_reconstruct, "reconstruct_svr", spy)
+    res = reconstruct_csvr(prep, CSVRMethodConfig(refine=True, iterations=1, progress=False))
+    head = res.history[0]
+    assert head["start"] == ("network" if network_is_better else "stack")
+    assert head["start_scores"]["network" if network_is_better else "stack"] > \
+        head["start_scores"]["stack" if network_is_better else "network"]
+    assert torch.equal(seen["poses"], good)
+    # "network" always takes the network's poses, and fixed-pose csvr never chooses
+    reconstruct_csvr(prep, CSVRMethodConfig(refine=True, start="network", iterations=1, progress=False))
+    assert torch.equal(seen["poses"], good if network_is_better else bad)
+
+
 def test_csvr_options_are_checked(tmp_path, capsys, make_stack):
     s = str(make_stack("a.nii.gz"))
     out = str(tmp_path / "o.nii.gz")
@@ -96,12 +148,16 @@ def test_csvr_options_are_checked(tmp_path, capsys, make_stack):
     assert main(["reconstruct", s, "-o", out, "--method", "csvr", "--weights", str(tmp_path / "none.pt")]) == 2
     assert main(["reconstruct", s, "-o", out, "--method", "svr", "--weights", str(DEFAULT_WEIGHTS)]) == 2
     assert main(["reconstruct", s, "-o", out, "--method", "csvr", "--psf", "analytic"]) == 2
+    assert main(["reconstruct", s, "-o", out, "--method", "csvr", "--csvr-start", "network"]) == 2
     err = capsys.readouterr().err
-    assert err.count("slice2vol: error:") == 4
+    assert err.count("slice2vol: error:") == 5
+    assert "--csvr-start only applies to --method csvr --refine" in err
     assert "--refine only applies to --method csvr" in err
     assert not (tmp_path / "o.nii.gz").exists()
     with pytest.raises(Exception):
         reconstruct_csvr(None, CSVRMethodConfig(iterations=0))
+    with pytest.raises(Exception, match="start"):
+        reconstruct_csvr(None, CSVRMethodConfig(start="stack"))
 
 
 @needs_weights

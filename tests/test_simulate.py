@@ -169,6 +169,24 @@ def test_motion_is_smooth_within_a_stack():
     assert (jumps[:3] < math.radians(2)).all() and (jumps[3:] < 1.0).all()
 
 
+@pytest.mark.parametrize("level, rot_max, trans_max", [("rot15", 15.0, 0.0), ("trans7.5", 0.0, 7.5)])
+def test_sweep_levels_vary_one_magnitude_within_its_range(level, rot_max, trans_max):
+    from slice2vol.motion import motion_level
+
+    rng = np.random.default_rng(0)
+    p = sample_motion(level, [np.arange(40.0), np.arange(40.0, 70.0)], [np.array([0, 0, 1.0])] * 2, np.zeros(3), rng)
+    control = np.concatenate([np.asarray(m.control) for m in p.stacks])
+    rot, trans = np.degrees(np.abs(control[:, :3])), np.abs(control[:, 3:])
+    assert rot.max() <= rot_max and trans.max() <= trans_max
+    # uniform over the range: the largest of ~50 draws per component comes close to the bound
+    assert rot.max() > 0.8 * rot_max if rot_max else rot.max() == 0
+    assert trans.max() > 0.8 * trans_max if trans_max else trans.max() == 0
+    assert all(not m.jumps for m in p.stacks)
+    assert motion_level("rot15").knot_interval == motion_level("trans7.5").knot_interval
+    with pytest.raises(Slice2VolError, match="rot<degrees>"):
+        motion_level("rotate15")
+
+
 def test_csvr_bulk_rotation_is_in_plane_and_within_12_degrees(phantom):
     cfg = SimulationConfig(n_stacks=3, motion="csvr", **FAST)
     angles, counts = [], []

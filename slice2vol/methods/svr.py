@@ -52,7 +52,7 @@ from ..registration import register
 from ..resample import resample, sample_at
 from ..robust import RobustState, em_weights, fit_scales
 
-__all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights"]
+__all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "coarse_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def roi_weights(roi: Tensor, affine: np.ndarray, ss, poses: Tensor, dilate_vox: 
     return (v > 0.5).to(ss.values.dtype)
 
 
-def _coarse_grid(prep: Prepared, factor: float) -> tuple[np.ndarray, tuple[int, int, int], Tensor]:
+def coarse_grid(prep: Prepared, factor: float) -> tuple[np.ndarray, tuple[int, int, int], Tensor]:
     """The output grid's box at ``factor`` times its voxel size, with the ROI carried over."""
     A, shape = prep.affine, prep.shape
     res = float(np.linalg.norm(A[:3, :3], axis=0).mean())
@@ -165,7 +165,7 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
 
     stages = []
     if cfg.coarse_iterations > 0 and cfg.register_slices:
-        stages.append(("coarse",) + _coarse_grid(prep, cfg.coarse_factor)
+        stages.append(("coarse",) + coarse_grid(prep, cfg.coarse_factor)
                       + (cfg.coarse_iterations, cfg.coarse_subsample, cfg.coarse_sr_subsample))
     stages.append(("fine", prep.affine, prep.shape, prep.roi, cfg.iterations, cfg.reg_subsample, 1))
 

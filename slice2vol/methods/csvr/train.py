@@ -37,7 +37,7 @@ from .data import AugmentConfig, atlas_folders, default_data_dir, load_atlas, sa
 from .inputs import NetworkInput, prepare_inputs, to_network_poses, to_original_poses
 from .network import CSVRConfig, CSVRNet, LevelState, initial_positions
 
-__all__ = ["multilayer_loss", "train_step", "evaluate_tre", "export_weights", "add_train_parser", "train_command", "main"]
+__all__ = ["multilayer_loss", "train_step", "split_motions", "evaluate_tre", "export_weights", "add_train_parser", "train_command", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,18 @@ def _to_finest(x: Tensor, coords: Tensor, fine: Tensor) -> Tensor:
     while x.shape[1] < fine.shape[0] or x.shape[2] < fine.shape[1]:
         x = _upsample(x, min(fine.shape[0], 2 * x.shape[1]), min(fine.shape[1], 2 * x.shape[2]))
     return x
+
+
+def split_motions(text: str) -> list[str]:
+    """Motion level names from ``"a,b,c"``, each checked by :func:`~slice2vol.motion.motion_level`."""
+    from ...motion import motion_level
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise Slice2VolError(f"no motion level in {text!r}")
+    for m in names:
+        motion_level(m)
+    return names
 
 
 def _case_inputs(case: SimulationResult, spacing: float) -> tuple[NetworkInput, list[Tensor]]:
@@ -185,7 +197,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="shared data folder (default: $SLICE2VOL_SHARED, else ../shared/data)")
     p.add_argument("--steps", type=int, default=250_000, help="total steps of the poly schedule (default: 250000, the paper's)")
     p.add_argument("--lr", type=float, default=1e-4, help="initial Adam learning rate (default: 1e-4, the paper's)")
-    p.add_argument("--motion", default="csvr", help="simulated motion level (default: csvr, the paper's distribution)")
+    p.add_argument("--motion", default="csvr",
+                   help="simulated motion level, or a comma list sampled uniformly per step "
+                        "(default: csvr, the paper's distribution)")
+    p.add_argument("--val-motion", default="csvr", help="motion level of the validation cases (default: csvr)")
+    p.add_argument("--init-weights", metavar="PT",
+                   help="start a new run from exported weights (e.g. the packaged model) instead of at random; "
+                        "ignored when OUTPUT/checkpoint.pt exists")
     p.add_argument("--atlas-resolution", type=float, default=1.6, help="mm grid the training atlases are simulated from (default: 1.6)")
     p.add_argument("--val-every", type=int, default=200, help="steps between validations (default: 200)")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (default: 100)")
@@ -229,8 +247,14 @@ def train_command(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     net = CSVRNet(config)
+    if args.init_weights:
+        from .infer import load_model
+
+        net = load_model(args.init_weights)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     step, elapsed0 = 0, 0.0
+    motions = split_motions(args.motion)
+    split_motions(args.val_motion)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         net = CSVRNet(CSVRConfig.from_dict(ck["config"]))
@@ -244,7 +268,7 @@ def train_command(args: argparse.Namespace) -> int:
     log.warning("cSVR: %d parameters, %d threads", n_params, torch.get_num_threads())
     train_atlases = [load_atlas(f, args.atlas_resolution) for f in atlas_folders(data_dir, "crl2017")]
     sb = {f.name: f for f in atlas_folders(data_dir, "spina_bifida2021")}
-    val_cases = [validation_case(load_atlas(sb[name], 1.0, 6.0), 1000 + i, args.motion)
+    val_cases = [validation_case(load_atlas(sb[name], 1.0, 6.0), 1000 + i, args.val_motion)
                  for i, name in enumerate(VALIDATION_ATLASES) if name in sb]
     log.warning("loaded %d training atlases, %d validation cases in %.1f s", len(train_atlases), len(val_cases),
                 time.perf_counter() - t_start)
@@ -290,7 +314,8 @@ def train_command(args: argparse.Namespace) -> int:
                 break
             for g in opt.param_groups:
                 g["lr"] = poly_lr(args.lr, step, args.steps)
-            case = sample_training_case(train_atlases, rng, config.spacing, args.motion)
+            motion = motions[int(rng.integers(len(motions)))] if len(motions) > 1 else motions[0]
+            case = sample_training_case(train_atlases, rng, config.spacing, motion)
             inp, gt = _case_inputs(case, config.spacing)
             losses.append(train_step(net, opt, inp, gt, args.literal_loss))
             step += 1
@@ -307,7 +332,8 @@ def train_command(args: argparse.Namespace) -> int:
     fh.close()
     if args.export:
         meta = {"steps": step, "train_seconds": round(elapsed0 + time.perf_counter() - t_start, 1),
-                "lr": args.lr, "schedule_steps": args.steps, "motion": args.motion, "parameters": n_params,
+                "lr": args.lr, "schedule_steps": args.steps, "motion": args.motion, "val_motion": args.val_motion,
+                "init_weights": args.init_weights, "parameters": n_params,
                 "validation": last, "validation_atlases": list(VALIDATION_ATLASES),
                 "date": datetime.now(timezone.utc).isoformat(timespec="minutes")}
         export_weights(net, Path(args.export), meta)

@@ -80,7 +80,7 @@ from ...preprocess import Prepared
 from ...reconstruction import psf_average
 from ...robust import RobustState, em_weights, fit_scales
 from ...transforms import params_to_matrix
-from ..svr import SVRResult, _coarse_grid, roi_weights
+from ..svr import SVRResult, coarse_grid, roi_weights
 from .model import GaussianModel, init_from_volume
 from .render import SliceLattice, render_slices, voxelise
 from .slices import downsample_slices, shift_poses
@@ -244,10 +244,10 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
     n_coarse = int(round(cfg.iterations * cfg.coarse_fraction)) if cfg.two_stage else 0
     if n_coarse > 0:
         css, shift = downsample_slices(ss_n)
-        caff, cshape, croi = _coarse_grid(prep, 2.0)
+        caff, cshape, croi = coarse_grid(prep, 2.0)
         stages.append(_Stage("coarse", css, shift, caff, cshape, croi, n_coarse))
     stages.append(_Stage("fine", ss_n, None, prep.affine, prep.shape, prep.roi, cfg.iterations - n_coarse))
-    tv_grid = _coarse_grid(prep, 2.0) if cfg.psf == "analytic" else None
+    tv_grid = coarse_grid(prep, 2.0) if cfg.psf == "analytic" else None
 
     # ---- initial volume (eq. 2) and Gaussians
     psf0 = acq.psf_kernel(ss.spacing, ss.thickness, res)
