@@ -11,13 +11,23 @@ constant time per slice.
 
 Part 2, quality (``--quality``): ``slice2vol benchmark`` on spina-bifida atlases (validation
 data of the shipped model) at mild / moderate / severe motion with ``svr``, ``csvr`` (network
-poses, fixed-pose SR) and ``csvr-refine`` (network poses, then classical SVR); prints TRE (cSVR
-eq. 10: median over stacks of the per-slice maximum pixel error, global rigid motion removed),
-PSNR and SSIM side by side per motion level, and the paired gap csvr-refine - svr.
+poses, fixed-pose SR), ``csvr-refine`` (classical SVR from the network's or the stack-registered
+poses, whichever explains the slices better) and ``csvr-refine-network`` (SVR always from the
+network's poses, the paper's Refine); prints TRE (cSVR eq. 10: median over stacks of the
+per-slice maximum pixel error, global rigid motion removed), PSNR and SSIM side by side per
+motion level, how often Refine started from the network, and the paired gaps to svr.
 
-    python benchmarks/bench_csvr.py                         # both parts
+Part 3, sweeps (``--sweep``): the same for ``svr``, ``csvr`` and ``csvr-refine`` over the motion
+magnitude sweeps of the cSVR paper's Fig. 4 (``rot<deg>``: rotation only, ``trans<mm>``:
+translation only; see :mod:`slice2vol.motion`).
+
+Part 4, the network alone (``--network``): header poses vs network poses, TRE on all 15
+spina-bifida atlases (one simulation each, seed 2000) per motion level; the model card's table.
+
+    python benchmarks/bench_csvr.py                         # all four parts
     python benchmarks/bench_csvr.py --timing --threads 2
     python benchmarks/bench_csvr.py --quality --atlases GA22_notoperated,GA27_operated --seeds 0
+    python benchmarks/bench_csvr.py --sweep --sweep-motion rot10,rot30 --seeds 0
 """
 from __future__ import annotations
 
@@ -34,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 VALIDATION_ATLASES = "GA22_notoperated,GA27_operated,GA32_operated"
+# the cSVR paper's Fig. 4 varies rotation and translation ranges separately (slice2vol.motion)
+SWEEP_LEVELS = "rot5,rot10,rot20,rot30,trans2,trans5,trans10,trans15"
 
 
 def timing(args) -> None:
@@ -79,39 +91,83 @@ def timing(args) -> None:
                   f"{1000 * best / n_slices:9.2f}", flush=True)
 
 
-def quality(args) -> int:
-    methods = ["svr", "csvr", "csvr-refine"]
-    cmd = [sys.executable, "-m", "slice2vol.cli", "benchmark", "--atlases", args.atlases, "--motion", args.motion,
-           "--seeds", args.seeds, "--methods", ",".join(methods), "--device", args.device, "--output", str(args.output),
+def network_tre(args) -> None:
+    """Network alone vs header poses: TRE (eq. 10, median over stacks) on every spina-bifida atlas."""
+    import torch
+
+    from slice2vol.benchmark import default_data_dir
+    from slice2vol.image import SliceSet
+    from slice2vol.methods.csvr.data import atlas_folders, load_atlas, validation_case
+    from slice2vol.methods.csvr.infer import load_model, register_csvr
+    from slice2vol.metrics import slice_tre, tre_summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = Path(args.data) if args.data else default_data_dir()
+    net = load_model()
+    folders = atlas_folders(data, "spina_bifida2021")
+    print(f"\ncSVR network alone, {len(folders)} spina-bifida atlases, 3 orthogonal 1 mm x 3 mm stacks, "
+          f"noise 0.02, simulation seed 2000; TRE = median over stacks of the per-slice max error (mm)")
+    print(f"{'motion':9s} {'header':>14s} {'network':>14s} {'better':>7s}   per case header/network")
+    atlases = [(f.name, load_atlas(f, 1.0, 6.0)) for f in folders]
+    for level in args.network_motion.split(","):
+        h, n, per = [], [], []
+        for name, atlas in atlases:
+            case = validation_case(atlas, 2000, level)
+            ss = SliceSet.from_stacks(case.stacks)
+            gt = np.concatenate(case.true_poses)
+            hdr = np.concatenate([st.poses for st in case.stacks])
+            est = register_csvr(case.stacks, model=net).numpy()
+            th = tre_summary(slice_tre(hdr, gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
+            tn = tre_summary(slice_tre(est, gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
+            h.append(th)
+            n.append(tn)
+            per.append(f"{name.replace('_notoperated', 'n').replace('_operated', 'o')} {th:.1f}/{tn:.1f}")
+        h, n = np.array(h), np.array(n)
+        print(f"{level:9s} {h.mean():6.2f} +- {h.std(ddof=1):4.2f} {n.mean():6.2f} +- {n.std(ddof=1):4.2f} "
+              f"{int((n < h).sum()):3d}/{len(n):<3d}  {', '.join(per)}", flush=True)
+
+
+def quality(args, motion: str, methods: list[str], output: Path, title: str) -> int:
+    """Run ``slice2vol benchmark`` (resumable) and print the methods side by side per motion level."""
+    cmd = [sys.executable, "-m", "slice2vol.cli", "benchmark", "--atlases", args.atlases, "--motion", motion,
+           "--seeds", args.seeds, "--methods", ",".join(methods), "--device", args.device, "--output", str(output),
            "--no-progress"]
     if args.data:
         cmd += ["--data", args.data]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd)
-    rows = [r for r in csv.DictReader(open(args.output / "results.csv")) if r.get("status") == "ok"]
+    rows = [r for r in csv.DictReader(open(output / "results.csv")) if r.get("status") == "ok"]
     by: dict = {}
     for r in rows:
         by.setdefault((r["motion"], r["method"]), {})[r["case"]] = r
-    print(f"\ncSVR vs SVR on spina-bifida atlases {args.atlases}, seeds {args.seeds} (mean +- sd over cases)")
-    print(f"{'motion':9s} {'method':12s} {'n':>2s} {'TRE mm':>14s} {'PSNR dB':>14s} {'SSIM':>14s} {'time s':>12s}")
+    print(f"\n{title}: spina-bifida atlases {args.atlases}, seeds {args.seeds} (mean +- sd over cases)")
+    print(f"{'motion':9s} {'method':20s} {'n':>2s} {'TRE mm':>14s} {'PSNR dB':>14s} {'SSIM':>14s} {'time s':>12s}"
+          f"  start")
 
     def f(a, d=2):
         return f"{a.mean():.{d}f} +- {a.std(ddof=1) if a.size > 1 else 0:.{d}f}" if a.size else "-"
 
-    for motion in args.motion.split(","):
+    for level in motion.split(","):
         for m in ["naive"] + methods:
-            cell = by.get((motion, m), {})
+            cell = by.get((level, m), {})
             if not cell:
                 continue
             v = {k: np.array([float(r[k]) for r in cell.values() if r.get(k) not in (None, "")])
                  for k in ("tre_median_mm", "psnr", "ssim", "time_s")}
-            print(f"{motion:9s} {m:12s} {len(cell):2d} {f(v['tre_median_mm']):>14s} {f(v['psnr']):>14s} "
-                  f"{f(v['ssim'], 3):>14s} {f(v['time_s'], 1):>12s}")
-        a, b = by.get((motion, "csvr-refine"), {}), by.get((motion, "svr"), {})
-        d = np.array([float(a[c]["psnr"]) - float(b[c]["psnr"]) for c in a if c in b])
-        t = np.array([float(a[c]["tre_median_mm"]) - float(b[c]["tre_median_mm"]) for c in a if c in b])
-        if d.size:
-            print(f"{motion:9s} csvr-refine - svr (paired): PSNR {f(d)} dB, TRE {f(t)} mm")
+            starts = [r.get("start") for r in cell.values() if r.get("start")]
+            start = f"network {starts.count('network')}/{len(starts)}" if starts else ""
+            print(f"{level:9s} {m:20s} {len(cell):2d} {f(v['tre_median_mm']):>14s} {f(v['psnr']):>14s} "
+                  f"{f(v['ssim'], 3):>14s} {f(v['time_s'], 1):>12s}  {start}")
+        for m in [x for x in methods if x.startswith("csvr-refine")]:
+            a, b = by.get((level, m), {}), by.get((level, "svr"), {})
+            d = np.array([float(a[c]["psnr"]) - float(b[c]["psnr"]) for c in a if c in b])
+            t = np.array([float(a[c]["tre_median_mm"]) - float(b[c]["tre_median_mm"]) for c in a if c in b])
+            if d.size:
+                print(f"{level:9s} {m} - svr (paired): PSNR {f(d)} dB ({int((d > 0).sum())}/{d.size} better), "
+                      f"TRE {f(t)} mm")
     return rc
 
 
@@ -119,22 +175,33 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--timing", action="store_true", help="only part 1 (registration time)")
     ap.add_argument("--quality", action="store_true", help="only part 2 (quality beside SVR)")
+    ap.add_argument("--sweep", action="store_true", help="only part 3 (rotation / translation magnitude sweeps)")
+    ap.add_argument("--network", action="store_true", help="only part 4 (network alone on all spina-bifida atlases)")
+    ap.add_argument("--network-motion", default="none,mild,moderate,severe,csvr")
     ap.add_argument("--data", help="shared data folder (default: ../shared/data)")
     ap.add_argument("--timing-atlas", default="GA27_operated")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--atlases", default=VALIDATION_ATLASES)
     ap.add_argument("--motion", default="mild,moderate,severe")
+    ap.add_argument("--sweep-motion", default=SWEEP_LEVELS)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--output", type=Path, default=Path("bench_out/csvr"))
+    ap.add_argument("--sweep-output", type=Path, default=Path("bench_out/csvr_sweep"))
     args = ap.parse_args()
-    both = not (args.timing or args.quality)
+    every = not (args.timing or args.quality or args.sweep or args.network)
     rc = 0
-    if args.timing or both:
+    if args.timing or every:
         timing(args)
-    if args.quality or both:
-        rc = quality(args)
+    if args.network or every:
+        network_tre(args)
+    if args.quality or every:
+        rc |= quality(args, args.motion, ["svr", "csvr", "csvr-refine", "csvr-refine-network"], args.output,
+                      "cSVR vs SVR by motion level")
+    if args.sweep or every:
+        rc |= quality(args, args.sweep_motion, ["svr", "csvr", "csvr-refine"], args.sweep_output,
+                      "cSVR vs SVR over motion magnitude (rot<deg>: rotation only, trans<mm>: translation only)")
     return rc
 
 

@@ -402,6 +402,8 @@ def run_job(case_dir: Path, method_name: str, device: str = "cpu", resolution: f
         has_pixels = torch.zeros(ss.n_slices, dtype=torch.bool, device=ss.device)
         has_pixels[ss.slice_id] = True
         out["excluded_slices"] = int(((result.slice_weights < 0.5) & has_pixels).sum())  # as the CLI counts them
+        if result.history and "start" in result.history[0]:
+            out["start"] = result.history[0]["start"]  # csvr --refine: which pose set SVR started from
     out.update(consistency_ssim=float(c["ssim"]), consistency_psnr=float(c["psnr"]), consistency_ncc=float(c["ncc"]))
     out.update(device=str(dev), threads=torch.get_num_threads(), grid="x".join(map(str, prep.shape)),
                slices=int(ss.n_slices), pixels=int(ss.n_pixels), template=int(prep.template))
