@@ -95,17 +95,30 @@ def test_forward_returns_one_finite_rigid_pose_per_slice():
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="no packaged cSVR weights (slice2vol/data/csvr/) yet")
-def test_shipped_weights_keep_motion_free_stacks_near_identity(atlas_lowres):
+def _atlas_tre(atlas, motion: str) -> tuple[float, float]:
+    """Median-over-stacks TRE (mm) of the shipped network and of the header poses on one case."""
     cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=2.0, thickness=3.0,
-                           margin=4.0, motion="none", noise=0.02)
-    case = simulate_stacks(atlas_lowres, atlas_lowres.mask, cfg, 0)
+                           margin=4.0, motion=motion, noise=0.02)
+    case = simulate_stacks(atlas, atlas.mask, cfg, 0)
     ss = SliceSet.from_stacks(case.stacks)
-    est = register_csvr(case.stacks)
-    tre = tre_summary(slice_tre(est, np.concatenate(case.true_poses), ss.coords, ss.slice_id), ss.stack_id)
-    # The CPU-trained model moves motion-free slices by 3.5 +- 0.6 mm median TRE on the validation
-    # atlases (MODEL_CARD.md) and by 4.8 mm on this case: "near identity" means within that error
-    # (a fully trained model should do far better; tighten this when better weights ship).
-    assert tre["median"] < 6.0, tre
+    gt = np.concatenate(case.true_poses)
+    hdr = np.concatenate([st.poses for st in case.stacks])
+    net = tre_summary(slice_tre(register_csvr(case.stacks), gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
+    return net, tre_summary(slice_tre(hdr, gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
+
+
+def test_shipped_weights_keep_motion_free_stacks_near_identity(atlas_lowres):
+    # The CPU-trained model moves motion-free slices by 1.44 +- 0.27 mm median TRE on the 15
+    # validation atlases (max 2.0; MODEL_CARD.md) and by 1.2 mm on this case; "near identity"
+    # is that level, not a target (a fully trained model should do better: tighten it then).
+    net, header = _atlas_tre(atlas_lowres, "none")
+    assert header < 1e-6 and net < 2.5, net
+
+
+def test_shipped_weights_reduce_moderate_motion(atlas_lowres):
+    # 15 of 15 validation atlases improve at moderate motion (5.05 -> 3.88 mm mean, MODEL_CARD.md)
+    net, header = _atlas_tre(atlas_lowres, "moderate")
+    assert net < header, (net, header)
 
 
 def test_training_step_reduces_the_loss_on_a_fixed_batch():
