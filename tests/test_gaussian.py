@@ -102,7 +102,7 @@ def test_analytic_slices_match_brute_force_psf_integral(kernel):
     m = _single()
     ss = _one_stack()
     lat = SliceLattice(ss)
-    a = render_slices(m, ss.poses.double(), lat)[lat.pixel_index]
+    a = render_slices(m, ss.poses.double(), lat)[lat.pixel_index].detach()
     sig = psf_sigmas(ss.spacing[:1], ss.thickness[:1])[0].double()
     x = torch.linspace(-4, 4, 33, dtype=torch.float64)
     g = torch.stack(torch.meshgrid(x, x, x, indexing="ij"), -1).reshape(-1, 3) * sig  # nodes in mm
@@ -111,7 +111,7 @@ def test_analytic_slices_match_brute_force_psf_integral(kernel):
     P = ss.poses.double()[ss.slice_id]
     local = ss.coords.double()[:, None, :] + g[None]
     pts = (P[:, None, :3, :3] @ local[..., None])[..., 0] + P[:, None, :3, 3]
-    b = (dense_gaussians(m, pts.reshape(-1, 3)).reshape(pts.shape[:2]) * w).sum(1)
+    b = (dense_gaussians(m, pts.reshape(-1, 3)).reshape(pts.shape[:2]) * w).sum(1).detach()
     assert float((a - b).abs().max()) < 2e-3 * float(b.max())  # the 3-sigma box and the +-4 sigma quadrature
 
 
@@ -161,9 +161,9 @@ def test_analytic_pose_gradient_matches_finite_differences():
     for k in range(6):
         e = torch.zeros_like(delta)
         e[1, k] = eps
-        fd = (f(delta + e) - f(delta - e)) / (2 * eps)
+        fd = float((f(delta + e) - f(delta - e)).detach()) / (2 * eps)
         # boxes are re-centred when a Gaussian crosses a lattice point; tiny steps do not cross
-        assert abs(float(fd) - float(g[1, k])) < 1e-4 * max(1.0, abs(float(fd)))
+        assert abs(fd - float(g[1, k])) < 1e-4 * max(1.0, abs(fd))
 
 
 def test_density_control_clones_splits_prunes_and_keeps_adam_state():
@@ -250,7 +250,7 @@ def test_init_reproduces_a_volume_after_fitting(blob):
     for _ in range(40):
         V = voxelise(m, A, vol.shape)
         loss = (V - vol).abs().mean()
-        errs.append(float(loss))
+        errs.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
