@@ -8,19 +8,19 @@
 #include <cmath>
 #include <vector>
 
-// Each thread adds into its own copy of the output, summed at the end, instead of atomic adds:
-// without atomics the inner loop vectorises (with -ffast-math, exp included), and with a static
-// schedule a sum is the same on every run.  The copies cost nthreads x size of memory.
-template <typename T>
-static void fwd_box(const T* c, const T* p, const T* a, const int64_t* base, const int64_t* st, const int64_t* rad,
-                    int64_t j, int dims, T* out) {
+// The box of Gaussian j, visited once by the forward and once by the backward pass so both read
+// the same lattice points: visit(idx, di, dj, dk, e) for every point, with (di, dj, dk) = lattice
+// offset - fractional centre and e = exp(-q / 2) of the quadratic form there.  A template, so
+// the lambda inlines and the forward's inner loop still vectorises.
+template <typename T, typename Visit>
+static inline void visit_box(const T* c, const T* p, const int64_t* base, const int64_t* st, const int64_t* rad,
+                             int64_t j, int dims, Visit&& visit) {
   const T* cj = c + 3 * j;
   const T* P = p + 9 * j;
   const int64_t r = rad[j];
   const T f0 = cj[0] - std::nearbyint(cj[0]), f1 = cj[1] - std::nearbyint(cj[1]);
   const T f2 = dims == 3 ? cj[2] - std::nearbyint(cj[2]) : cj[2];
   const int64_t rk = dims == 3 ? r : 0;
-  const T aj = a[j];
   for (int64_t oi = -r; oi <= r; ++oi) {
     const T di = (T)oi - f0;
     for (int64_t oj = -r; oj <= r; ++oj) {
@@ -30,11 +30,20 @@ static void fwd_box(const T* c, const T* p, const T* a, const int64_t* base, con
       for (int64_t ok = -rk; ok <= rk; ++ok) {
         const T dk = (T)ok - f2;
         const T q = qij + P[8] * dk * dk + 2 * (P[2] * di + P[5] * dj) * dk;
-        const T v = aj * std::exp((T)-0.5 * q);
-        out[idx_ij + ok * st[3 * j + 2]] += v;
+        visit(idx_ij + ok * st[3 * j + 2], di, dj, dk, std::exp((T)-0.5 * q));
       }
     }
   }
+}
+
+// Each thread adds into its own copy of the output, summed at the end, instead of atomic adds:
+// without atomics the inner loop vectorises (with -ffast-math, exp included), and with a static
+// schedule a sum is the same on every run.  The copies cost nthreads x size of memory.
+template <typename T>
+static void fwd_box(const T* c, const T* p, const T* a, const int64_t* base, const int64_t* st, const int64_t* rad,
+                    int64_t j, int dims, T* out) {
+  const T aj = a[j];
+  visit_box(c, p, base, st, rad, j, dims, [&](int64_t idx, T, T, T, T e) { out[idx] += aj * e; });
 }
 
 template <typename T>
@@ -66,32 +75,17 @@ static void bwd_impl(const T* g, const T* c, const T* p, const T* a, const int64
                      const int64_t* rad, int64_t J, int dims, T* gc, T* gp, T* ga) {
 #pragma omp parallel for schedule(dynamic, 64)
   for (int64_t j = 0; j < J; ++j) {
-    const T* cj = c + 3 * j;
     const T* P = p + 9 * j;
-    const int64_t r = rad[j];
-    const T f0 = cj[0] - std::nearbyint(cj[0]), f1 = cj[1] - std::nearbyint(cj[1]);
-    const T f2 = dims == 3 ? cj[2] - std::nearbyint(cj[2]) : cj[2];
-    const int64_t rk = dims == 3 ? r : 0;
     const T aj = a[j];
     double sa = 0, m0 = 0, m1 = 0, m2 = 0, s00 = 0, s11 = 0, s22 = 0, s01 = 0, s02 = 0, s12 = 0;
-    for (int64_t oi = -r; oi <= r; ++oi) {
-      const T di = (T)oi - f0;
-      for (int64_t oj = -r; oj <= r; ++oj) {
-        const T dj = (T)oj - f1;
-        const T qij = P[0] * di * di + P[4] * dj * dj + 2 * P[1] * di * dj;
-        const int64_t idx_ij = base[j] + oi * st[3 * j] + oj * st[3 * j + 1];
-        for (int64_t ok = -rk; ok <= rk; ++ok) {
-          const T dk = (T)ok - f2;
-          const T q = qij + P[8] * dk * dk + 2 * (P[2] * di + P[5] * dj) * dk;
-          const T ge = g[idx_ij + ok * st[3 * j + 2]] * std::exp((T)-0.5 * q);
-          sa += ge;
-          const double w = ge * aj;
-          m0 += w * di; m1 += w * dj; m2 += w * dk;
-          s00 += w * di * di; s11 += w * dj * dj; s22 += w * dk * dk;
-          s01 += w * di * dj; s02 += w * di * dk; s12 += w * dj * dk;
-        }
-      }
-    }
+    visit_box(c, p, base, st, rad, j, dims, [&](int64_t idx, T di, T dj, T dk, T e) {
+      const T ge = g[idx] * e;
+      sa += ge;
+      const double w = ge * aj;
+      m0 += w * di; m1 += w * dj; m2 += w * dk;
+      s00 += w * di * di; s11 += w * dj * dj; s22 += w * dk * dk;
+      s01 += w * di * dj; s02 += w * di * dk; s12 += w * dj * dk;
+    });
     ga[j] = (T)sa;
     // d = o - f with d d/d c = -I (also for the 2D plane offset d_k = -c_k)
     gc[3 * j + 0] = (T)(P[0] * m0 + P[1] * m1 + P[2] * m2);
