@@ -96,10 +96,9 @@ def network_tre(args) -> None:
     import torch
 
     from slice2vol.benchmark import default_data_dir
-    from slice2vol.image import SliceSet
     from slice2vol.methods.csvr.data import atlas_folders, load_atlas, validation_case
-    from slice2vol.methods.csvr.infer import load_model, register_csvr
-    from slice2vol.metrics import slice_tre, tre_summary
+    from slice2vol.methods.csvr.infer import load_model
+    from slice2vol.methods.csvr.train import evaluate_tre
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,19 +110,10 @@ def network_tre(args) -> None:
     print(f"{'motion':9s} {'header':>14s} {'network':>14s} {'better':>7s}   per case header/network")
     atlases = [(f.name, load_atlas(f, 1.0, 6.0)) for f in folders]
     for level in args.network_motion.split(","):
-        h, n, per = [], [], []
-        for name, atlas in atlases:
-            case = validation_case(atlas, 2000, level)
-            ss = SliceSet.from_stacks(case.stacks)
-            gt = np.concatenate(case.true_poses)
-            hdr = np.concatenate([st.poses for st in case.stacks])
-            est = register_csvr(case.stacks, model=net).numpy()
-            th = tre_summary(slice_tre(hdr, gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
-            tn = tre_summary(slice_tre(est, gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
-            h.append(th)
-            n.append(tn)
-            per.append(f"{name.replace('_notoperated', 'n').replace('_operated', 'o')} {th:.1f}/{tn:.1f}")
-        h, n = np.array(h), np.array(n)
+        r = evaluate_tre(net, [validation_case(atlas, 2000, level) for _, atlas in atlases])
+        h, n = np.array(r["header"]), np.array(r["network"])
+        per = [f"{name.replace('_notoperated', 'n').replace('_operated', 'o')} {th:.1f}/{tn:.1f}"
+               for (name, _), th, tn in zip(atlases, h, n)]
         print(f"{level:9s} {h.mean():6.2f} +- {h.std(ddof=1):4.2f} {n.mean():6.2f} +- {n.std(ddof=1):4.2f} "
               f"{int((n < h).sum()):3d}/{len(n):<3d}  {', '.join(per)}", flush=True)
 

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from slice2vol.image import SliceSet, Stack, Volume
-from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, register_csvr
+from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
 from slice2vol.methods.csvr.inputs import prepare_inputs, to_network_poses, to_original_poses
 from slice2vol.methods.csvr.network import CSVRConfig, CSVRNet
 from slice2vol.methods.csvr.operators import pull, push, push_normalised, trilinear_corners
-from slice2vol.methods.csvr.train import multilayer_loss, train_step
-from slice2vol.metrics import slice_tre, tre_summary
+from slice2vol.methods.csvr.train import evaluate_tre, multilayer_loss, train_step
 from slice2vol.simulate import SimulationConfig, simulate_stacks
 
 TINY = CSVRConfig(channels=(4, 6, 8), hidden=(6, 8, 8), spacing=2.0, fov=48.0, iterations=(1, 1, 1))
@@ -99,12 +98,8 @@ def _atlas_tre(atlas, motion: str) -> tuple[float, float]:
     """Median-over-stacks TRE (mm) of the shipped network and of the header poses on one case."""
     cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=2.0, thickness=3.0,
                            margin=4.0, motion=motion, noise=0.02)
-    case = simulate_stacks(atlas, atlas.mask, cfg, 0)
-    ss = SliceSet.from_stacks(case.stacks)
-    gt = np.concatenate(case.true_poses)
-    hdr = np.concatenate([st.poses for st in case.stacks])
-    net = tre_summary(slice_tre(register_csvr(case.stacks), gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
-    return net, tre_summary(slice_tre(hdr, gt, ss.coords, ss.slice_id), ss.stack_id)["median"]
+    r = evaluate_tre(load_model(), [simulate_stacks(atlas, atlas.mask, cfg, 0)])
+    return r["network"][0], r["header"][0]
 
 
 def test_shipped_weights_keep_motion_free_stacks_near_identity(atlas_lowres):
@@ -145,7 +140,6 @@ def test_train_command_resumes_from_exported_weights_with_a_motion_mix(tmp_path)
     trains on the listed levels; an unknown level is one clear error."""
     import nibabel as nib
 
-    from slice2vol.methods.csvr.infer import load_model
     from slice2vol.methods.csvr.train import export_weights, main as train_main, split_motions
 
     vol = _blob_volume()
