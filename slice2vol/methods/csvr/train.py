@@ -314,6 +314,7 @@ def train_command(args: argparse.Namespace) -> int:
                 break
             for g in opt.param_groups:
                 g["lr"] = poly_lr(args.lr, step, args.steps)
+            # one level draws nothing, so a single-level run replays the same cases as before the mix existed
             motion = motions[int(rng.integers(len(motions)))] if len(motions) > 1 else motions[0]
             case = sample_training_case(train_atlases, rng, config.spacing, motion)
             inp, gt = _case_inputs(case, config.spacing)
