@@ -115,6 +115,23 @@ _EXT: object | None = None
 _EXT_TRIED = False
 
 
+def _cpu_tag() -> str:
+    """Short hash of this CPU's model and instruction-set flags.  The kernel is built with
+    ``-march=native`` into a cache that torch keys by source and flags only; a home folder shared
+    by machines with different CPUs (a cluster) would otherwise load a binary with instructions
+    this CPU lacks, which crashes instead of falling back."""
+    import hashlib
+    import platform
+
+    info = platform.machine() + platform.processor()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        pass
+    return hashlib.sha1(info.encode()).hexdigest()[:10]
+
+
 def cpu_extension():
     """The compiled CPU kernel, built at first use; ``None`` when unavailable or disabled."""
     global _EXT, _EXT_TRIED
@@ -128,7 +145,8 @@ def cpu_extension():
 
         src = Path(__file__).resolve().parent / "csrc" / "splat_cpu.cpp"
         log.info("gaussian: compiling the CPU splat kernel (first use only)")
-        _EXT = load(name="slice2vol_splat_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp", "-ffast-math", "-march=native"],
+        _EXT = load(name=f"slice2vol_splat_cpu_{_cpu_tag()}", sources=[str(src)],
+                    extra_cflags=["-O3", "-fopenmp", "-ffast-math", "-march=native"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers, ...: the PyTorch path is always there
         log.warning("gaussian: compiled CPU kernel unavailable (%s); using the slower PyTorch path",
