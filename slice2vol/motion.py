@@ -18,7 +18,17 @@ a pause between them during which the fetus moves freely.  The motion of stack `
 * ``p_s(t)``: a cubic B-spline *interpolating* ``K`` randomly sampled control parameter vectors
   ``(rx, ry, rz, tx, ty, tz)`` (rad, mm) at ``K`` equally spaced times across the stack's
   acquisition (degree ``min(3, K - 1)`` when ``K < 4``, constant for ``K = 1``);
-* ``d_j``: abrupt jumps (steps that persist) at random times ``tau_j`` (level ``severe`` only).
+* ``d_j``: abrupt jumps (steps that persist) at random times ``tau_j`` (levels ``severe`` and
+  ``extreme``).
+
+Trajectory kinds (:attr:`StackMotion.kind`).  ``"spline"`` is the B-spline ``p_s(t)`` above (every
+level but ``extreme``).  ``"walk"`` (level ``extreme``, :data:`WALK_LEVELS`) replaces it by a
+bounded random walk over the stack's acquisition times: ``x_0`` from the walk's stationary
+distribution, ``x_{n+1} = (1 - r) x_n + e_n`` with Gaussian per-slice increments ``e_n`` and a mild
+mean reversion ``r`` toward the per-stack offset ``b_s`` (now a random bulk rotation +
+translation, the stack's own mean pose), plus Poisson-timed lasting jumps ``d_j``.  The sampled
+state at every acquisition time is recorded (``walk_times``, ``walk``), so poses are reproduced
+exactly from the JSON parameters; parameters written before ``kind`` existed load as splines.
 
 The true pose of slice ``n`` of stack ``s`` is ``M_s(t_n) @ nominal_n``: the slice plane moves
 relative to the anatomy, which is what a reconstruction has to undo.
@@ -37,7 +47,27 @@ severe    6.0         4.0           4 slices       RMS angle ~10 deg, RMS shift 
                                                    rot sd 5 deg, trans sd 3 mm per component
 csvr      20.0        U[-6.1, 6.1]  K ~ U{1..100}  bulk in-plane rotation U[-12, 12] deg;
                                     per stack      the cSVR paper's training distribution
+extreme   walk: step  step 0.6,     random walk,   per-stack offset rot sd 7 deg, trans sd 3 mm;
+          1.5, mean   stationary    no knots       Poisson(1 per 15 slices) lasting jumps of
+          reversion   sd ~2.0                      rot sd 6 deg, trans sd 2 mm; benchmarks add
+          5 %/slice,                               random 1..4 interleave packages and stack
+          stat. ~4.9                               tilts up to 15 deg (``simulate.realism_for``)
 ========  ==========  ============  =============  ==========================================
+
+``extreme`` is calibrated on an independent simulator's severe case (per-slice rotation about the
+brain centre median 14 deg, p90 24 deg, max 33 deg; translations up to ~15 mm; abrupt jumps;
+interleaved, tilted stacks), on which every method failed.  Measured motion of each level
+(:func:`motion_statistics`: true vs nominal slice pose; "step" = between consecutive
+acquisitions of a stack), 3 training atlases x 4 seeds x 3 orthogonal 1 mm x 3 mm stacks::
+
+    $ python benchmarks/motion_levels.py        # -> benchmarks/results/motion_levels.txt
+    level     rotation deg          slice-centre shift mm  transl. at centre mm  step rotation deg
+              p10  p50  p90  max    p10  p50  p90  max     p10  p50  p90  max    p10  p50  p90  max
+    mild      0.8  1.4  2.5  3.5    0.5  1.2  2.1  4.0     0.5  1.0  1.7  2.9    0.1  0.3  0.6  1.7
+    moderate  2.3  4.4  7.3 10.5    1.6  3.3  6.2 11.2     1.3  2.8  4.6  7.8    0.6  1.3  2.3  5.8
+    severe    4.7 10.3 20.6 41.5    3.6  8.5 15.9 54.5     3.2  7.0 12.8 21.7    1.7  3.8  7.0 23.2
+    extreme   7.4 16.2 27.7 42.5    3.5  8.7 17.4 35.8     2.5  5.7 12.2 19.8    1.2  2.4  4.3 20.9
+    csvr     14.6 28.0 47.4 74.4    4.5 10.0 24.2 65.6     3.1  5.6  8.0 10.0   11.3 35.7 60.1 118.4
 
 Sweep levels (the cSVR paper's sensitivity analysis, Fig. 4, varies "the possible range of
 sampled rotations and translations separately"): ``rot<A>`` draws every rotation-vector component
@@ -76,12 +106,16 @@ __all__ = [
     "CSVR_ROT_SD_DEG",
     "CSVR_TRANS_MM",
     "CSVR_MAX_PERTURBATIONS",
+    "WalkLevel",
+    "WALK_LEVELS",
     "StackMotion",
     "MotionParams",
     "sample_motion",
     "trajectory_params",
     "motion_matrices",
     "apply_motion",
+    "motion_statistics",
+    "motion_values",
 ]
 
 
@@ -98,6 +132,26 @@ class MotionLevel:
     uniform: bool = False  # controls ~ U[-a, a] per component (sweep levels), else N(0, sd)
 
 
+@dataclass(frozen=True)
+class WalkLevel:
+    """Amplitudes of a random-walk level (``kind = "walk"``, see the module doc; all per
+    component, angles in degrees, lengths in mm, rates per slice of acquisition time)."""
+
+    step_rot_deg: float  # sd of the per-slice Gaussian increment
+    step_trans_mm: float
+    reversion: float  # fraction of the deviation from the stack offset undone per slice
+    bulk_rot_deg: float  # sd of the per-stack offset (bulk rigid transform)
+    bulk_trans_mm: float
+    jump_rate: float  # Poisson rate of abrupt lasting jumps
+    jump_rot_deg: float
+    jump_trans_mm: float
+
+    def stationary_sd(self) -> tuple[float, float]:
+        """Stationary sd (deg, mm) of the walk around the stack offset (AR(1) process)."""
+        f = 1.0 / math.sqrt(1.0 - (1.0 - self.reversion) ** 2)
+        return self.step_rot_deg * f, self.step_trans_mm * f
+
+
 MOTION_LEVELS: dict[str, MotionLevel | None] = {
     "none": None,
     "mild": MotionLevel(rot_sd_deg=1.0, trans_sd_mm=0.75, knot_interval=8),
@@ -105,6 +159,13 @@ MOTION_LEVELS: dict[str, MotionLevel | None] = {
     "severe": MotionLevel(rot_sd_deg=6.0, trans_sd_mm=4.0, knot_interval=4,
                           jump_rate=1 / 20, jump_rot_sd_deg=5.0, jump_trans_sd_mm=3.0),
     "csvr": None,  # sampled by _sample_csvr_stack (its own distribution)
+    "extreme": None,  # sampled by _sample_walk_stack with WALK_LEVELS["extreme"]
+}
+
+#: Random-walk levels (``kind = "walk"``), calibrated with ``benchmarks/motion_levels.py``.
+WALK_LEVELS: dict[str, WalkLevel] = {
+    "extreme": WalkLevel(step_rot_deg=1.5, step_trans_mm=0.6, reversion=0.05, bulk_rot_deg=7.0,
+                         bulk_trans_mm=3.0, jump_rate=1 / 15, jump_rot_deg=6.0, jump_trans_mm=2.0),
 }
 
 SWEEP_KNOT_INTERVAL = 6  # slices between control transforms of the rot<A> / trans<T> sweep levels
@@ -113,7 +174,8 @@ _SWEEP = re.compile(r"^(rot|trans)(\d+(?:\.\d+)?)$")
 
 def motion_level(name: str) -> MotionLevel | None:
     """The amplitudes of a named level or a sweep level ``rot<A>`` / ``trans<T>`` (module doc);
-    ``None`` for ``none`` and ``csvr`` (which has its own sampler).
+    ``None`` for ``none``, ``csvr`` and the random-walk levels (``extreme``; see
+    :data:`WALK_LEVELS`), which have their own samplers.
 
     Raises:
         Slice2VolError: for an unknown name.
@@ -151,6 +213,11 @@ class StackMotion:
         bulk: ``(6,)`` bulk transform of the whole stack, applied before the trajectory.
         jump_times: ``(J,)`` times of abrupt jumps.
         jumps: ``(J, 6)`` parameter steps added for ``t >= jump_times[j]``.
+        kind: ``"spline"`` (``knot_times``/``control`` are B-spline control transforms) or
+            ``"walk"`` (a random walk: ``walk_times`` ``(T,)`` sorted acquisition times and
+            ``walk`` ``(T, 6)`` its state there, linearly interpolated between them and held
+            constant outside; ``knot_times``/``control`` are then empty).
+        walk_times, walk: see ``kind``; empty for ``"spline"``.
     """
 
     knot_times: list[float]
@@ -158,6 +225,9 @@ class StackMotion:
     bulk: list[float] = field(default_factory=lambda: [0.0] * 6)
     jump_times: list[float] = field(default_factory=list)
     jumps: list[list[float]] = field(default_factory=list)
+    kind: str = "spline"
+    walk_times: list[float] = field(default_factory=list)
+    walk: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -217,6 +287,29 @@ def _sample_csvr_stack(times: np.ndarray, normal: np.ndarray, rng: np.random.Gen
     return StackMotion(_knot_times(times, k).tolist(), np.concatenate([rot, trans], 1).tolist(), bulk.tolist())
 
 
+def _sample_walk_stack(level: WalkLevel, times: np.ndarray, rng: np.random.Generator) -> StackMotion:
+    """A bounded random walk with lasting jumps around a per-stack offset (module doc)."""
+    t = np.unique(np.asarray(times, dtype=np.float64))  # sorted acquisition times
+    n = len(t)
+    deg, mm = math.radians(1.0), 1.0
+    scale = lambda r, x: np.array([r * deg] * 3 + [x * mm] * 3)  # noqa: E731
+    bulk = rng.normal(size=6) * scale(level.bulk_rot_deg, level.bulk_trans_mm)
+    rot_sd, trans_sd = level.stationary_sd()
+    x = rng.normal(size=6) * scale(rot_sd, trans_sd)  # start in the stationary distribution
+    steps = rng.normal(size=(n, 6)) * scale(level.step_rot_deg, level.step_trans_mm)
+    walk = np.empty((n, 6))
+    for i in range(n):
+        if i:
+            x = (1.0 - level.reversion) ** (t[i] - t[i - 1]) * x + steps[i]
+        walk[i] = x
+    n_jumps = int(rng.poisson(level.jump_rate * n))
+    t0, t1 = float(t[0]), float(t[-1])
+    jump_times = np.sort(rng.uniform(t0, max(t1, t0 + 1.0), n_jumps))
+    jumps = rng.normal(size=(n_jumps, 6)) * scale(level.jump_rot_deg, level.jump_trans_mm)
+    return StackMotion([], [], bulk.tolist(), jump_times.tolist(), jumps.tolist(),
+                       kind="walk", walk_times=t.tolist(), walk=walk.tolist())
+
+
 def sample_motion(
     level: str,
     stack_times: Sequence[np.ndarray],
@@ -227,7 +320,8 @@ def sample_motion(
     """Draw the motion parameters of a simulation (the only random step).
 
     Args:
-        level: ``none``, ``mild``, ``moderate``, ``severe``, ``csvr`` or a sweep level (``rot20``).
+        level: ``none``, ``mild``, ``moderate``, ``severe``, ``extreme``, ``csvr`` or a sweep
+            level (``rot20``).
         stack_times: per stack, ``(N_s,)`` global acquisition times of its slices.
         normals: per stack, ``(3,)`` world direction of the slice normal (used by ``csvr``).
         centre: ``(3,)`` world mm, brain centre (rotation centre).
@@ -241,6 +335,8 @@ def sample_motion(
         times = np.asarray(times, dtype=np.float64)
         if level == "csvr":
             params.stacks.append(_sample_csvr_stack(times, normal, rng))
+        elif level in WALK_LEVELS:
+            params.stacks.append(_sample_walk_stack(WALK_LEVELS[level], times, rng))
         else:
             params.stacks.append(_sample_level_stack(amplitudes, times, rng))  # type: ignore[arg-type]
     return params
@@ -252,6 +348,15 @@ def sample_motion(
 def trajectory_params(motion: StackMotion, times: np.ndarray) -> np.ndarray:
     """Trajectory parameters ``p(t) + jumps`` at ``times`` ``(T,)`` -> ``(T, 6)`` (rad, mm)."""
     t = np.asarray(times, dtype=np.float64)
+    if motion.kind == "walk":
+        wt = np.asarray(motion.walk_times, dtype=np.float64)
+        w = np.asarray(motion.walk, dtype=np.float64).reshape(-1, 6)
+        p = np.stack([np.interp(t, wt, w[:, c]) for c in range(6)], 1) if len(wt) else np.zeros((len(t), 6))
+        for tau, d in zip(motion.jump_times, motion.jumps):
+            p = p + (t >= tau)[:, None] * np.asarray(d, dtype=np.float64)
+        return p
+    if motion.kind != "spline":
+        raise Slice2VolError(f"unknown motion trajectory kind {motion.kind!r} (expected 'spline' or 'walk')")
     knots = np.asarray(motion.knot_times, dtype=np.float64)
     control = np.asarray(motion.control, dtype=np.float64).reshape(-1, 6)
     if len(knots) == 1:
@@ -292,3 +397,72 @@ def apply_motion(params: MotionParams, nominal: Sequence[np.ndarray], times: Seq
         P = np.asarray(P, dtype=np.float64)
         out.append(P.copy() if not params.stacks else motion_matrices(params, s, t) @ P)
     return out
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+STAT_PERCENTILES = (10, 50, 90)
+
+
+def percentiles(x: np.ndarray) -> dict:
+    """``{"p10", "p50", "p90", "max"}`` of ``x`` (NaN when empty)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return {f"p{q}": float("nan") for q in STAT_PERCENTILES} | {"max": float("nan")}
+    return {f"p{q}": float(np.percentile(x, q)) for q in STAT_PERCENTILES} | {"max": float(x.max())}
+
+
+def _angles_deg(R: np.ndarray) -> np.ndarray:
+    c = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+
+
+def motion_values(true_poses: Sequence[np.ndarray], nominal_poses: Sequence[np.ndarray],
+                  centre: Sequence[float], times: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The per-slice values behind :func:`motion_statistics` (same arguments), as arrays (the
+    ``step_*`` ones have one value fewer per stack); pool several cases by concatenating them."""
+    c = np.asarray(centre, dtype=np.float64)
+    rot, disp, trans, srot, sdisp = [], [], [], [], []
+    for s, (T, P) in enumerate(zip(true_poses, nominal_poses)):
+        T = np.asarray(T, dtype=np.float64)
+        P = np.asarray(P, dtype=np.float64)
+        M = T @ np.linalg.inv(P)
+        rot.append(_angles_deg(M[:, :3, :3]))
+        disp.append(np.linalg.norm(T[:, :3, 3] - P[:, :3, 3], axis=1))
+        trans.append(np.linalg.norm(M[:, :3, :3] @ c + M[:, :3, 3] - c, axis=1))
+        order = np.argsort(np.asarray(times[s]), kind="stable") if times is not None else np.arange(len(T))
+        a, b = order[:-1], order[1:]
+        D = M[b] @ np.linalg.inv(M[a])
+        srot.append(_angles_deg(D[:, :3, :3]))
+        x = np.concatenate([P[b, :3, 3], np.ones((len(b), 1))], 1)
+        sdisp.append(np.linalg.norm(np.einsum("nij,nj->ni", M[b] - M[a], x)[:, :3], axis=1))
+    cat = lambda v: np.concatenate(v) if v else np.zeros(0)  # noqa: E731
+    return {"rotation_deg": cat(rot), "displacement_mm": cat(disp), "translation_mm": cat(trans),
+            "step_rotation_deg": cat(srot), "step_displacement_mm": cat(sdisp)}
+
+
+def motion_statistics(true_poses: Sequence[np.ndarray], nominal_poses: Sequence[np.ndarray],
+                      centre: Sequence[float], times: Sequence[np.ndarray] | None = None) -> dict:
+    """How far the true slice poses are from the nominal ones, and how abruptly they change.
+
+    Per slice, the motion is ``M = true @ inv(nominal)`` (a world rigid transform).  Reported, as
+    ``{"p10", "p50", "p90", "max"}`` dicts over all slices of all stacks:
+
+    * ``rotation_deg``: the rotation angle of ``M`` (the same about any centre);
+    * ``displacement_mm``: how far the slice centre moved, ``|true[:3, 3] - nominal[:3, 3]|``
+      (includes the swing of the rotation about the brain centre);
+    * ``translation_mm``: ``|M(c) - c|``, the translation of the motion about the brain centre ``c``;
+    * ``step_rotation_deg`` / ``step_displacement_mm``: between consecutive acquisitions of a
+      stack (by ``times``, else by slice index), the angle of ``M_next @ inv(M_prev)`` and
+      ``|M_next(x) - M_prev(x)|`` at the next slice's nominal centre ``x``: the error of assuming
+      a slice moved as the one acquired just before it.
+
+    Args:
+        true_poses, nominal_poses: per stack ``(N_s, 4, 4)`` slice-to-world poses.
+        centre: ``(3,)`` world mm, the brain centre.
+        times: optional per stack ``(N_s,)`` acquisition times.
+    Returns:
+        the dict above, plus ``"slices"``: the number of slices.
+    """
+    values = motion_values(true_poses, nominal_poses, centre, times)
+    return {"slices": int(len(values["rotation_deg"]))} | {k: percentiles(v) for k, v in values.items()}

@@ -4,12 +4,18 @@ Pipeline (each step a small function; geometry conventions of :mod:`slice2vol.ge
 
 1. **Geometry.**  Stacks are oriented relative to the world (RAS) axes: ``axial`` slices are
    perpendicular to S, ``coronal`` to A, ``sagittal`` to R, and ``oblique`` is one of those
-   (chosen at random) tilted by ``tilt`` degrees about a random in-plane axis.  The field of view
+   (chosen at random) tilted by ``tilt`` degrees about a random in-plane axis.  With
+   ``stack_tilt_max > 0`` every stack's plane is then tilted once more, by ``U[0, stack_tilt_max]``
+   degrees about a random axis in its (possibly oblique) plane: scanner planes are planned on a
+   moving fetus and are never exactly orthogonal to the anatomy.  The field of view
    is centred on the brain (mask centroid) and covers the mask plus ``margin`` mm along every
    stack axis.  The affine is rounded to float32, the precision of the NIfTI sform, so the
    nominal poses recorded here are exactly those :func:`slice2vol.io.load_stack` reads back.
-2. **Acquisition order.**  Interleaved with step ``interleave`` (``2``: even slices then odd),
-   stacks one after another; a slice's global time is its stack's offset plus its order.
+2. **Acquisition order.**  Interleaved with ``interleave`` packages (``2``: even slices then odd),
+   SVRTK's ``-packages`` convention: slice ``k`` belongs to package ``k % p``, packages are acquired
+   one after another (package 0 first) and each in increasing ``k``.  ``interleave = 0`` draws
+   ``p`` uniformly in 1..4 per stack (recorded in :attr:`StackGeometry.interleave`).  Stacks are
+   acquired one after another; a slice's global time is its stack's offset plus its order.
 3. **Motion.**  :mod:`slice2vol.motion`: true pose = ``M_s(t) @ nominal``.
 4. **Rendering.**  :func:`slice2vol.acquisition.forward` with ``psf_kernel(..., quality="high")``
    at the true poses.  Pixels whose PSF cannot reach a non-zero voxel are skipped (their value is
@@ -57,6 +63,7 @@ __all__ = [
     "SimulationParams",
     "SimulationResult",
     "interleaved_order",
+    "realism_for",
     "orientation_rotation",
     "stack_affine",
     "sample_simulation_params",
@@ -84,6 +91,9 @@ _AXES = {
 RENDER_CHUNK = 1 << 15  # pixels per forward() chunk: fastest on small CPU caches in our tests
 _PROGRESS_SAMPLES = 3e7  # PSF samples above which rendering takes seconds: show a progress bar
 _SLICE_BIAS_TERMS = 6  # 1, u, v, u^2, uv, v^2
+MAX_PACKAGES = 4  # interleave = 0 draws 1..MAX_PACKAGES packages per stack
+#: Geometry settings of benchmarks simulating the ``extreme`` motion level (:func:`realism_for`).
+EXTREME_REALISM = {"interleave": 0, "stack_tilt_max": 15.0}
 
 
 @dataclass
@@ -99,7 +109,10 @@ class SimulationConfig:
         gap: gap between slices; slice spacing = thickness + gap (negative: overlapping slices).
         margin: field of view beyond the mask along every stack axis.
         tilt: tilt of ``oblique`` stacks.
-        interleave: interleaving step of the acquisition order (1: sequential).
+        interleave: number of interleave packages of the acquisition order (1: sequential; 0:
+            random in 1..4 per stack), see :func:`interleaved_order`.
+        stack_tilt_max: every stack's plane is tilted by ``U[0, stack_tilt_max]`` degrees about a
+            random in-plane axis (0: no extra tilt, the stacks as requested).
         motion: motion level, see :mod:`slice2vol.motion`.
         noise: Rician noise sd relative to the mean intensity inside the mask.
         bias: maximum |log| of the smooth per-stack bias field (0.2: factors 0.82..1.22).
@@ -122,6 +135,7 @@ class SimulationConfig:
     bias_order: int = 3
     slice_bias: float = 0.0
     gamma: float = 0.0
+    stack_tilt_max: float = 0.0
 
     def stack_orientations(self) -> list[str]:
         if self.orientations is None:
@@ -150,8 +164,11 @@ class SimulationConfig:
                 raise Slice2VolError(f"{what} must be a non-negative number, got {v}")
         if not math.isfinite(self.tilt):
             raise Slice2VolError(f"tilt must be a finite angle, got {self.tilt}")
-        if self.interleave < 1:
-            raise Slice2VolError(f"interleave step must be at least 1, got {self.interleave}")
+        if self.interleave < 0:
+            raise Slice2VolError(f"interleave packages must be at least 1 (or 0: random in 1..{MAX_PACKAGES}), "
+                                 f"got {self.interleave}")
+        if not (math.isfinite(self.stack_tilt_max) and 0 <= self.stack_tilt_max <= 90):
+            raise Slice2VolError(f"stack tilt maximum must be between 0 and 90 degrees, got {self.stack_tilt_max}")
         if self.bias_order < 1:
             raise Slice2VolError(f"bias field order must be at least 1, got {self.bias_order}")
         motion_level(self.motion)  # raises for an unknown level
@@ -176,6 +193,10 @@ class StackGeometry:
         thickness: slice thickness mm.
         order: ``(N,)`` acquisition order of slice ``k`` within the stack.
         time_offset: global time of the stack's first acquired slice.
+        interleave: number of interleave packages of ``order`` (0 in parameters recorded before
+            it was kept: read ``order``).
+        stack_tilt_axis: ``(3,)`` world unit axis of the extra stack tilt
+            (``SimulationConfig.stack_tilt_max``), or ``None``; ``stack_tilt_deg`` its angle.
     """
 
     name: str
@@ -188,6 +209,9 @@ class StackGeometry:
     thickness: float
     order: list[int]
     time_offset: int
+    interleave: int = 0
+    stack_tilt_axis: list[float] | None = None
+    stack_tilt_deg: float = 0.0
 
     @property
     def times(self) -> np.ndarray:
@@ -302,7 +326,13 @@ class SimulationResult:
 def interleaved_order(n: int, step: int = 2) -> np.ndarray:
     """Acquisition order ``(n,)`` of slices ``k = 0..n-1``: ``0, step, 2 step, ..., 1, 1 + step, ...``.
 
-    ``order[k]`` is the time index (within the stack) at which slice ``k`` is acquired.
+    ``order[k]`` is the time index (within the stack) at which slice ``k`` is acquired.  ``step``
+    is the number of packages in SVRTK's ``-packages`` sense: package ``j`` holds the slices with
+    ``k % step == j``, packages are acquired in the order ``0, 1, ..., step - 1`` and each in
+    increasing ``k``.
+
+    >>> interleaved_order(7, 3).tolist()  # packages {0, 3, 6}, {1, 4}, {2, 5}
+    [0, 3, 5, 1, 4, 6, 2]
     """
     sequence = np.concatenate([np.arange(p, n, step) for p in range(min(step, n))]) if n else np.zeros(0, int)
     order = np.empty(n, dtype=np.int64)
@@ -359,16 +389,42 @@ def _sample_orientation(name: str, tilt: float, rng: np.random.Generator) -> tup
     return base, axis.tolist(), float(tilt)
 
 
+def _sample_stack_tilt(R: np.ndarray, tilt_max: float, rng: np.random.Generator) -> tuple[list[float] | None, float]:
+    """Extra tilt of a stack with axes ``R``: ``(axis in its plane, U[0, tilt_max] deg)``; no
+    random number is drawn when ``tilt_max`` is 0."""
+    if tilt_max <= 0:
+        return None, 0.0
+    deg = float(rng.uniform(0.0, tilt_max))
+    phi = rng.uniform(0, 2 * math.pi)
+    axis = math.cos(phi) * R[:, 0] + math.sin(phi) * R[:, 1]
+    return (axis / np.linalg.norm(axis)).tolist(), deg
+
+
+def realism_for(level: str) -> dict:
+    """:class:`SimulationConfig` settings that go with a motion level in benchmarks: for
+    ``extreme``, random 1..4 interleave packages per stack and every stack tilted by up to 15 deg
+    (the acquisition of a severely moving fetus); ``{}`` (the defaults) for every other level.
+
+    >>> realism_for("extreme")
+    {'interleave': 0, 'stack_tilt_max': 15.0}
+    """
+    return dict(EXTREME_REALISM) if level == "extreme" else {}
+
+
 def _sample_geometry(points: np.ndarray, centre: np.ndarray, config: SimulationConfig,
                      rng: np.random.Generator) -> list[StackGeometry]:
     out, t = [], 0
     for s, name in enumerate(config.stack_orientations()):
         base, axis, tilt = _sample_orientation(name, config.tilt, rng)
         R = orientation_rotation(base, axis, tilt)
+        stack_axis, stack_deg = _sample_stack_tilt(R, config.stack_tilt_max, rng)
+        if stack_axis is not None:
+            R = axis_angle_to_matrix(torch.from_numpy(np.asarray(stack_axis) * math.radians(stack_deg))).numpy() @ R
+        packages = int(rng.integers(1, MAX_PACKAGES + 1)) if config.interleave == 0 else int(config.interleave)
         A, shape = stack_affine(R, centre, points, config.spacing, config.thickness + config.gap, config.margin)
-        order = interleaved_order(shape[2], config.interleave)
+        order = interleaved_order(shape[2], packages)
         out.append(StackGeometry(f"stack_{s:02d}.nii.gz", name, base, axis, tilt, A.tolist(), list(shape),
-                                 float(config.thickness), order.tolist(), t))
+                                 float(config.thickness), order.tolist(), t, packages, stack_axis, stack_deg))
         t += shape[2]
     return out
 
@@ -761,7 +817,7 @@ def config_from_args(args) -> SimulationConfig:
         spacing=args.spacing, thickness=args.thickness, gap=args.gap, tilt=args.tilt,
         motion=args.motion, noise=args.noise, bias=args.bias, gamma=args.gamma,
         slice_bias=getattr(args, "slice_bias", 0.0), interleave=getattr(args, "interleave", 2),
-        margin=getattr(args, "margin", 10.0),
+        margin=getattr(args, "margin", 10.0), stack_tilt_max=getattr(args, "stack_tilt_max", 0.0),
     )
 
 
