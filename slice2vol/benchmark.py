@@ -404,6 +404,10 @@ def run_job(case_dir: Path, method_name: str, device: str = "cpu", resolution: f
         out["excluded_slices"] = int(((result.slice_weights < 0.5) & has_pixels).sum())  # as the CLI counts them
         if result.history and "start" in result.history[0]:
             out["start"] = result.history[0]["start"]  # csvr --refine: which pose set SVR started from
+        from .quality import assess_quality
+
+        q = assess_quality(prep, result)  # the reference-free verdict the CLI prints, for confusion tables
+        out.update(quality_verdict=q.verdict, quality_score=float(q.score), quality_reasons=list(q.reasons))
     out.update(consistency_ssim=float(c["ssim"]), consistency_psnr=float(c["psnr"]), consistency_ncc=float(c["ncc"]))
     out.update(device=str(dev), threads=torch.get_num_threads(), grid="x".join(map(str, prep.shape)),
                slices=int(ss.n_slices), pixels=int(ss.n_pixels), template=int(prep.template))

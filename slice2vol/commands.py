@@ -245,8 +245,14 @@ def reconstruct_command(args: argparse.Namespace) -> int:
 
     before = naive_consistency(prep, per_slice=True)
     after = slice_consistency(prep.slices, result.simulated.detach(), per_slice=True)
+    import sys
+
+    from .quality import assess_quality
+
+    quality = assess_quality(prep, result, before_ncc=before["per_slice"]["ncc"])
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
-             "timings_s": timings, "method": args.method, "resolution_mm": args.resolution}
+             "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
+             "quality": quality.to_dict()}
     extra.update(report_record(args, prep, before, after))
     vol = _write_results(args, prep, result, inputs, extra)
     if getattr(args, "report", None):
@@ -265,6 +271,14 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     print(f"slice consistency (acquired vs simulated slices), before -> after: "
           f"SSIM {before['ssim']:.3f} -> {after['ssim']:.3f}, PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB, "
           f"NCC {before['ncc']:.3f} -> {after['ncc']:.3f}")
+    # the verdict (slice2vol.quality): ok on stdout, doubtful / failed as a warning on stderr;
+    # --strict turns a failed verdict into exit status 3, after every output is written
+    if quality.verdict == "ok":
+        print(quality.line())
+    else:
+        print(quality.line(), file=sys.stderr)
+    if getattr(args, "strict", False) and quality.verdict == "failed":
+        return 3
     return 0
 
 

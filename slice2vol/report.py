@@ -669,13 +669,31 @@ def render_report(data: ReportData, out_dir, record: dict | None = None, protect
         save(fig_stack_slices(st), f"stack{s}_slices.png")
         save(fig_stack_reslice(st), f"stack{s}_reslice.png")
         save(fig_stack_motion(st), f"stack{s}_motion.png")
-    page = _html(data, sizes, record is not None)
+    page = _html(data, sizes, record is not None, quality=(record or {}).get("quality"))
     path = out / REPORT_HTML
     io.atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"), protect)
     return path
 
 
-def _html(data: ReportData, sizes: dict, with_record: bool) -> str:
+QUALITY_COLOURS = {"ok": "#2ca02c", "doubtful": "#ff7f0e", "failed": "#d62728"}
+
+
+def _quality_banner(quality: dict | None) -> str:
+    """The verdict of :mod:`slice2vol.quality` (the record's ``quality`` object), coloured, with its
+    reasons; empty for records written before it existed."""
+    if not isinstance(quality, dict) or quality.get("verdict") not in QUALITY_COLOURS:
+        return ""
+    v = quality["verdict"]
+    score = quality.get("score")
+    s = f" (score {float(score):.2f})" if isinstance(score, (int, float)) else ""
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in quality.get("reasons") or [])
+    return (f'<div id="quality" class="quality" style="border-left: 0.5em solid {QUALITY_COLOURS[v]}">'
+            f'<b>Quality: <span style="color: {QUALITY_COLOURS[v]}">{_e(v)}</span></b>{_e(s)} '
+            f'<span class="note">reference-free verdict from slice consistency, rejected slices, agreement '
+            f'between stacks and slice motion</span>' + (f"<ul>{reasons}</ul>" if reasons else "") + "</div>")
+
+
+def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None = None) -> str:
     n_sl = sum(int(st.has_pixels.sum()) for st in data.stacks)
     n_ex = sum(int(st.excluded.sum()) for st in data.stacks)
     vs = np.linalg.norm(np.asarray(data.affine)[:3, :3], axis=0)
@@ -692,6 +710,7 @@ def _html(data: ReportData, sizes: dict, with_record: bool) -> str:
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
              f"<title>{_e(data.title)}</title><style>{_CSS}</style></head><body>")
     P.append(f"<h1>{_e(data.title)}</h1><p class=\"sub\">slice2vol report, written {when}</p>")
+    P.append(_quality_banner(quality))
     P.append('<nav><a href="#summary">Summary</a><a href="#volume">Reconstruction</a>'
              '<a href="#consistency">Slice consistency</a><a href="#slices">Acquired vs simulated</a>'
              '<a href="#motion">Motion</a><a href="#outliers">Outliers</a></nav>')

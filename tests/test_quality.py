@@ -1,0 +1,145 @@
+"""The reference-free quality verdict (slice2vol.quality, issue 11 part 3) and its CLI integration.
+
+Small cases only (atlases at 1.6 mm, 2 mm pixels, 4 mm slices, SVR trimmed and reconstructed at
+3 mm): a motion-free case must be ``ok``; stacks simulated from two different atlases (STA23 and
+STA33, same geometry frame) cannot be reconciled by any motion, and must be ``failed`` whatever
+the slices' fit to their own volume; ``--strict`` turns that into exit status 3 after writing the
+outputs.  Skipped without the shared data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import pytest
+import torch
+
+from conftest import _atlas_lowres
+from slice2vol import preprocess
+from slice2vol.cli import main
+from slice2vol.methods import svr
+from slice2vol.quality import CRITERIA, Criterion, assess_quality, stack_agreement, verdict_of
+from slice2vol.report import _quality_banner
+from slice2vol.simulate import SimulationConfig, save_simulation, simulate_stacks
+
+RESOLUTION = 3.0
+FAST = ["--device", "cpu", "--iterations", "1", "--resolution", str(RESOLUTION), "--no-progress"]
+
+
+@dataclasses.dataclass
+class FastConfig(svr.SVRConfig):
+    coarse_iterations: int = 0
+    reg_iterations: int = 3
+    cg_iterations: int = 4
+    final_cg_iterations: int = 6
+    progress: bool = False
+
+
+def _fast(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(svr, "SVRConfig", FastConfig)
+    mp.setattr(preprocess, "register_stacks",
+               functools.partial(preprocess.register_stacks, resolution=3.0, sigmas=(2.0,), iterations=4))
+
+
+def _sim(atlas, seed: int = 0):
+    cfg = SimulationConfig(n_stacks=4, orientations=("axial", "coronal", "sagittal", "axial"), spacing=2.0,
+                           thickness=4.0, motion="none", noise=0.02, margin=4.0)
+    return simulate_stacks(atlas, atlas.mask, cfg, seed, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_atlases(shared_data):
+    """Stacks 0, 1 simulated from STA23 and 2, 3 from STA33 (same seed: the same geometry frame)."""
+    torch.set_num_threads(1)
+    root = shared_data / "fetal_atlases" / "crl2017"
+    return [_sim(_atlas_lowres(root / a, 1.6, 6.0)) for a in ("STA23", "STA33")]
+
+
+@pytest.fixture(scope="module")
+def mixed_files(two_atlases, tmp_path_factory):
+    """The 2 + 2 mixed case written as NIfTI stacks and masks."""
+    root = tmp_path_factory.mktemp("mixed")
+    for name, sim in zip("ab", two_atlases):
+        save_simulation(sim, root / name)
+    pick = [("a", 0), ("a", 1), ("b", 2), ("b", 3)]
+    stacks = [str(root / d / f"stack_{s:02d}.nii.gz") for d, s in pick]
+    masks = [str(root / d / f"mask_{s:02d}.nii.gz") for d, s in pick]
+    return root, stacks, masks
+
+
+def _reconstruct(stacks, masks, out, *extra) -> int:
+    with pytest.MonkeyPatch.context() as mp:
+        _fast(mp)
+        return main(["reconstruct", *stacks, "--stack-masks", *masks, "-o", str(out / "recon.nii.gz"),
+                     "--output-transforms", str(out / "transforms.json"), *FAST, *extra])
+
+
+def test_subscore_ramp_and_verdict():
+    c = Criterion(good=1.0, doubtful=0.8, failed=0.6, reason="low {v:.2f}")
+    assert c.subscore(1.0) == 1.0 and c.subscore(0.8) == pytest.approx(0.6) and c.subscore(0.6) == pytest.approx(0.3)
+    assert c.subscore(0.3) == 0.0 and c.subscore(float("nan")) == 1.0
+    assert c.subscore(0.9) > c.subscore(0.7) > c.subscore(0.5)
+    lower = Criterion(good=0.0, doubtful=0.2, failed=0.4, reason="{v:.0%} stack {stack}")
+    assert lower.subscore(0.0) == 1.0 and lower.subscore(0.4) == pytest.approx(0.3) and lower.subscore(1.0) == 0.0
+    crit = {"a": c, "rejected_stack_max": lower}
+    v, score, reasons, sub = verdict_of({"a": 0.95, "rejected_stack_max": 0.5, "rejected_stack_worst": 2}, crit)
+    assert v == "failed" and score == pytest.approx(sub["rejected_stack_max"]) and reasons == ["50% stack 2"]
+    v, score, reasons, _ = verdict_of({"a": 0.75, "rejected_stack_max": 0.0}, crit)
+    assert v == "doubtful" and reasons == ["low 0.75"]
+    assert verdict_of({"a": 0.99, "rejected_stack_max": 0.05}, crit)[0] == "ok"
+    assert set(CRITERIA) >= {"ncc_median", "rejected_stack_max", "agreement_min"}
+
+
+def test_motion_free_case_is_ok(two_atlases):
+    sim = two_atlases[1]
+    with pytest.MonkeyPatch.context() as mp:
+        _fast(mp)
+        prep = preprocess.prepare(sim.stacks[:3], RESOLUTION, have_stack_masks=True)
+        result = svr.reconstruct_svr(prep, FastConfig())
+    q = assess_quality(prep, result)
+    assert q.verdict == "ok", (q.score, q.reasons, q.measures)
+    assert q.reasons == [] and 0.6 <= q.score <= 1.0
+    assert min(q.measures["agreement_per_stack"]) > 0.8
+    assert q.line().startswith("quality: ok (score ")
+    # the same stacks with the other atlas's stack swapped in: agreement of that stack collapses
+    mixed = preprocess.prepare(sim.stacks[:2] + [two_atlases[0].stacks[2]], RESOLUTION, have_stack_masks=True)
+    agree = stack_agreement(mixed, mixed.slices.poses, torch.ones(mixed.slices.n_slices))
+    assert agree[2] < min(q.measures["agreement_per_stack"]) - 0.1
+
+
+def test_two_atlases_fail_and_strict_exits_3(mixed_files, tmp_path, capsys):
+    root, stacks, masks = mixed_files
+    out = tmp_path / "plain"
+    assert _reconstruct(stacks, masks, out) == 0
+    err = capsys.readouterr().err
+    assert "warning: reconstruction quality failed (score " in err
+    rec = json.loads((out / "transforms.json").read_text())
+    q = rec["quality"]
+    assert q["verdict"] == "failed" and 0.0 <= q["score"] < 0.3
+    assert q["reasons"] and any("stack" in r for r in q["reasons"])
+    assert isinstance(q["measures"]["agreement_per_stack"], list)
+    # --strict: exit 3, and only after every output was written
+    strict = tmp_path / "strict"
+    assert _reconstruct(stacks, masks, strict, "--strict") == 3
+    assert (strict / "recon.nii.gz").is_file()
+    assert json.loads((strict / "transforms.json").read_text())["quality"]["verdict"] == "failed"
+
+
+def test_ok_case_strict_exits_0_and_prints_quality(two_atlases, tmp_path, capsys):
+    folder = tmp_path / "stacks"
+    save_simulation(two_atlases[1], folder)
+    stacks = [str(folder / f"stack_{s:02d}.nii.gz") for s in range(3)]
+    masks = [str(folder / f"mask_{s:02d}.nii.gz") for s in range(3)]
+    assert _reconstruct(stacks, masks, tmp_path / "out", "--strict") == 0
+    assert "\nquality: ok (score " in capsys.readouterr().out
+    q = json.loads((tmp_path / "out" / "transforms.json").read_text())["quality"]
+    assert q["verdict"] == "ok" and q["reasons"] == []
+
+
+def test_report_banner_shows_the_verdict_in_colour():
+    html = _quality_banner({"verdict": "failed", "score": 0.12, "reasons": ["stack 1 disagrees <b>"]})
+    assert 'id="quality"' in html and "failed" in html and "#d62728" in html and "0.12" in html
+    assert "stack 1 disagrees &lt;b&gt;" in html  # escaped
+    assert "#2ca02c" in _quality_banner({"verdict": "ok", "score": 0.9, "reasons": []})
+    assert _quality_banner(None) == "" and _quality_banner({"verdict": "?"}) == ""
