@@ -43,7 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-VALIDATION_ATLASES = "GA22_notoperated,GA27_operated,GA32_operated"
+from slice2vol.splits import VALIDATION_ATLASES as _VALIDATION  # the fixed atlas split; imports no torch
+
+VALIDATION_ATLASES = ",".join(_VALIDATION)
 # the cSVR paper's Fig. 4 varies rotation and translation ranges separately (slice2vol.motion)
 SWEEP_LEVELS = "rot5,rot10,rot20,rot30,trans2,trans5,trans10,trans15"
 

@@ -178,9 +178,11 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     """
     from .commands import method_variant
     from .motion import motion_level
+    from .splits import expand_atlases
 
     data = Path(args.data) if args.data else default_data_dir()
-    atlases = split_list(args.atlases, "atlases") if args.atlases else list(DEFAULT_ATLASES)
+    # a split name (train, validation, test; slice2vol.splits) stands for its atlases
+    atlases = expand_atlases(split_list(args.atlases, "atlases")) if args.atlases else list(DEFAULT_ATLASES)
     motion = split_list(args.motion, "motion") if args.motion else list(DEFAULT_MOTION)
     seed_text = split_list(args.seeds, "seeds") if args.seeds else [str(s) for s in DEFAULT_SEEDS]
     methods = split_list(args.methods, "methods") if args.methods else default_methods()
@@ -279,12 +281,13 @@ def simulate_case(cfg: BenchmarkConfig, atlas: str, motion: str, seed: int, case
     from . import io
     from .commands import crop_to_roi
     from .runtime import seed_everything
-    from .simulate import SimulationConfig, save_simulation, simulate_stacks
+    from .simulate import SimulationConfig, realism_for, save_simulation, simulate_stacks
 
     adir = atlas_dir(cfg.data, atlas)
     volume = io.load_volume(adir / "t2.nii.gz", adir / "mask.nii.gz")
     config = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=1.0,
-                              thickness=cfg.thickness, motion=motion, noise=cfg.noise)
+                              thickness=cfg.thickness, motion=motion, noise=cfg.noise,
+                              **realism_for(motion))  # extreme: random interleave, tilted stacks
     t0 = time.perf_counter()
     sim = simulate_stacks(volume, None, config, seed_everything(seed), progress=False)
     sim_s = time.perf_counter() - t0

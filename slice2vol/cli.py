@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thickness", type=_positive_float, default=3.0, help="slice thickness mm (default: 3.0)")
     p.add_argument("--gap", type=float, default=0.0, help="gap between slices mm (default: 0)")
     p.add_argument("--motion", default="moderate", metavar="LEVEL",
-                   help="motion level: none, mild, moderate, severe, csvr (the cSVR paper's training distribution), "
+                   help="motion level: none, mild, moderate, severe, extreme (random walk with abrupt jumps, "
+                        "median slice rotation ~16 deg), csvr (the cSVR paper's training distribution), "
                         "or rot<deg> / trans<mm> for one magnitude of the sweep (default: moderate)")
     p.add_argument("--noise", type=float, default=0.02, help="Rician noise sd relative to mean brain intensity (default: 0.02)")
     p.add_argument("--bias", type=float, default=0.0, help="amplitude of a smooth multiplicative bias field (default: 0)")
@@ -175,10 +176,13 @@ def _add_benchmark_parser(sub) -> None:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder (created; reused on reruns)")
     p.add_argument("--atlases", nargs="+", metavar="A",
                    help="atlas names, comma-separated: CRL 2017 (STA21..STA38) or spina-bifida 2021 (e.g. "
-                        "GA27_operated, never seen by cSVR's training) (default: STA23,STA29,STA35)")
+                        "GA27_operated, never seen by cSVR's training), or a split name of slice2vol.splits: "
+                        "train (the 18 CRL atlases), validation (3 spina-bifida atlases, for tuning) or test "
+                        "(the other 12, never tuned on) (default: STA23,STA29,STA35)")
     p.add_argument("--motion", nargs="+", metavar="LEVEL",
-                   help="motion levels: none, mild, moderate, severe, csvr, rot<deg>, trans<mm> "
-                        "(default: mild,moderate,severe)")
+                   help="motion levels: none, mild, moderate, severe, extreme (random walk with jumps; its cases "
+                        "also get 1-4 interleave packages and stacks tilted up to 15 deg), csvr, rot<deg>, "
+                        "trans<mm> (default: mild,moderate,severe)")
     p.add_argument("--seeds", nargs="+", metavar="S", help="simulation seeds, comma-separated (default: 0,1)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="method variant names of slice2vol.commands.METHOD_VARIANTS, comma-separated (default: every "

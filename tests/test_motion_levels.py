@@ -247,3 +247,46 @@ def test_motion_statistics_of_a_known_motion():
     # time order 0, 2, 1, 3: steps 2, 1, 2 mm
     assert stats["step_displacement_mm"]["max"] == pytest.approx(2.0)
     assert stats["step_displacement_mm"]["p10"] == pytest.approx(1.2)
+
+
+# ------------------------------------------------------------------------------------- splits
+
+DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "fetal_atlases"
+
+
+def test_splits_are_disjoint_and_cover_the_atlases_on_disk():
+    from slice2vol.splits import SPLITS, TEST_ATLASES, TRAIN_ATLASES, VALIDATION_ATLASES, split_atlases
+
+    assert split_atlases("validation") == ("GA22_notoperated", "GA27_operated", "GA32_operated")
+    assert (len(TRAIN_ATLASES), len(VALIDATION_ATLASES), len(TEST_ATLASES)) == (18, 3, 12)
+    sets = [set(v) for v in SPLITS.values()]
+    assert sum(len(s) for s in sets) == len(set().union(*sets)) == 33
+    with pytest.raises(Slice2VolError):
+        split_atlases("holdout")
+    if not DATA.is_dir():
+        pytest.skip(f"no shared atlases at {DATA}")
+    on_disk = {p.parent.name for p in DATA.glob("*/*/t2.nii.gz")}
+    assert on_disk == set().union(*sets)
+    assert {p.parent.name for p in (DATA / "crl2017").glob("*/t2.nii.gz")} == set(TRAIN_ATLASES)
+
+
+def test_csvr_training_uses_the_split():
+    from slice2vol.methods.csvr import train
+    from slice2vol.splits import VALIDATION_ATLASES
+
+    assert train.VALIDATION_ATLASES == VALIDATION_ATLASES
+
+
+def test_benchmark_atlases_accepts_a_split_name():
+    from slice2vol import benchmark as bm
+    from slice2vol.cli import build_parser
+    from slice2vol.splits import TEST_ATLASES, VALIDATION_ATLASES
+
+    if not DATA.is_dir():
+        pytest.skip(f"no shared atlases at {DATA}")
+    args = build_parser().parse_args(["benchmark", "--output", "/tmp/never-written", "--data", str(DATA.parent),
+                                      "--atlases", "validation,STA23", "--motion", "extreme"])
+    cfg = bm.config_from_args(args)
+    assert cfg.atlases == [*VALIDATION_ATLASES, "STA23"] and cfg.motion == ["extreme"]
+    args.atlases = ["test"]
+    assert bm.config_from_args(args).atlases == list(TEST_ATLASES)

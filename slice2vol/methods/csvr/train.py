@@ -36,12 +36,12 @@ from ...simulate import SimulationResult
 from .data import AugmentConfig, atlas_folders, default_data_dir, load_atlas, sample_training_case, validation_case
 from .inputs import NetworkInput, prepare_inputs, to_network_poses, to_original_poses
 from .network import CSVRConfig, CSVRNet, LevelState, initial_positions
+from ...splits import VALIDATION_ATLASES  # the fixed atlas split (slice2vol.splits)
 
 __all__ = ["multilayer_loss", "train_step", "split_motions", "evaluate_tre", "export_weights", "add_train_parser", "train_command", "main"]
 
 log = logging.getLogger(__name__)
 
-VALIDATION_ATLASES = ("GA22_notoperated", "GA27_operated", "GA32_operated")
 LOSS_UNIT_MM = 10.0  # positions enter the loss in cm so its scale is O(1) for Adam's first steps
 
 
