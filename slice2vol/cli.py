@@ -161,7 +161,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     _add_benchmark_parser(sub)
+    add_train_csvr_parser(sub)
     return parser
+
+
+def add_train_csvr_parser(sub) -> argparse.ArgumentParser:
+    """``train-csvr``: the options are defined once, in :func:`add_train_csvr_arguments`, which
+    ``python -m slice2vol.methods.csvr.train`` uses too (kept here so that building the parser
+    does not import torch)."""
+    p = sub.add_parser(
+        "train-csvr", help="train the cSVR network on simulated stacks",
+        description="Train the cSVR pose network on stacks simulated on the fly from the CRL 2017 atlases "
+                    "(validation on the spina-bifida atlases). Resumable: rerun with the same --output.")
+    add_train_csvr_arguments(p)
+    return p
+
+
+def add_train_csvr_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``slice2vol train-csvr`` (see :mod:`slice2vol.methods.csvr.train`)."""
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for checkpoint.pt and log.csv")
+    p.add_argument("--data", metavar="DIR", help="shared data folder (default: $SLICE2VOL_SHARED, else ../shared/data)")
+    p.add_argument("--steps", type=int, default=250_000, help="total steps of the poly schedule (default: 250000, the paper's)")
+    p.add_argument("--lr", type=float, default=1e-4, help="initial Adam learning rate (default: 1e-4, the paper's)")
+    p.add_argument("--motion", default="csvr",
+                   help="simulated motion level, or a comma list sampled uniformly per step "
+                        "(default: csvr, the paper's distribution)")
+    p.add_argument("--val-motion", default="csvr", help="motion level of the validation cases (default: csvr)")
+    p.add_argument("--init-weights", metavar="PT",
+                   help="start a new run from exported weights (e.g. the packaged model) instead of at random; "
+                        "ignored when OUTPUT/checkpoint.pt exists")
+    p.add_argument("--atlas-resolution", type=float, default=1.6, help="mm grid the training atlases are simulated from (default: 1.6)")
+    p.add_argument("--val-every", type=int, default=200, help="steps between validations (default: 200)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this much wall time")
+    p.add_argument("--deadline", default=None, help="stop (and checkpoint) at this UTC time, HH:MM")
+    p.add_argument("--export", metavar="PT", help="after training write float16 weights to this file")
+    p.add_argument("--literal-loss", action="store_true", help="eq. 9 exactly as printed (see multilayer_loss)")
+    p.add_argument("--channels", default=None, help="encoder channels fine to coarse, e.g. 8,16,24,32,32")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress details")
 
 
 def _add_benchmark_parser(sub) -> None:
@@ -232,6 +271,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "benchmark":
         from .benchmark import benchmark_command
         return benchmark_command(args)
+    if args.command == "train-csvr":
+        from .methods.csvr.train import train_command
+        return train_command(args)
     raise Slice2VolError(f"unknown command {args.command}")
 
 
@@ -251,6 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except MemoryError:
         print("slice2vol: error: out of memory (try a coarser --resolution or --device cpu)", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain one
+        text = " ".join(str(exc).split())
+        if type(exc).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator" not in text and "out of memory" not in text:
+            raise
+        # The allocator's message starts with a C++ source location ("[enforce fail at alloc_cpu.cpp:..] ...").
+        text = text.split("] ", 1)[1] if text.startswith("[enforce fail") and "] " in text else text
+        print(f"slice2vol: error: out of memory: {text[:300]} (try a coarser --resolution)", file=sys.stderr)
         return 1
 
 

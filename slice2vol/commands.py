@@ -206,6 +206,11 @@ def _transforms_record(prep: Prepared, result, extra: dict) -> dict:
 def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict) -> Volume:
     vol = crop_to_roi(Volume(result.volume.data * prep.roi, prep.affine, prep.roi), prep.roi)
     vol_cpu = Volume(vol.data.cpu(), vol.affine)
+    finite = torch.isfinite(vol_cpu.data)
+    if not bool(finite.all()):  # e.g. a grid too coarse for the slices: never write a NaN volume
+        n_bad = int(finite.numel() - finite.sum())
+        raise Slice2VolError(f"reconstruction produced non-finite values ({n_bad} of {finite.numel()} voxels are "
+                             f"NaN or Inf); nothing was written")
     if getattr(args, "output_transforms", None):
         io.write_json(_transforms_record(prep, result, extra), args.output_transforms, protect=inputs)
     if getattr(args, "output_simulated", None):

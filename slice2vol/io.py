@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from . import budget
 from .errors import Slice2VolError
 from .geometry import check_affine, make_right_handed, stack_slice_poses
 from .image import Stack, Volume
@@ -116,6 +117,8 @@ def read_nifti(path: PathLike, what: str = "image") -> tuple[np.ndarray, np.ndar
     shape = _spatial_shape(img.shape, what, p)
     affine = np.asarray(img.affine, dtype=np.float64)
     check_affine(affine, f"{what} {p}")  # before the (possibly large) data are read
+    # The header's size, before reading: a small compressed file can promise gigabytes of voxels.
+    budget.check_image_size(img.shape, img.get_data_dtype().itemsize, f"{what} {p}")
     _warn_about_header(img, what, p)
     try:
         # Scale in float64 and round once, so every voxel is the nearest float32 to nibabel's value.

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import acquisition as acq
+from . import budget
 from .errors import Slice2VolError
 from .geometry import axis_aligned_grid, slice_pixel_coords, slice_to_world
 from .image import SliceSet, Stack, Volume
@@ -207,6 +208,33 @@ def register_stacks(ss: SliceSet, template: int, resolution: float = 1.5, sigmas
     return poses
 
 
+def _psf_keys(ss: SliceSet) -> list[tuple[float, float, float]]:
+    """The distinct ``(spacing_x, spacing_y, thickness)`` (mm) of a slice set's slices."""
+    keys = torch.cat([ss.spacing, ss.thickness[:, None]], 1).double().cpu()
+    return [tuple(row) for row in torch.unique(keys, dim=0).tolist()]
+
+
+def _roi_points(roi: Volume) -> Tensor:
+    """World positions ``(n, 3)`` of the voxels of a 3D mask."""
+    idx = torch.nonzero(roi.data > 0).double()
+    A = torch.as_tensor(roi.affine)
+    return idx @ A[:3, :3].T + A[:3, 3]
+
+
+def check_budget(stacks: Sequence[Stack], ss: SliceSet, resolution: float, roi: Volume | None = None,
+                 margin: float = 3.0) -> None:
+    """Refuse, before any registration, an output grid that :func:`output_grid` could not make:
+    a PSF with an absurd number of samples per pixel, fewer than ``budget.MIN_GRID_VOXELS`` voxels
+    across the brain region, or more memory than is available (see :mod:`slice2vol.budget`).
+    The region is the 3D mask's bounding box, else that of the masked pixels at their header poses."""
+    keys = [(float(st.spacing[0]), float(st.spacing[1]), float(st.thickness)) for st in stacks]
+    pts = _roi_points(roi) if roi is not None else slice_to_world(ss.poses, ss.coords, ss.slice_id)
+    lo, hi = _bbox(pts, 0.0)
+    budget.check_grid(hi - lo + 2 * margin, resolution, roi_extent_mm=hi - lo, n_pixels=ss.n_pixels, keys=keys,
+                      device=ss.device)
+    budget.check_psf(keys, resolution, [st.name for st in stacks])
+
+
 def output_grid(ss: SliceSet, resolution: float, roi: Volume | None = None, margin: float = 3.0,
                 min_stacks: int | None = None) -> tuple[np.ndarray, tuple[int, int, int], Tensor]:
     """Axis-aligned world grid and region of interest for the reconstruction.
@@ -217,15 +245,14 @@ def output_grid(ss: SliceSet, resolution: float, roi: Volume | None = None, marg
     """
     pts = slice_to_world(ss.poses, ss.coords, ss.slice_id)
     if roi is not None:
-        idx = torch.nonzero(roi.data > 0).double()
-        A = torch.as_tensor(roi.affine)
-        pts_roi = idx @ A[:3, :3].T + A[:3, 3]
-        lo, hi = _bbox(pts_roi, margin)
+        lo, hi = _bbox(_roi_points(roi), margin)
         affine, shape = axis_aligned_grid(lo, hi, resolution)
+        budget.check_grid(hi - lo, resolution, n_pixels=ss.n_pixels, keys=_psf_keys(ss), device=ss.device, min_voxels=1)
         m = resample(roi.data.float(), roi.affine, affine, shape, mode="linear") > 0.5
         return affine, shape, m.to(ss.device)
     lo, hi = _bbox(pts, margin)
     affine, shape = axis_aligned_grid(lo, hi, resolution)
+    budget.check_grid(hi - lo, resolution, n_pixels=ss.n_pixels, keys=_psf_keys(ss), device=ss.device, min_voxels=1)
     psf = acq.psf_kernel(ss.spacing, ss.thickness, resolution)
     need = min_stacks or max(1, math.ceil(ss.n_stacks / 2))
     count = torch.zeros(shape, device=ss.device)
@@ -294,6 +321,7 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
     log.info("template stack: %d (%s)", tmpl, stacks[tmpl].name)
     stacks, factors = normalise_intensities(stacks, tmpl)
     ss = SliceSet.from_stacks(stacks, device=device)
+    check_budget(stacks, ss, resolution, mask)
     if register and len(stacks) > 1:
         ss = ss.with_poses(register_stacks(ss, tmpl))
     affine, shape, roi = output_grid(ss, resolution, roi=mask)

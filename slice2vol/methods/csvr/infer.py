@@ -7,6 +7,7 @@ median intensity scaling, centring on the masked pixels' centroid).
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -19,21 +20,58 @@ from ...image import SliceSet, Stack
 from .inputs import prepare_inputs, to_original_poses
 from .network import CSVRConfig, CSVRNet
 
-__all__ = ["DEFAULT_WEIGHTS", "load_model", "register_csvr", "stacks_from_slice_set"]
+__all__ = ["DEFAULT_WEIGHTS", "safe_load", "load_model", "register_csvr", "stacks_from_slice_set"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "data" / "csvr" / "csvr_cpu_small.pt"
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def safe_load(path: str | Path, what: str = "cSVR weights", kind: str = "cSVR weights file") -> dict:
+    """``torch.load(path, weights_only=True)`` of a dict: only tensors and plain data are
+    unpickled, so a crafted file cannot run code.  Anything else is one :class:`Slice2VolError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise Slice2VolError(f"{what} not found at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only refuses (classes, functions, __reduce__ calls)
+        text = " ".join(str(exc).split())
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
+        detail = detail.split(" Please use")[0].split(" Check the documentation")[0].strip()[:200]
+        raise Slice2VolError(f"{what} {path}: not a slice2vol {kind} (refused: only tensors and plain "
+                             f"data are loaded{'; ' + detail if detail else ''})") from None
+    except Exception as exc:  # not a torch file at all: zip/pickle/EOF errors of many types
+        raise Slice2VolError(f"{what} {path}: not a readable torch file ({type(exc).__name__}: "
+                             f"{_one_line(exc)})") from None
+    if not isinstance(ck, dict):
+        raise Slice2VolError(f"{what} {path}: not a slice2vol {kind} (holds a {type(ck).__name__}, "
+                             f"not a dict)")
+    return ck
+
+
 def load_model(weights_path: str | Path | None = None, device: torch.device | str = "cpu") -> CSVRNet:
     """The network with weights from ``weights_path`` (default: the packaged ones), in eval mode,
-    float32 on ``device``."""
+    float32 on ``device``.
+
+    The file is a dict with ``config`` (:meth:`CSVRConfig.to_dict`) and ``state_dict`` (or a
+    training checkpoint's ``model``), read by :func:`safe_load`; a wrong structure or shapes are
+    one :class:`Slice2VolError` line."""
     path = Path(weights_path) if weights_path else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise Slice2VolError(f"cSVR weights not found at {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    state = ck["state_dict"] if "state_dict" in ck else ck["model"]
-    net = CSVRNet(CSVRConfig.from_dict(ck["config"]))
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    ck = safe_load(path, "cSVR weights")
+    state = ck.get("state_dict", ck.get("model"))
+    if not isinstance(ck.get("config"), dict) or not isinstance(state, dict):
+        raise Slice2VolError(f"cSVR weights {path}: not a slice2vol cSVR weights file (needs a 'config' dict and a "
+                             f"'state_dict'; has {sorted(map(str, ck))[:8]})")
+    try:
+        net = CSVRNet(CSVRConfig.from_dict(ck["config"]))
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise Slice2VolError(f"cSVR weights {path}: does not fit the cSVR network ({type(exc).__name__}: "
+                             f"{_one_line(exc)})") from None
     return net.to(device).eval()
 
 

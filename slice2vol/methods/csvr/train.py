@@ -159,15 +159,23 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
+    """Every RNG state as tensors and plain data, so checkpoints load with ``weights_only=True``
+    (numpy's legacy state holds an ndarray, which that loader refuses: stored as a list)."""
+    key, keys, pos, has_gauss, cached = np.random.get_state()
     return {"numpy_gen": rng.bit_generator.state, "torch": torch.get_rng_state(),
-            "python": random.getstate(), "numpy_global": np.random.get_state()}
+            "python": random.getstate(),
+            "numpy_global": {"key": str(key), "keys": [int(k) for k in keys], "pos": int(pos),
+                             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def _set_rng_state(rng: np.random.Generator, s: dict) -> None:
     rng.bit_generator.state = s["numpy_gen"]
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy_global"])
+    py = s["python"]  # a tuple pickled is a tuple again, but a list-of-lists form is accepted too
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    g = s["numpy_global"]
+    np.random.set_state((g["key"], np.asarray(g["keys"], dtype=np.uint32), g["pos"], g["has_gauss"],
+                         g["cached_gaussian"]))
 
 
 def export_weights(net: CSVRNet, path: Path, meta: dict) -> Path:
@@ -183,38 +191,17 @@ def export_weights(net: CSVRNet, path: Path, meta: dict) -> Path:
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``train-csvr`` subcommand to an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "train-csvr", help="train the cSVR network on simulated stacks",
-        description="Train the cSVR pose network on stacks simulated on the fly from the CRL 2017 atlases "
-                    "(validation on the spina-bifida atlases). Resumable: rerun with the same --output.")
-    _add_arguments(p)
-    return p
+    """Add the ``train-csvr`` subcommand to an ``argparse`` subparsers object (as ``slice2vol``'s does)."""
+    from ...cli import add_train_csvr_parser
+
+    return add_train_csvr_parser(subparsers)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for checkpoint.pt and log.csv")
-    p.add_argument("--data", metavar="DIR", help="shared data folder (default: $SLICE2VOL_SHARED, else ../shared/data)")
-    p.add_argument("--steps", type=int, default=250_000, help="total steps of the poly schedule (default: 250000, the paper's)")
-    p.add_argument("--lr", type=float, default=1e-4, help="initial Adam learning rate (default: 1e-4, the paper's)")
-    p.add_argument("--motion", default="csvr",
-                   help="simulated motion level, or a comma list sampled uniformly per step "
-                        "(default: csvr, the paper's distribution)")
-    p.add_argument("--val-motion", default="csvr", help="motion level of the validation cases (default: csvr)")
-    p.add_argument("--init-weights", metavar="PT",
-                   help="start a new run from exported weights (e.g. the packaged model) instead of at random; "
-                        "ignored when OUTPUT/checkpoint.pt exists")
-    p.add_argument("--atlas-resolution", type=float, default=1.6, help="mm grid the training atlases are simulated from (default: 1.6)")
-    p.add_argument("--val-every", type=int, default=200, help="steps between validations (default: 200)")
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (default: 100)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this much wall time")
-    p.add_argument("--deadline", default=None, help="stop (and checkpoint) at this UTC time, HH:MM")
-    p.add_argument("--export", metavar="PT", help="after training write float16 weights to this file")
-    p.add_argument("--literal-loss", action="store_true", help="eq. 9 exactly as printed (see multilayer_loss)")
-    p.add_argument("--channels", default=None, help="encoder channels fine to coarse, e.g. 8,16,24,32,32")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    p.add_argument("--verbose", "-v", action="store_true", help="log progress details")
+    """The ``train-csvr`` options, defined once in :func:`slice2vol.cli.add_train_csvr_arguments`."""
+    from ...cli import add_train_csvr_arguments
+
+    add_train_csvr_arguments(p)
 
 
 def _deadline_seconds(args) -> float:
@@ -230,6 +217,29 @@ def _deadline_seconds(args) -> float:
             raise Slice2VolError(f"--deadline {args.deadline} UTC has already passed")
         limit = min(limit, (end - now).total_seconds())
     return limit
+
+
+def _resume(path: Path, rng: np.random.Generator, lr: float) -> tuple[CSVRNet, torch.optim.Optimizer, int, float]:
+    """Network, optimiser, step and elapsed seconds from a checkpoint, RNG states restored.
+
+    Loaded with ``weights_only=True`` (tensors and plain data only: a crafted pickle cannot run
+    code); anything else, or a file of the wrong structure, is one :class:`Slice2VolError`.
+    """
+    from .infer import safe_load
+
+    ck = safe_load(path, "training checkpoint", "train-csvr checkpoint")
+    try:
+        net = CSVRNet(CSVRConfig.from_dict(ck["config"]))
+        net.load_state_dict(ck["model"])
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        opt.load_state_dict(ck["optimizer"])
+        step, elapsed0 = int(ck["step"]), float(ck.get("elapsed_s", 0.0))
+        _set_rng_state(rng, ck["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise Slice2VolError(f"training checkpoint {path}: not a slice2vol train-csvr checkpoint "
+                             f"({type(exc).__name__}: {detail}); move it away to start afresh") from None
+    return net, opt, step, elapsed0
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -256,13 +266,7 @@ def train_command(args: argparse.Namespace) -> int:
     motions = split_motions(args.motion)
     split_motions(args.val_motion)
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        net = CSVRNet(CSVRConfig.from_dict(ck["config"]))
-        net.load_state_dict(ck["model"])
-        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-        opt.load_state_dict(ck["optimizer"])
-        step, elapsed0 = ck["step"], ck.get("elapsed_s", 0.0)
-        _set_rng_state(rng, ck["rng"])
+        net, opt, step, elapsed0 = _resume(ckpt_path, rng, args.lr)
         log.warning("resumed from %s at step %d", ckpt_path, step)
     n_params = sum(p.numel() for p in net.parameters())
     log.warning("cSVR: %d parameters, %d threads", n_params, torch.get_num_threads())
