@@ -11,11 +11,12 @@ looks at four kinds of evidence, none of which needs a ground truth:
     at the header poses, as :func:`slice2vol.commands.naive_consistency` builds it);
 (b) **rejected slices**: the fraction of slices (with pixels) whose robust weight is below 0.5,
     overall and per stack;
-(c) **agreement between stacks**: each stack alone is PSF-averaged at the final poses on a coarse
-    grid (:data:`AGREEMENT_RESOLUTION` mm) and correlated (NCC over the region of interest, where
-    both are covered) with the PSF average of all other stacks -- a cross-validation: a stack
-    whose slices were put in the wrong places disagrees with the others even when the joint
-    volume has absorbed it;
+(c) **agreement between stacks**, a cross-validation: a stack whose slices were put in the wrong
+    places disagrees with the others even when the joint volume has absorbed it.  On a coarse
+    grid (:data:`AGREEMENT_RESOLUTION` mm) the PSF average of all *other* stacks at the final
+    poses predicts each stack's slices (held-out NCC: median per-slice NCC, the decisive
+    measure), and is correlated with that stack's own PSF average (volume NCC over the region of
+    interest where both are covered; blurred along each stack's slice normal, so weaker);
 (d) **pose residuals**: per stack, how far slices moved from their stack-registered pose (median
     displacement of reference points on a sphere of :data:`MOTION_RADIUS_MM` around the brain
     centre) and how much that correction jumps between slices acquired one after the other
@@ -29,10 +30,17 @@ stack spoils a reconstruction however good the rest), the verdict ``failed`` bel
 
 Thresholds (:data:`CRITERIA`) were calibrated with ``benchmarks/bench_quality.py`` on simulated
 cases from training atlases (CRL STA*) and the validation atlases GA22_notoperated,
-GA27_operated and GA32_operated only (3 orthogonal stacks, 1 mm x 3 mm, motion none to severe,
+GA27_operated and GA32_operated only (3 orthogonal stacks, 1 mm x 3 mm, motion none to extreme,
 svr at 0.8 mm; output in ``benchmarks/results/quality_calibration.txt``), with the goals: no
 reconstruction under 20 dB PSNR against the truth is ``ok``, and at least 90% of those at 24 dB
-or more are.  See the notes beside :data:`CRITERIA` for why each value.
+or more are.  On the 20 tuning and 6 later check cases: 0 of 7 under 20 dB ok (all failed),
+13 of 13 at 24 dB or more ok.  See the notes beside :data:`CRITERIA` for why each value.
+
+Limits: thresholds hold for output voxels no larger than the slices' pixels (the in-sample fit
+falls on coarser grids: expect ``doubtful`` there); without ``Stack.order`` (files carry no
+acquisition order) the motion criterion compares spatial neighbours, which for interleaved
+acquisitions were acquired far apart; the verdict was tuned on ``svr`` results (other methods
+report the same measures; their verdicts are uncalibrated).
 """
 from __future__ import annotations
 
@@ -80,24 +88,42 @@ class Criterion:
         return float(np.interp(v, xs, ys))
 
 
-#: The checks and their thresholds (calibration: module docstring; numbers: quality_calibration.txt).
+#: The checks and their thresholds.  Calibration (``benchmarks/results/quality_calibration.txt``:
+#: 20 tuning cases, 6 under 20 dB, 12 at 24 dB or more; svr at 0.8 mm of 1 mm x 3 mm stacks):
+#: in-sample fit and held-out prediction separate the two groups, rejection and volume
+#: agreement do not (a failed SVR leaves a blurred volume that every slice fits mediocrely, so
+#: few slices are rejected; a successful one under severe motion rejects up to 30%), so those
+#: two only catch gross faults (a whole stack rejected or from elsewhere), and the motion
+#: criterion mainly names the likely cause.
 CRITERIA: dict[str, Criterion] = {
-    # (a) median per-slice NCC after reconstruction.
-    "ncc_median": Criterion(0.95, 0.85, 0.70,
+    # (a) median per-slice NCC after reconstruction.  Tuning: every case >= 24 dB at 0.976 or
+    # more, every case < 20 dB at 0.924 or less (a 21.5 dB case at 0.891).  0.94 / 0.93 sit just
+    # above the failures so that coarser reconstructions (a 3 mm grid of motion-free 2 x 4 mm
+    # slices fits at 0.95) stay ok; the fit rises with the output resolution, so at much coarser
+    # grids than 0.8 mm expect ``doubtful`` more often.
+    "ncc_median": Criterion(0.99, 0.94, 0.93,
                             "slices simulated from the volume explain the acquired ones poorly (median NCC {v:.2f})"),
-    # (a) fraction of slices under LOW_NCC.
-    "ncc_low_fraction": Criterion(0.0, 0.10, 0.25, "{v:.0%} of slices are poorly explained by the volume (NCC < 0.5)"),
-    # (a) gain of the median NCC over the motion-blind baseline: negative means the motion
-    # correction made the slices fit worse than no correction at all.
+    # (a) fraction of slices under LOW_NCC: at most 12% in the tuning cases, good or bad.
+    "ncc_low_fraction": Criterion(0.0, 0.25, 0.40, "{v:.0%} of slices are poorly explained by the volume (NCC < 0.5)"),
+    # (a) gain of the median NCC over the motion-blind baseline: +0.03 or more in every tuning
+    # case; a negative gain means motion correction made the slices fit worse than none at all.
     "ncc_gain": Criterion(0.0, -0.02, -0.05,
                           "slices fit the volume worse than the motion-blind baseline (median NCC {v:+.2f})"),
-    # (b) rejected slices, overall and in the worst stack.
-    "rejected_fraction": Criterion(0.0, 0.15, 0.30, "{v:.0%} of all slices rejected as outliers"),
-    "rejected_stack_max": Criterion(0.0, 0.30, 0.60, "stack {stack}: {v:.0%} of slices rejected"),
-    # (c) the worst stack's agreement with the others.
-    "agreement_min": Criterion(0.95, 0.80, 0.60, "stack {stack} disagrees with the others (NCC {v:.2f})"),
-    # (d) the worst stack's median jump of the pose correction between consecutive acquisitions.
-    "motion_jump_max": Criterion(0.5, 3.0, 6.0,
+    # (b) rejected slices, overall and in the worst stack: up to 30% / 40% in a good (24.1 dB)
+    # severe-motion case, so only more than that counts.
+    "rejected_fraction": Criterion(0.0, 0.35, 0.60, "{v:.0%} of all slices rejected as outliers"),
+    "rejected_stack_max": Criterion(0.0, 0.50, 0.80, "stack {stack}: {v:.0%} of slices rejected"),
+    # (c) held-out prediction: the worst stack's median per-slice NCC against the PSF average of
+    # the other stacks.  Tuning: >= 24 dB at 0.568 or more, < 20 dB at 0.459 or less (21.5 dB:
+    # 0.506); the strongest single criterion.
+    "heldout_ncc_min": Criterion(0.85, 0.55, 0.50,
+                                 "stack {stack} disagrees with the others (held-out NCC {v:.2f})"),
+    # (c) volume agreement (the stack's own PSF average against the others'): 0.75-0.92 when
+    # good, 0.47-0.82 when failed, so only gross disagreement counts.
+    "agreement_min": Criterion(0.90, 0.60, 0.45, "stack {stack} disagrees with the others (volume NCC {v:.2f})"),
+    # (d) the worst stack's median jump of the pose correction between consecutive acquisitions:
+    # 6.9-11.8 mm in every failure, up to 6.6 mm in good severe-motion cases; names the cause.
+    "motion_jump_max": Criterion(1.0, 7.0, 14.0,
                                  "stack {stack}: large slice-to-slice motion (median {v:.1f} mm between consecutive slices)"),
 }
 
@@ -313,6 +339,7 @@ def verdict_of(measures: dict, criteria: dict[str, Criterion] | None = None) -> 
     sub, reasons = {}, []
     stacks = {"rejected_stack_max": measures.get("rejected_stack_worst"),
               "agreement_min": measures.get("agreement_stack_worst"),
+              "heldout_ncc_min": measures.get("heldout_stack_worst"),
               "motion_jump_max": measures.get("motion_jump_stack_worst")}
     for name, c in criteria.items():
         v = measures.get(name, float("nan"))
@@ -322,7 +349,13 @@ def verdict_of(measures: dict, criteria: dict[str, Criterion] | None = None) -> 
             reasons.append((sub[name], c.reason.format(v=v, stack=stacks.get(name))))
     score = min(sub.values()) if sub else 1.0
     verdict = "failed" if score < FAILED_BELOW else "doubtful" if score < DOUBTFUL_BELOW else "ok"
-    return verdict, score, [r for _, r in sorted(reasons, key=lambda t: t[0])], sub
+    out, seen = [], set()
+    for _, r in sorted(reasons, key=lambda t: t[0]):
+        key = r.split(" (")[0]  # held-out and volume agreement may both blame the same stack: say it once
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return verdict, score, out, sub
 
 
 def assess_quality(prep, result, before_ncc: Tensor | list | None = None) -> Quality:
@@ -357,7 +390,7 @@ def assess_quality(prep, result, before_ncc: Tensor | list | None = None) -> Qua
     agree, held = stack_agreement(prep, result.poses, result.scales, w, heldout=True)
     m["agreement_per_stack"] = agree
     m["heldout_ncc_per_stack"] = held
-    m["heldout_ncc_min"] = _worst(held, higher_is_better=True)[0]
+    m["heldout_ncc_min"], m["heldout_stack_worst"] = _worst(held, higher_is_better=True)
     m["agreement_min"], m["agreement_stack_worst"] = _worst(agree, higher_is_better=True)
     disp, jump = pose_residuals(prep, result.poses)
     m["motion_per_stack_mm"] = disp
