@@ -29,7 +29,7 @@ LEVELS = ("mild", "moderate", "severe", "extreme", "csvr")
 ATLASES = ("STA23", "STA29", "STA35")
 COLUMNS = (("rotation_deg", "rot deg"), ("displacement_mm", "slice-centre shift mm"),
            ("translation_mm", "transl. at centre mm"), ("step_rotation_deg", "step rot deg"),
-           ("step_displacement_mm", "step shift mm"))
+           ("step_displacement_mm", "step shift mm"), ("within_stack_rotation_deg", "within-stack rot deg"))
 RESULT = Path(__file__).resolve().parent / "results" / "motion_levels.txt"
 
 
