@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from . import __version__
@@ -28,17 +30,34 @@ def _positive_float(text: str) -> float:
     return v
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
+
+
+def _nonnegative_int(text: str) -> int:
+    """An integer ``0 <= n <= 2**63 - 1`` written as digits (``1e23`` or ``1.5`` are not integers)."""
+    try:
+        v = int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer: {text!r}")
+    if v > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1: {text[:40]!r}")
+    return v
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="compute device: auto picks CUDA when available (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; CPU results are deterministic for a seed (default: 0)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0,
+                   help="random seed; CPU results are deterministic for a seed (default: 0)")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress details")
 
 
 def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_positive_float, default=0.8, help="output voxel size in mm (default: 0.8)")
     p.add_argument("--method", choices=METHODS, default="svr", help="reconstruction method (default: svr)")
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--iterations", type=_nonnegative_int, default=None,
                    help="svr, csvr: outer registration/reconstruction iterations on the output grid (default: 3); "
                         "gaussian: optimisation iterations (default: 30)")
     g = p.add_argument_group("gaussian method (experimental, see README)")
@@ -283,12 +302,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # SIGTERM (kill, a batch scheduler, a container stop) raises KeyboardInterrupt like Ctrl-C, so
+    # the same clean-up runs: temporary files and the outputs of an unfinished run are removed.
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    installed = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if installed else None
     try:
         return int(_dispatch(args) or 0)
     except Slice2VolError as exc:
         print(f"slice2vol: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if terminated:
+            print("slice2vol: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("slice2vol: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
@@ -302,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = text.split("] ", 1)[1] if text.startswith("[enforce fail") and "] " in text else text
         print(f"slice2vol: error: out of memory: {text[:300]} (try a coarser --resolution)", file=sys.stderr)
         return 1
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ no output may replace an input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -177,7 +180,24 @@ def render_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable_folder(folder, what: str) -> None:
+    """Raise unless ``folder`` is a writable folder or can be created: its nearest existing
+    ancestor is a folder we may write to."""
+    want = Path(os.path.abspath(folder))
+    have = want
+    while not os.path.lexists(have) and have != have.parent:
+        have = have.parent
+    if not have.is_dir():
+        why = f"{have} is not a directory"
+        raise Slice2VolError(f"{what}: {why}" if have == want else f"{what}: cannot create folder {want}: {why}")
+    if not os.access(have, os.W_OK | os.X_OK):
+        to = "" if have == want else f" (to create {want})"
+        raise Slice2VolError(f"{what}: folder {have} is not writable{to}")
+
+
 def _outputs(args: argparse.Namespace, inputs: list[str]) -> None:
+    """Check every output location before any work: a valid name, never an input, and a folder
+    that exists or can be created and is writable."""
     for p in [args.output, getattr(args, "output_transforms", None), getattr(args, "output_gaussians", None)]:
         if p:
             io.check_output_path(p, inputs)
@@ -189,6 +209,42 @@ def _outputs(args: argparse.Namespace, inputs: list[str]) -> None:
     rep = getattr(args, "report", None)
     if rep and Path(rep).exists() and not Path(rep).is_dir():
         raise Slice2VolError(f"--report {rep} exists and is not a directory")
+    for p in [args.output, getattr(args, "output_transforms", None), getattr(args, "output_gaussians", None)]:
+        if p:
+            _check_writable_folder(Path(p).parent, f"output {p}")
+    for option, folder in (("--output-simulated", sim), ("--report", rep)):
+        if folder:
+            _check_writable_folder(folder, f"{option} {folder}")
+
+
+class _RunOutputs:
+    """The files and folders one run has written so far, to remove should the run not finish (a
+    later output failing, an error, Ctrl-C or SIGTERM): never a volume without its poses or the
+    other way round."""
+
+    def __init__(self):
+        self.files: list[Path] = []
+        self.folders: list[Path] = []
+
+    def file(self, path) -> None:
+        self.files.append(Path(path))
+
+    def folder(self, path) -> Path:
+        """``path`` as a folder of this run's outputs; created here (and so removed whole on failure)
+        unless it exists."""
+        folder = Path(path)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            self.folders.append(folder)
+        return folder
+
+    def remove(self) -> None:
+        for f in reversed(self.files):
+            with contextlib.suppress(OSError):
+                f.unlink()
+        for d in reversed(self.folders):
+            shutil.rmtree(d, ignore_errors=True)
+        self.files, self.folders = [], []
 
 
 def _transforms_record(prep: Prepared, result, extra: dict) -> dict:
@@ -203,7 +259,10 @@ def _transforms_record(prep: Prepared, result, extra: dict) -> dict:
     })
 
 
-def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict) -> Volume:
+def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict,
+                   outputs: _RunOutputs | None = None) -> Volume:
+    """Write the volume, then the poses JSON and the simulated slices; should any fail (or the
+    run be interrupted) every output of the run so far (``outputs``) is removed."""
     vol = crop_to_roi(Volume(result.volume.data * prep.roi, prep.affine, prep.roi), prep.roi)
     vol_cpu = Volume(vol.data.cpu(), vol.affine)
     finite = torch.isfinite(vol_cpu.data)
@@ -211,16 +270,21 @@ def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict)
         n_bad = int(finite.numel() - finite.sum())
         raise Slice2VolError(f"reconstruction produced non-finite values ({n_bad} of {finite.numel()} voxels are "
                              f"NaN or Inf); nothing was written")
-    if getattr(args, "output_transforms", None):
-        io.write_json(_transforms_record(prep, result, extra), args.output_transforms, protect=inputs)
-    if getattr(args, "output_simulated", None):
-        out_dir = Path(args.output_simulated)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        images = prep.slices.to_images(result.simulated.detach())
-        for st, img in zip(prep.stacks, images):
-            name = st.name.split(".nii")[0]
-            io.save_stack(st, out_dir / f"simulated_{name}.nii.gz", data=img.cpu(), protect=inputs)
-    io.save_volume(vol_cpu, args.output, protect=inputs)
+    outputs = _RunOutputs() if outputs is None else outputs
+    try:
+        outputs.file(io.save_volume(vol_cpu, args.output, protect=inputs))
+        if getattr(args, "output_transforms", None):
+            outputs.file(io.write_json(_transforms_record(prep, result, extra), args.output_transforms,
+                                       protect=inputs))
+        if getattr(args, "output_simulated", None):
+            out_dir = outputs.folder(args.output_simulated)
+            images = prep.slices.to_images(result.simulated.detach())
+            for st, img in zip(prep.stacks, images):
+                name = st.name.split(".nii")[0]
+                outputs.file(io.save_stack(st, out_dir / f"simulated_{name}.nii.gz", data=img.cpu(), protect=inputs))
+    except BaseException:
+        outputs.remove()
+        raise
     return vol_cpu
 
 
@@ -234,16 +298,12 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     if args.mask:
         m, aff = io.load_mask(args.mask), io.load_nifti(args.mask, "mask")[1]
         mask = Volume(torch.from_numpy(m), aff)
+    io.check_stack_set(stacks)  # a stack given twice; a stack far from the others
     t0 = time.perf_counter()
     prep, result, timings = run_reconstruction(
         stacks, resolution=args.resolution, method=args.method, mask=mask, have_stack_masks=bool(args.stack_masks),
         template=args.template, bias_field=args.bias_field, iterations=args.iterations, device=device,
         progress=not args.no_progress, options=_method_options(args))
-    if getattr(args, "output_gaussians", None):
-        from .methods.gaussian.model import save_gaussians
-
-        save_gaussians(result.gaussians, args.output_gaussians, protect=inputs,
-                       meta={"affine": prep.affine.tolist(), "shape": list(prep.shape), "resolution": args.resolution})
     from .metrics import slice_consistency
 
     from .report import report_record
@@ -259,14 +319,29 @@ def reconstruct_command(args: argparse.Namespace) -> int:
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
              "quality": quality.to_dict()}
     extra.update(report_record(args, prep, before, after))
-    vol = _write_results(args, prep, result, inputs, extra)
-    if getattr(args, "report", None):
-        from .report import write_report
+    # Every output is written last; should one fail (or Ctrl-C / SIGTERM come) the others of this
+    # run are removed, so no poses JSON or report is left pointing at a volume that is not there.
+    outputs = _RunOutputs()
+    try:
+        if getattr(args, "output_gaussians", None):
+            from .methods.gaussian.model import save_gaussians
 
-        page = write_report(args.report, prep, result, vol, before, after,
-                            title=f"slice2vol reconstruction: {Path(args.output).name}",
-                            record=_transforms_record(prep, result, extra), protect=inputs)
-        print(f"slice2vol: wrote report {page}")
+            save_gaussians(result.gaussians, args.output_gaussians, protect=inputs,
+                           meta={"affine": prep.affine.tolist(), "shape": list(prep.shape),
+                                 "resolution": args.resolution})
+            outputs.file(args.output_gaussians)
+        vol = _write_results(args, prep, result, inputs, extra, outputs)
+        if getattr(args, "report", None):
+            from .report import write_report
+
+            outputs.folder(args.report)
+            page = write_report(args.report, prep, result, vol, before, after,
+                                title=f"slice2vol reconstruction: {Path(args.output).name}",
+                                record=_transforms_record(prep, result, extra), protect=inputs)
+            print(f"slice2vol: wrote report {page}")
+    except BaseException:
+        outputs.remove()
+        raise
     has_pixels = torch.zeros(prep.slices.n_slices, dtype=torch.bool, device=prep.slices.device)
     has_pixels[prep.slices.slice_id] = True
     excluded = int(((result.slice_weights < 0.5) & has_pixels).sum())

@@ -5,14 +5,17 @@ as nibabel chooses), voxel values are nibabel's ``get_fdata()`` (``scl_slope``/`
 applied in float64) rounded once to float32, trailing singleton dimensions are dropped (a 2D image
 is a stack of one slice), and a stack whose affine has a negative determinant has its ``i`` axis
 flipped (world positions unchanged, see :mod:`slice2vol.geometry`).  NaN/Inf voxels are excluded
-with a warning: zeroed in the data and left out of a stack's mask.  Every problem with the input
+with a warning: zeroed in the data and left out of a stack's mask.  Complex-valued images and a
+zero or non-finite voxel size in the header (``pixdim``) are refused.  Every problem with the input
 raises :class:`~slice2vol.errors.Slice2VolError` with one clear sentence.  Outputs are written
 atomically (temporary file in the destination folder, then ``os.replace``) and never over an input.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +29,7 @@ from . import budget
 from .errors import Slice2VolError
 from .geometry import check_affine, make_right_handed, stack_slice_poses
 from .image import Stack, Volume
+from .runtime import NOTICE
 
 __all__ = [
     "read_nifti",
@@ -34,6 +38,7 @@ __all__ = [
     "load_stack",
     "load_stacks",
     "load_mask",
+    "check_stack_set",
     "save_volume",
     "save_stack",
     "check_output_path",
@@ -105,6 +110,28 @@ def _warn_about_header(img: nib.Nifti1Pair, what: str, p: Path) -> None:
         log.warning("%s %s: spatial unit is %s; coordinates are used as millimetres unchanged", what, p, unit)
 
 
+def _check_voxel_data(img: nib.Nifti1Pair, what: str, p: Path) -> None:
+    """Refuse what ``get_fdata`` would silently change: complex voxels (nibabel drops the imaginary
+    part) and a zero or non-finite voxel size in ``pixdim`` (nibabel replaces a 0 by 1 mm)."""
+    dtype = img.get_data_dtype()
+    if dtype.kind == "c":
+        raise Slice2VolError(f"{what} {p}: complex-valued voxels ({dtype.name}); give a magnitude image")
+    # nibabel fixes pixdim while it reads the header, so read the stored header again unchecked
+    key = "header" if "header" in img.file_map else "image"
+    try:
+        with img.file_map[key].get_prepare_fileobj("rb") as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        pixdim = np.asarray(raw["pixdim"], dtype=np.float64)
+        ndim = int(raw["dim"][0])
+    except Exception:  # unreadable a second time: the data read below reports it
+        return
+    for axis in range(min(max(ndim, 0), 3)):
+        v = pixdim[axis + 1]
+        if not (np.isfinite(v) and v != 0):
+            raise Slice2VolError(f"{what} {p}: header voxel size (pixdim[{axis + 1}]) is {v:g} along voxel axis "
+                                 f"{'ijk'[axis]}; a voxel size must be a non-zero finite number of mm")
+
+
 def read_nifti(path: PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a 3D NIfTI image as nibabel sees it: ``(data, affine, finite)``.
 
@@ -115,6 +142,7 @@ def read_nifti(path: PathLike, what: str = "image") -> tuple[np.ndarray, np.ndar
     p = Path(path)
     img = _open_nifti(p, what)
     shape = _spatial_shape(img.shape, what, p)
+    _check_voxel_data(img, what, p)
     affine = np.asarray(img.affine, dtype=np.float64)
     check_affine(affine, f"{what} {p}")  # before the (possibly large) data are read
     # The header's size, before reading: a small compressed file can promise gigabytes of voxels.
@@ -203,6 +231,53 @@ def _checked_thickness(thickness: float | None, default: float, path: PathLike) 
     return th
 
 
+def _mm(v: float) -> str:
+    """``3.0``, ``2.75``: millimetres to two decimals without trailing zeros."""
+    text = f"{v:.2f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _sidecar_thickness(path: PathLike) -> tuple[float | None, Path | None]:
+    """``SliceThickness`` (mm) of the BIDS-style JSON sidecar of a NIfTI file (``X.json`` beside
+    ``X.nii.gz``) and the sidecar's path; ``(None, ...)`` where there is none or it cannot be used
+    (a warning says why)."""
+    p = Path(path)
+    stem = next((p.name[: -len(s)] for s in (".nii.gz", ".nii") if p.name.endswith(s)), None)
+    side = p.with_name(f"{stem}.json") if stem else None
+    if side is None or not side.is_file():
+        return None, None
+    try:
+        if side.stat().st_size > 10**7:
+            raise ValueError("larger than 10 MB")
+        obj = json.loads(side.read_text(encoding="utf-8"))
+    except RecursionError:
+        log.warning("sidecar %s: not read (nested too deeply); SliceThickness not checked", side)
+        return None, side
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log.warning("sidecar %s: not read (%s); SliceThickness not checked", side, _one_line(exc)[:120])
+        return None, side
+    v = obj.get("SliceThickness") if isinstance(obj, dict) else None
+    if v is None:
+        return None, side
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        log.warning("sidecar %s: SliceThickness %.40r is not a positive number of mm; ignored", side, v)
+        return None, side
+    return float(v), side
+
+
+def _report_thickness(name: str, th: float, given: bool, path: PathLike) -> None:
+    """Say which thickness a stack gets (shown at normal verbosity) and warn where its JSON
+    sidecar's SliceThickness says otherwise."""
+    log.log(NOTICE, "%s: thickness %s mm (%s)", name, _mm(th), "given" if given else
+            "slice spacing; give --thickness to change")
+    side_th, side = _sidecar_thickness(path)
+    if side_th is not None and not math.isclose(th, side_th, rel_tol=1e-3, abs_tol=1e-3):
+        how = "given" if given else "slice spacing"
+        hint = "" if given else f"; give --thickness {_mm(side_th)} to use it"
+        log.warning("stack %s: thickness %s mm (%s) differs from SliceThickness %s mm in %s%s", name, _mm(th), how,
+                    _mm(side_th), side, hint)
+
+
 def load_stack(
     path: PathLike,
     thickness: float | None = None,
@@ -227,6 +302,7 @@ def load_stack(
     if not np.any(data):
         raise Slice2VolError(f"stack {path}: all voxels are zero")
     th = _checked_thickness(thickness, float(np.linalg.norm(affine[:3, 2])), path)
+    _report_thickness(name or Path(path).name, th, thickness is not None, path)
     use = finite & (data > 0)
     if mask is not None:
         use &= load_mask(mask, data.shape, affine, "stack mask")
@@ -286,6 +362,40 @@ def load_stacks(
     return [load_stack(p, t, m) for p, t, m in zip(paths, ths, ms)]
 
 
+#: A stack whose centre is farther than this from the median centre of the stacks is warned about.
+CENTRE_WARN_MM = 100.0
+
+
+def _stack_centre(st: Stack) -> np.ndarray:
+    N, H, W = st.slices.shape
+    return st.affine[:3, :3] @ ((np.array([H, W, N], dtype=np.float64) - 1) / 2) + st.affine[:3, 3]
+
+
+def check_stack_set(stacks: Sequence[Stack]) -> None:
+    """Refuse a stack given twice (the same file, or identical voxel data and geometry); warn in one
+    line about stacks whose centre is more than :data:`CENTRE_WARN_MM` from the median centre of
+    the stacks (another subject, or a broken header geometry)."""
+    for j, b in enumerate(stacks):
+        pb = b.meta.get("path", b.name)
+        for a in stacks[:j]:
+            pa = a.meta.get("path", a.name)
+            if _same_file(pa, pb):
+                same = "" if str(pa) == str(pb) else f" (the same file as {pa})"
+                raise Slice2VolError(f"stack {pb} is given twice{same}")
+            if (a.slices.shape == b.slices.shape and np.array_equal(a.affine, b.affine)
+                    and torch.equal(a.slices, b.slices)):
+                raise Slice2VolError(f"stacks {pa} and {pb} have identical voxel data and geometry "
+                                     f"(the same acquisition given twice?)")
+    if len(stacks) < 2:
+        return
+    centres = np.array([_stack_centre(st) for st in stacks])
+    dist = np.linalg.norm(centres - np.median(centres, axis=0), axis=1)
+    far = [f"{st.name}: centre {d:.0f} mm" for st, d in zip(stacks, dist) if d > CENTRE_WARN_MM]
+    if far:
+        log.warning("%s from the median centre of the stacks (over %.0f mm): check that every stack shows the "
+                    "same brain and that its header geometry is right", "; ".join(far), CENTRE_WARN_MM)
+
+
 def _same_file(a: PathLike, b: PathLike) -> bool:
     """Whether writing ``a`` could replace ``b``: the same file now, or the same path once the
     output's missing folders exist (``new/../input`` resolves to ``input`` after ``mkdir new``)."""
@@ -328,19 +438,19 @@ def atomic_write(path: PathLike, write: Callable[[str], None], protect: Sequence
     out = check_output_path(path, protect)
     # The temporary file keeps the output's extensions so writers (nibabel) pick the same format.
     suffix = "".join(out.suffixes) or ".tmp"
+    tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
         os.close(fd)
-    except OSError as exc:
-        raise Slice2VolError(f"cannot write output {out}: {exc.strerror or _one_line(exc)}") from None
-    try:
         write(tmp)
         os.chmod(tmp, _umask_file_mode())
         os.replace(tmp, out)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp = None
+    except BaseException as exc:  # KeyboardInterrupt too (Ctrl-C, and SIGTERM through the CLI)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(exc, OSError):
             raise Slice2VolError(f"cannot write output {out}: {exc.strerror or _one_line(exc)}") from None
         raise
@@ -421,32 +531,90 @@ def poses_to_json(stacks: Sequence[Stack], poses: Sequence[np.ndarray], extra: d
     return out
 
 
-def _pose_array(slices: list, name) -> np.ndarray:
-    """``(N, 4, 4)`` poses of a stack's slices, refusing anything that is not finite 4x4 matrices."""
-    if not slices:
-        return np.zeros((0, 4, 4))
-    P = np.array([s["pose"] for s in slices], dtype=np.float64)
-    if P.shape != (len(slices), 4, 4) or not np.all(np.isfinite(P)):
-        raise ValueError(f"stack {name!r}: every pose must be a finite 4x4 matrix")
+#: Bounds of a pose record: slice indices (and acquisition orders) in ``[0, MAX_SLICE_INDEX]``, every
+#: pose entry within ``MAX_POSE_VALUE`` (mm for a translation; a rotation's entries are within 1)
+#: and a last row of ``0 0 0 1``.
+MAX_SLICE_INDEX = 2**31 - 1
+MAX_POSE_VALUE = 1e5
+
+
+class _BadRecord(ValueError):
+    """What is wrong with a poses record, as one phrase."""
+
+
+def _field(obj, key: str, where: str):
+    if not isinstance(obj, dict):
+        raise _BadRecord(f"{where} must be a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        raise _BadRecord(f"{where}: missing key {key!r}")
+    return obj[key]
+
+
+def _json_list(obj, key: str, where: str) -> list:
+    v = _field(obj, key, where)
+    if not isinstance(v, list):
+        raise _BadRecord(f"{where}: {key!r} must be a list, got {type(v).__name__}")
+    return v
+
+
+def _slice_int(obj, key: str, where: str) -> int:
+    v = _field(obj, key, where)
+    if isinstance(v, bool) or not isinstance(v, int):
+        got = json.dumps(v)[:40] if _plain(v) else type(v).__name__
+        raise _BadRecord(f"{where}: {key} must be an integer, got {got}")
+    if not 0 <= v <= MAX_SLICE_INDEX:
+        raise _BadRecord(f"{where}: {key} {str(v)[:40]} is out of range (0 to {MAX_SLICE_INDEX})")
+    return v
+
+
+def _plain(v) -> bool:
+    return isinstance(v, (int, float, str)) or v is None
+
+
+def _pose_matrix(obj, where: str) -> np.ndarray:
+    """A finite ``(4, 4)`` homogeneous slice-to-world matrix with bounded entries, else :class:`_BadRecord`."""
+    value = _field(obj, "pose", where)
+    try:
+        P = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):  # ragged, text, nested objects, huge integers
+        P = None
+    if P is None or P.shape != (4, 4) or not np.all(np.isfinite(P)):
+        raise _BadRecord(f"{where}: pose is not a finite 4x4 matrix")
+    if np.abs(P).max() > MAX_POSE_VALUE or np.abs(P[3] - [0, 0, 0, 1]).max() > 1e-6:
+        raise _BadRecord(f"{where}: pose is not a slice-to-world transform (entries within {MAX_POSE_VALUE:g}, "
+                         f"last row 0 0 0 1)")
     return P
 
 
 def load_poses_json(path: str | os.PathLike) -> list[dict]:
-    """Read a poses JSON: per stack ``{"name", "index": (N,), "order": (N,) or None, "poses": (N, 4, 4)}``."""
+    """Read a poses JSON: per stack ``{"name", "index": (N,), "order": (N,) or None, "poses": (N, 4, 4)}``.
+
+    The record is untrusted: anything but the structure :func:`poses_to_json` writes (integer slice
+    indices, finite bounded 4x4 poses, see :data:`MAX_SLICE_INDEX`) is one :class:`Slice2VolError` line.
+    """
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             obj = json.load(f)
+    except RecursionError:
+        raise Slice2VolError(f"poses file {path}: not valid JSON (nested too deeply)") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise Slice2VolError(f"poses file {path}: cannot be read ({_one_line(exc)[:200]})") from None
+    try:
+        if not isinstance(obj, dict):
+            raise _BadRecord(f"not a poses record (a JSON object with 'stacks' expected, got {type(obj).__name__})")
         out = []
-        for st in obj["stacks"]:
-            sl = st["slices"]
-            out.append(
-                {
-                    "name": st.get("name"),
-                    "index": np.array([s["index"] for s in sl], dtype=np.int64),
-                    "order": np.array([s["order"] for s in sl], dtype=np.int64) if sl and "order" in sl[0] else None,
-                    "poses": _pose_array(sl, st.get("name")),
-                }
-            )
+        for s, st in enumerate(_json_list(obj, "stacks", "record")):
+            sl = _json_list(st, "slices", f"stack {s}")
+            where = [f"stack {s}, slice {i}" for i in range(len(sl))]
+            has_order = bool(sl) and isinstance(sl[0], dict) and "order" in sl[0]
+            name = st.get("name")
+            out.append({
+                "name": name if isinstance(name, str) else None,
+                "index": np.array([_slice_int(x, "index", w) for x, w in zip(sl, where)], dtype=np.int64),
+                "order": np.array([_slice_int(x, "order", w) for x, w in zip(sl, where)], dtype=np.int64)
+                if has_order else None,
+                "poses": np.array([_pose_matrix(x, w) for x, w in zip(sl, where)]).reshape(len(sl), 4, 4),
+            })
         return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise Slice2VolError(f"poses file {path}: cannot be read ({_one_line(exc)})") from None
+    except _BadRecord as exc:
+        raise Slice2VolError(f"poses file {path}: {exc}") from None

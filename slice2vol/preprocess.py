@@ -17,11 +17,12 @@ from torch import Tensor
 from . import acquisition as acq
 from . import budget
 from .errors import Slice2VolError
-from .geometry import axis_aligned_grid, slice_pixel_coords, slice_to_world
+from .geometry import axis_aligned_grid, make_right_handed, slice_pixel_coords, slice_to_world
 from .image import SliceSet, Stack, Volume
 from .reconstruction import psf_average
 from .resample import resample, sample_at
 from .registration import register
+from .runtime import NOTICE
 
 __all__ = [
     "n4_correct",
@@ -276,6 +277,39 @@ def output_grid(ss: SliceSet, resolution: float, roi: Volume | None = None, marg
     return A, tuple(m.shape), m
 
 
+#: A 3D mask is on a stack's voxel grid when it has the stack's shape and its corner voxels lie
+#: within this distance of the stack's (float32 header rounding is far smaller).
+MASK_GRID_TOL_MM = 1e-3
+
+
+def _on_stack_grid(st: Stack, mask: Volume) -> bool:
+    """Whether ``mask`` was drawn on ``st``'s voxel grid (same shape, same voxel positions)."""
+    N, H, W = st.slices.shape
+    shape = tuple(mask.data.shape)
+    if shape != (H, W, N):
+        return False
+    # the stack's affine is right-handed (i flipped where needed); flip the mask's the same way
+    B = make_right_handed(np.empty((shape[0], 0)), mask.affine)[1]
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape], indexing="ij"), dtype=np.float64).reshape(3, -1)
+    homog = np.vstack([corners, np.ones(corners.shape[1])])
+    return bool(np.abs((np.asarray(st.affine) - B)[:3] @ homog).max() <= MASK_GRID_TOL_MM)
+
+
+def _template_for_mask(stacks: Sequence[Stack], mask: Volume) -> tuple[int, str]:
+    """Template for a 3D mask (which lives in the frame of the stack it was drawn on): the stack
+    whose voxel grid the mask is on, else the automatic choice with a warning.  ``(index, why)``."""
+    on = [i for i, st in enumerate(stacks) if _on_stack_grid(st, mask)]
+    if len(on) == 1:
+        return on[0], "its voxel grid matches --mask"
+    if on:
+        return on[choose_template([stacks[i] for i in on])], "least motion-corrupted of the stacks on the --mask grid"
+    tmpl = choose_template(stacks)
+    log.warning("--mask matches no stack's voxel grid (same shape, voxels within %g mm): it is assumed to be in the "
+                "frame of stack %d (%s), the automatic template choice; give --template I if it was drawn on "
+                "another stack", MASK_GRID_TOL_MM, tmpl, stacks[tmpl].name)
+    return tmpl, "automatic choice, --mask assumed in its frame"
+
+
 @dataclass
 class Prepared:
     """Everything a method needs: the slice set (stack-registered poses), stacks, template,
@@ -305,7 +339,7 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
         # drop pixels that land outside the region of interest.
         tight = apply_volume_mask(stacks, mask)
         loose = apply_volume_mask(stacks, mask, dilate_mm=10.0)
-        tmpl = choose_template(tight) if template is None else template
+        tmpl, why = _template_for_mask(tight, mask) if template is None else (template, "given by --template")
         stacks = [tight[i] if i == tmpl else loose[i] for i in range(len(stacks))]
     else:
         if not have_stack_masks:
@@ -316,9 +350,11 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
             raise Slice2VolError(f"stack {st.name}: no pixel inside the brain mask")
     if bias_field:
         stacks = [n4_correct(st) for st in stacks]
-    if tmpl is None:
-        tmpl = choose_template(stacks) if template is None else template
-    log.info("template stack: %d (%s)", tmpl, stacks[tmpl].name)
+    if tmpl is None and template is None:
+        tmpl, why = choose_template(stacks), "automatic choice"
+    elif tmpl is None:
+        tmpl, why = template, "given by --template"
+    log.log(NOTICE, "template stack %d (%s): %s", tmpl, stacks[tmpl].name, why)
     stacks, factors = normalise_intensities(stacks, tmpl)
     ss = SliceSet.from_stacks(stacks, device=device)
     check_budget(stacks, ss, resolution, mask)
