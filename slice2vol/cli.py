@@ -17,7 +17,7 @@ from .errors import Slice2VolError
 
 log = logging.getLogger("slice2vol")
 
-METHODS = ("svr", "gaussian", "csvr")
+METHODS = ("auto", "svr", "gaussian", "csvr")
 
 
 def _positive_float(text: str) -> float:
@@ -56,7 +56,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_positive_float, default=0.8, help="output voxel size in mm (default: 0.8)")
-    p.add_argument("--method", choices=METHODS, default="svr", help="reconstruction method (default: svr)")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="reconstruction method: auto (default: classical SVR started from the stack-registered or "
+                        "the cSVR network's poses, whichever explains the slices better, with the global pose "
+                        "search; robust to large motion), svr (classical SVR from stack registration, with the "
+                        "global pose search), gaussian (GaussianSVR, started from auto), csvr (network poses fixed; "
+                        "--refine: as auto)")
     p.add_argument("--iterations", type=_nonnegative_int, default=None,
                    help="svr, csvr: outer registration/reconstruction iterations on the output grid (default: 3); "
                         "gaussian: optimisation iterations (default: 30)")
@@ -65,9 +70,9 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
                    help="gaussian: slices rendered from the PSF-convolved Gaussians directly (analytic, default: "
                         "better and faster in our benchmark) or simulated from a voxelisation through the "
                         "acquisition model (sampled, the GaussianSVR paper's way)")
-    g.add_argument("--init", choices=["stack", "svr", "csvr"], default=None,
-                   help="gaussian: start from classical SVR's poses and volume (svr, default), from the "
-                        "stack-registered poses (stack) or from the cSVR network's poses (csvr)")
+    g.add_argument("--init", choices=["auto", "stack", "svr", "csvr"], default=None,
+                   help="gaussian: start from the default pipeline's (auto, default) or classical SVR's (svr) poses "
+                        "and volume, from the stack-registered poses (stack) or from the cSVR network's poses (csvr)")
     g.add_argument("--max-gaussians", type=int, default=None, help="gaussian: cap on the number of Gaussians (default: 150000)")
     g.add_argument("--output-gaussians", metavar="FILE.pt",
                    help="gaussian: also save the Gaussians (world mm) for slice2vol render")
@@ -79,6 +84,10 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
                         "explains the slices better (auto, default), or always from the network's (network)")
     g.add_argument("--weights", metavar="FILE.pt",
                    help="csvr (and gaussian --init csvr): network weights (default: the packaged model)")
+    p.add_argument("--packages", nargs="+", type=int, metavar="P",
+                   help="interleave packages per stack (one value for all or one per stack; slice k is in package "
+                        "k %% P, as SVRTK's -packages): the global pose search then also registers whole packages and "
+                        "their halves before single slices (default: unknown, stacks then slices)")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
     p.add_argument("--output-transforms", metavar="JSON", help="write the estimated per-slice poses as JSON")
     p.add_argument("--output-simulated", metavar="DIR",

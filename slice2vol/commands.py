@@ -64,7 +64,10 @@ def naive_consistency(prep: Prepared, per_slice: bool = False) -> dict:
 #: Named method variants for the benchmark and the ablations: name -> (method, options).  The
 #: options are passed to :func:`run_reconstruction`; a plain method name is its own variant.
 METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
+    "auto": ("auto", {}),
     "svr": ("svr", {}),
+    # classical SVR without the global pose search (slice2vol's svr before the search existed)
+    "svr-local": ("svr", {"search_rounds": 0}),
     "gaussian": ("gaussian", {}),
     "gaussian-analytic": ("gaussian", {"psf": "analytic"}),
     "gaussian-sampled": ("gaussian", {"psf": "sampled"}),
@@ -100,6 +103,10 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
     Returns ``(prepared, result, timings)``; ``result.volume`` is on the full ROI grid.
     """
     options = dict(options or {})
+    if method == "auto":
+        # the default pipeline: cSVR + Refine with the data-chosen start (stack registration or the
+        # network) and classical SVR's global pose search; see README "Large motion"
+        method, options = "csvr", {"refine": True, **options}
     if method == "svr":
         from .methods.svr import SVRConfig as Config, reconstruct_svr as run
     elif method == "gaussian":
@@ -139,17 +146,31 @@ def _method_options(args: argparse.Namespace) -> dict:
         flags = ", ".join("--" + k.replace("_", "-") for k in gauss)
         raise Slice2VolError(f"{flags} only apply to --method gaussian")
     if "refine" in csvr and method != "csvr":
-        raise Slice2VolError("--refine only applies to --method csvr")
-    if "start" in csvr and not csvr.get("refine"):
-        raise Slice2VolError("--csvr-start only applies to --method csvr --refine")
+        raise Slice2VolError("--refine only applies to --method csvr (--method auto, the default, always refines)")
+    if "start" in csvr and not (csvr.get("refine") or method == "auto"):
+        raise Slice2VolError("--csvr-start only applies to --method auto or --method csvr --refine")
     weights = csvr.get("weights")
     if weights is not None:
-        if not (method == "csvr" or (method == "gaussian" and gauss.get("init") == "csvr")):
-            raise Slice2VolError("--weights only applies to --method csvr or --method gaussian --init csvr")
+        if not (method in ("csvr", "auto") or (method == "gaussian" and gauss.get("init", "auto") in ("csvr", "auto"))):
+            raise Slice2VolError("--weights only applies to --method auto, csvr, or gaussian with --init auto or csvr")
         if not Path(weights).is_file():
             raise Slice2VolError(f"--weights {weights}: file not found")
         if method == "gaussian":
             gauss["csvr_weights"] = weights
+    packages = getattr(args, "packages", None)
+    if packages:
+        if method not in ("svr", "auto") and not (method == "csvr" and csvr.get("refine")):
+            raise Slice2VolError("--packages only applies to --method auto, svr or csvr --refine")
+        n = len(getattr(args, "stacks", []) or [])
+        if min(packages) < 1:
+            raise Slice2VolError(f"--packages must be at least 1 per stack, got {' '.join(map(str, packages))}")
+        if len(packages) not in (1, n):
+            raise Slice2VolError(f"--packages: give one value for all stacks or one per stack ({n}), got {len(packages)}")
+        if method == "svr":
+            return {"packages": tuple(packages)}
+        csvr["packages"] = tuple(packages)
+    if method == "svr":
+        return {}
     return gauss if method == "gaussian" else csvr
 
 

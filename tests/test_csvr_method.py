@@ -151,7 +151,7 @@ def test_csvr_options_are_checked(tmp_path, capsys, make_stack):
     assert main(["reconstruct", s, "-o", out, "--method", "csvr", "--csvr-start", "network"]) == 2
     err = capsys.readouterr().err
     assert err.count("slice2vol: error:") == 5
-    assert "--csvr-start only applies to --method csvr --refine" in err
+    assert "--csvr-start only applies to --method auto or --method csvr --refine" in err
     assert "--refine only applies to --method csvr" in err
     assert not (tmp_path / "o.nii.gz").exists()
     with pytest.raises(Exception):

@@ -76,6 +76,7 @@ class CSVRMethodConfig:
     start: str = "auto"
     weights: str | None = None
     iterations: int = 3
+    packages: tuple[int, ...] | None = None  # interleave packages per stack for the Refine's search (SVRConfig)
     progress: bool = True
 
 
@@ -170,7 +171,7 @@ def reconstruct_csvr(prep: Prepared, config: CSVRMethodConfig | None = None) -> 
                  scores["network"], scores["stack"])
     start = replace(prep, slices=prep.slices.with_poses(poses))
     if cfg.refine:
-        svr_cfg = SVRConfig(iterations=cfg.iterations, progress=cfg.progress)
+        svr_cfg = SVRConfig(iterations=cfg.iterations, packages=cfg.packages, progress=cfg.progress)
     else:
         svr_cfg = SVRConfig(iterations=cfg.iterations, register_slices=False, progress=cfg.progress)
     result = reconstruct_svr(start, svr_cfg)

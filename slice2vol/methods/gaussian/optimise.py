@@ -95,7 +95,7 @@ class GaussianConfig:
     """Parameters of :func:`reconstruct_gaussian` (module docstring explains the defaults)."""
 
     psf: str = "analytic"
-    init: str = "svr"
+    init: str = "auto"
     csvr_weights: str | None = None
     iterations: int = 30
     coarse_fraction: float = 0.4
@@ -135,8 +135,8 @@ class GaussianConfig:
             raise Slice2VolError(f"--iterations must be at least 1 for gaussian, got {self.iterations}")
         if self.max_gaussians < 100:
             raise Slice2VolError(f"--max-gaussians must be at least 100, got {self.max_gaussians}")
-        if self.init not in ("stack", "svr", "csvr"):
-            raise Slice2VolError(f"--init must be 'stack', 'svr' or 'csvr' for gaussian, got {self.init!r}")
+        if self.init not in ("auto", "stack", "svr", "csvr"):
+            raise Slice2VolError(f"--init must be 'auto', 'stack', 'svr' or 'csvr' for gaussian, got {self.init!r}")
         if not 0 < self.batch_fraction <= 1:
             raise Slice2VolError("batch_fraction must be in (0, 1]")
 
@@ -252,11 +252,18 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
     # ---- initial volume (eq. 2) and Gaussians
     psf0 = acq.psf_kernel(ss.spacing, ss.thickness, res)
     base = ss.poses.detach()
-    if cfg.init == "svr":
-        # extension beyond the paper: classical SVR's poses and volume as the starting point
-        from ..svr import SVRConfig, reconstruct_svr
+    if cfg.init in ("svr", "auto"):
+        # extension beyond the paper: classical SVR's poses and volume as the starting point; "auto"
+        # is the default pipeline's robust SVR (stack-registered or network start chosen by the data,
+        # then the global pose search), "svr" classical SVR from the stack-registered poses
+        if cfg.init == "auto":
+            from ..csvr.reconstruct import CSVRMethodConfig, reconstruct_csvr
 
-        svr = reconstruct_svr(prep, SVRConfig(progress=cfg.progress))
+            svr = reconstruct_csvr(prep, CSVRMethodConfig(refine=True, weights=cfg.csvr_weights, progress=cfg.progress))
+        else:
+            from ..svr import SVRConfig, reconstruct_svr
+
+            svr = reconstruct_svr(prep, SVRConfig(progress=cfg.progress))
         base = svr.poses.detach()
         V0 = svr.volume.data.detach() / norm * prep.roi
     else:
