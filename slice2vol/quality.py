@@ -95,6 +95,9 @@ class Criterion:
 #: few slices are rejected; a successful one under severe motion rejects up to 30%), so those
 #: two only catch gross faults (a whole stack rejected or from elsewhere), and the motion
 #: criterion mainly names the likely cause.
+#: criteria that name a likely cause but do not lower the score (see :func:`verdict_of`)
+CAUSE_ONLY = frozenset({"motion_jump_max"})
+
 CRITERIA: dict[str, Criterion] = {
     # (a) median per-slice NCC after reconstruction.  Tuning: every case >= 24 dB at 0.976 or
     # more, every case < 20 dB at 0.924 or less (a 21.5 dB case at 0.891).  0.94 / 0.93 sit just
@@ -347,8 +350,16 @@ def verdict_of(measures: dict, criteria: dict[str, Criterion] | None = None) -> 
         sub[name] = c.subscore(v)
         if sub[name] < DOUBTFUL_BELOW:
             reasons.append((sub[name], c.reason.format(v=v, stack=stacks.get(name))))
-    score = min(sub.values()) if sub else 1.0
+    # Large estimated motion names the likely cause of a failure but is no evidence of one: the
+    # default pipeline recovers motion of 10-30 deg, and a correct reconstruction of a fetus that
+    # moved a lot has large slice-to-slice corrections.  On the first test-split benchmark the
+    # motion criterion alone made correct 28-29 dB severe-motion reconstructions "doubtful".  So it
+    # explains (its reason is kept when another criterion is low) but never sets the score.
+    evidence = {k: v for k, v in sub.items() if k not in CAUSE_ONLY}
+    score = min(evidence.values()) if evidence else 1.0
     verdict = "failed" if score < FAILED_BELOW else "doubtful" if score < DOUBTFUL_BELOW else "ok"
+    if verdict == "ok":
+        reasons = []
     out, seen = [], set()
     for _, r in sorted(reasons, key=lambda t: t[0]):
         key = r.split(" (")[0]  # held-out and volume agreement may both blame the same stack: say it once

@@ -145,3 +145,22 @@ def test_report_banner_shows_the_verdict_in_colour():
     assert "stack 1 disagrees &lt;b&gt;" in html  # escaped
     assert "#2ca02c" in _quality_banner({"verdict": "ok", "score": 0.9, "reasons": []})
     assert _quality_banner(None) == "" and _quality_banner({"verdict": "?"}) == ""
+
+
+def test_large_estimated_motion_alone_does_not_make_a_reconstruction_doubtful():
+    """Correct reconstructions of a fetus that moved a lot have large slice-to-slice corrections:
+    the motion criterion names a cause when other evidence is bad, but does not set the score."""
+    from slice2vol.quality import CAUSE_ONLY, CRITERIA, verdict_of
+
+    good = {name: c.good for name, c in CRITERIA.items()}
+    assert verdict_of(good)[0] == "ok"
+    moving = dict(good, motion_jump_max=40.0, motion_jump_stack_worst=1)
+    verdict, score, reasons, sub = verdict_of(moving)
+    assert "motion_jump_max" in CAUSE_ONLY
+    assert sub["motion_jump_max"] < 0.3  # the criterion itself is far out...
+    assert verdict == "ok" and reasons == []  # ...but on its own it is no evidence of failure
+    # with bad evidence elsewhere, the verdict fails and the motion is named as a likely cause
+    bad = dict(moving, heldout_ncc_min=0.0, heldout_stack_worst=1)
+    verdict, _, reasons, _ = verdict_of(bad)
+    assert verdict == "failed"
+    assert any("slice-to-slice motion" in r for r in reasons)
