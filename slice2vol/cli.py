@@ -87,7 +87,7 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packages", nargs="+", type=int, metavar="P",
                    help="interleave packages per stack (one value for all or one per stack; slice k is in package "
                         "k %% P, as SVRTK's -packages): the global pose search then also registers whole packages and "
-                        "their halves before single slices (default: unknown, stacks then slices)")
+                        "their halves before single slices (default: 2, an interleaved acquisition; give 1 for sequential)")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
     p.add_argument("--output-transforms", metavar="JSON", help="write the estimated per-slice poses as JSON")
     p.add_argument("--output-simulated", metavar="DIR",

@@ -101,7 +101,11 @@ class SVRConfig:
     min_slice_pixels: int = 50
     max_deviation: tuple[float, float] = (45.0, 40.0)
     search_rounds: int = 3
-    packages: tuple[int, ...] | None = None  # interleave packages per stack (SVRTK -packages); None: unknown
+    # interleave packages per stack (SVRTK -packages); None: no package levels.  Files rarely record
+    # the order, so 2 (interleaved, the usual fetal single-shot protocol) is assumed: on validation
+    # severe cases with 2 packages it gained +0.4..+5.5 dB, on extreme cases with 1-4 packages per
+    # stack (mostly not 2) it changed -0.2..+0.2 dB
+    packages: tuple[int, ...] | None = (2,)
     search_stacks: bool = True
     search_trust: float = 1.0  # < 1: search volumes from only this top fraction of slices (worse TRE on the one validation case tried)
     search_factor: float = 2.5

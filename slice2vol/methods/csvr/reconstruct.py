@@ -76,7 +76,7 @@ class CSVRMethodConfig:
     start: str = "auto"
     weights: str | None = None
     iterations: int = 3
-    packages: tuple[int, ...] | None = None  # interleave packages per stack for the Refine's search (SVRConfig)
+    packages: tuple[int, ...] | None = (2,)  # interleave packages per stack for the Refine's search (SVRConfig)
     progress: bool = True
 
 
