@@ -795,7 +795,7 @@ def _find_record(folder: Path) -> tuple[Path, Path]:
     for p in sorted(folder.glob("*.json")):
         try:
             obj = json.loads(p.read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             continue
         if isinstance(obj, dict) and "stacks" in obj and "convention" in obj:
             cands.append(p)
@@ -854,6 +854,8 @@ def report_data_from_dir(recon_dir, device: torch.device | str = "cpu") -> tuple
         entries = record["stacks"]
         if not isinstance(entries, list) or not entries:
             raise ValueError("no stacks")
+    except RecursionError:
+        raise Slice2VolError(f"{json_path}: not a reconstruction record (nested too deeply)") from None
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise Slice2VolError(f"{json_path}: not a reconstruction record ({' '.join(str(exc).split())})") from None
     poses = io.load_poses_json(json_path)

@@ -468,3 +468,12 @@ def test_verbose_shows_slice2vol_details_but_no_third_party_debug(capsys):
         assert "STREAM" not in err and "findfont" not in err and "data path" not in err, err
         assert "a third-party warning" in err
         assert ("template scores" in err and "svr details" in err) == verbose, err
+
+
+def test_report_refuses_a_deeply_nested_record_in_one_line(tmp_path, capsys):
+    from slice2vol.cli import main
+
+    (tmp_path / "transforms.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("slice2vol: error:") == 1 and "nested too deeply" in err
