@@ -230,3 +230,24 @@ def atlas_lowres(shared_data):
     if not (folder / "t2.nii.gz").is_file():
         pytest.skip(f"atlas STA30 not found in {folder}")
     return _atlas_lowres(folder, 1.6, 6.0)
+
+
+def _initial_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+INITIAL_TORCH_THREADS = _initial_threads()  # before any test changed it
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests that pin torch to one thread (for determinism or speed) must not leave the rest of the
+    suite on one thread: the thread count is restored after every test."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

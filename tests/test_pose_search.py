@@ -212,3 +212,17 @@ def test_packages_option_is_checked(tmp_path, capsys, make_stack):
     assert "one value for all stacks or one per stack (2), got 3" in err
     assert "--packages only applies to --method auto, svr or csvr --refine" in err
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+
+def test_thread_count_pinned_here():
+    """Pins torch to one thread; conftest.py's autouse fixture must restore it (the next test checks)."""
+    torch.set_num_threads(1)
+
+
+def test_thread_count_restored_after_the_previous_test():
+    from conftest import INITIAL_TORCH_THREADS
+
+    if INITIAL_TORCH_THREADS == 1:
+        pytest.skip("torch starts with one thread here: a leak would not show")
+    assert torch.get_num_threads() == INITIAL_TORCH_THREADS
