@@ -24,6 +24,7 @@ from slice2vol import budget, cli
 from slice2vol.cli import main
 from slice2vol.errors import Slice2VolError
 from slice2vol.image import Volume
+from cli_checks import refused as _refused  # shared with the other CLI tests
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "slice2vol" / "data" / "demo"
@@ -41,17 +42,6 @@ class _MakesMarker:
         return (open, (self.marker, "w"))
 
 
-def _refused(argv: list, capsys, pattern: str, code: int = 2) -> str:
-    """Run the CLI; check the exit status, one ``slice2vol: error:`` line last, no traceback."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == code, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("slice2vol: error:"), err
-    assert sum(line.startswith("slice2vol: error:") for line in lines) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, lines[-1]), lines[-1]
-    return lines[-1]
 
 
 # ------------------------------------------------------------------ 1. weights and checkpoints

@@ -30,6 +30,7 @@ from slice2vol.cli import main
 from slice2vol.errors import Slice2VolError
 from slice2vol.image import SliceSet, Volume
 from slice2vol.runtime import setup_logging
+from cli_checks import refused as _refused  # shared with the other CLI tests
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--iterations", "1", "--resolution", "2", "--no-progress"]
@@ -78,17 +79,6 @@ def no_work(monkeypatch):
     monkeypatch.setattr(commands, "run_reconstruction", refuse)
 
 
-def _refused(argv: list, capsys, pattern: str, code: int = 2) -> str:
-    """Run the CLI; check the exit status, one ``slice2vol: error:`` line last, no traceback."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == code, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("slice2vol: error:"), err
-    assert sum(line.startswith("slice2vol: error:") for line in lines) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, lines[-1]), lines[-1]
-    return lines[-1]
 
 
 @contextlib.contextmanager
