@@ -184,25 +184,30 @@ def neighbour_candidates(poses: Tensor, reference: Tensor, stack_slices: list[in
     return torch.stack(out)
 
 
-def score_candidates(volume: Tensor, affine, poses: Tensor, corrections: Tensor, coords: Tensor, slice_id: Tensor,
-                     values: Tensor, psf: PSF, chunk_points: int = 1 << 21) -> Tensor:
-    """Per-slice NCC ``(C, M)`` of acquired vs simulated pixels at the poses ``corrections @ poses``.
+def score_candidates(volume: Tensor, affine, poses: Tensor, corrections: Tensor, group: Tensor, coords: Tensor,
+                     slice_id: Tensor, values: Tensor, psf: PSF, chunk_points: int = 1 << 21) -> Tensor:
+    """NCC ``(C, G)`` of acquired vs simulated pixels of each group at the poses ``corrections[:, group] @ poses``.
 
-    ``corrections`` is ``(C, M, 4, 4)``; candidates are evaluated in chunks so that at most about
-    ``chunk_points`` PSF nodes are in memory at once.  Slices without pixels score NaN.
+    ``poses`` is ``(M, 4, 4)``, ``corrections`` ``(C, G, 4, 4)`` (one world correction per candidate
+    and group), ``group`` ``(M,)`` the group of each slice; the NCC is taken over all pixels of a
+    group.  Candidates are evaluated in chunks so that at most about ``chunk_points`` PSF nodes are
+    in memory at once.  Groups without pixels score NaN.
     """
-    C, M = corrections.shape[:2]
-    P, K = coords.shape[0], psf.n_samples
-    per = max(1, int(chunk_points // max(1, P * K)))
+    C, G = corrections.shape[:2]
+    M = poses.shape[0]
+    dev = poses.device
+    pgrp = group[slice_id]
+    per = max(1, int(chunk_points // max(1, coords.shape[0] * psf.n_samples)))
     out = []
     for c0 in range(0, C, per):
         cs = corrections[c0:c0 + per]
-        n = cs.shape[0]
-        cand = (cs @ poses[None]).reshape(n * M, 4, 4)
-        sid = (slice_id[None] + M * torch.arange(n, device=slice_id.device)[:, None]).reshape(-1)
-        rep = PSF(psf.offsets.repeat(n, 1, 1), psf.weights.repeat(n, 1))
-        s = acq.forward(volume, affine, cand, coords.repeat(n, 1), sid, rep)
-        out.append(per_slice_ncc(s, values.repeat(n), sid, n * M).reshape(n, M))
+        k = cs.shape[0]
+        cand = (cs[:, group] @ poses[None]).reshape(k * M, 4, 4)
+        off = torch.arange(k, device=dev)[:, None]
+        sid_k = (slice_id[None] + M * off).reshape(-1)
+        rep = PSF(psf.offsets.repeat(k, 1, 1), psf.weights.repeat(k, 1))
+        sim = acq.forward(volume, affine, cand, coords.repeat(k, 1), sid_k, rep)
+        out.append(per_slice_ncc(sim, values.repeat(k), (pgrp[None] + G * off).reshape(-1), k * G).reshape(k, G))
     return torch.cat(out, 0)
 
 
@@ -324,19 +329,7 @@ def search_poses(
         D = torch.cat([D, extra[:, gidx].to(dev, dt)], 0)
 
     def ncc_of(corr: Tensor, vol: Tensor) -> Tensor:  # corr (n, g, 4, 4) -> (n, g)
-        n = corr.shape[0]
-        out = []
-        per = max(1, int((1 << 21) // max(1, c.shape[0] * sub_psf.n_samples)))
-        for c0 in range(0, n, per):
-            cs = corr[c0:c0 + per]
-            k = cs.shape[0]
-            cand = (cs[:, grp] @ P0[None]).reshape(k * m, 4, 4)
-            off = torch.arange(k, device=dev)[:, None]
-            sid_k = (sid[None] + m * off).reshape(-1)
-            rep = PSF(sub_psf.offsets.repeat(k, 1, 1), sub_psf.weights.repeat(k, 1))
-            sim = acq.forward(vol, affine, cand, c.repeat(k, 1), sid_k, rep)
-            out.append(per_slice_ncc(sim, v.repeat(k), (pgrp[None] + g * off).reshape(-1), k * g).reshape(k, g))
-        return torch.cat(out, 0)
+        return score_candidates(vol, affine, P0, corr, grp, c, sid, v, sub_psf)
 
     scores = torch.nan_to_num(ncc_of(D, Vs), nan=-2.0)  # (C, g)
     ncc0 = ncc_of(torch.eye(4, dtype=dt, device=dev).expand(1, g, 4, 4), volume)[0]
