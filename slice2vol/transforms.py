@@ -86,7 +86,9 @@ def matrix_to_axis_angle(R: Tensor) -> Tensor:
         axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         # keep the sign consistent with the (tiny) antisymmetric part
         sign = torch.where((axis * w).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(R.dtype)
-        ang = torch.where(small, torch.full_like(theta, torch.pi), theta)
+        # the angle from the true sine (``sin`` above is a placeholder where ``small``): snapping
+        # every angle within ~5e-6 rad of pi to pi lost that much accuracy
+        ang = torch.atan2(torch.sqrt(s2.clamp_min(1e-300)) / 2, cos)  # clamp: finite gradients at s2 = 0
         r = torch.where(near_pi[..., None], axis * sign * ang[..., None], r)
     return r
 
