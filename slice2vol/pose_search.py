@@ -33,7 +33,7 @@ from torch import Tensor
 from . import acquisition as acq
 from .acquisition import PSF
 from .metrics import per_slice_ncc
-from .registration import register, smooth
+from .registration import register, slice_centres, smooth
 from .transforms import rotation_about
 
 __all__ = ["package_groups", "rotation_grid", "candidate_transforms", "neighbour_candidates", "score_candidates", "SearchResult",
@@ -110,25 +110,6 @@ def rotation_grid(max_deg: float = 30.0, step_deg: float = 10.0) -> Tensor:
     return torch.deg2rad(g)
 
 
-def slice_centres(poses: Tensor, coords: Tensor, slice_id: Tensor, weights: Tensor | None = None,
-                  group: Tensor | None = None, n_groups: int | None = None) -> Tensor:
-    """``(G, 3)`` world centroid of the (weighted) pixels of each group of slices (default: one
-    group per slice, ``G = M``); a group without pixel weight gets the mean origin of its slices."""
-    from .geometry import slice_to_world
-
-    M = poses.shape[0]
-    group = torch.arange(M, device=poses.device) if group is None else group
-    G = M if n_groups is None else n_groups
-    w = torch.ones_like(coords[:, 0]) if weights is None else weights.to(coords.dtype)
-    x = slice_to_world(poses, coords, slice_id)
-    pg = group[slice_id]
-    s = torch.zeros(G, 3, dtype=x.dtype, device=x.device).index_add_(0, pg, x * w[:, None])
-    n = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, pg, w)
-    o = torch.zeros(G, 3, dtype=x.dtype, device=x.device).index_add_(0, group, poses[:, :3, 3])
-    no = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, group, torch.ones_like(poses[:, 0, 0]))
-    return torch.where(n[:, None] > 0, s / n.clamp_min(1e-12)[:, None], o / no.clamp_min(1)[:, None])
-
-
 def candidate_transforms(poses: Tensor, centres: Tensor, rotations: Tensor, shifts: tuple[float, ...]) -> Tensor:
     """World corrections ``(C, M, 4, 4)`` of every candidate for every slice.
 
@@ -150,7 +131,7 @@ def candidate_transforms(poses: Tensor, centres: Tensor, rotations: Tensor, shif
     return rotation_about(p.reshape(-1, 6), centres.repeat(p.shape[0], 1)).reshape(-1, M, 4, 4)
 
 
-def neighbour_candidates(poses: Tensor, reference: Tensor, stack_slices: list[int], reach: int = 4) -> Tensor:
+def neighbour_candidates(poses: Tensor, reference: Tensor, stack_id: Tensor, reach: int = 4) -> Tensor:
     """Candidate poses that give each slice the motion of a nearby slice of its stack.
 
     Fetal motion is continuous over acquisition time between occasional jumps, and with ``p``
@@ -163,7 +144,7 @@ def neighbour_candidates(poses: Tensor, reference: Tensor, stack_slices: list[in
 
     Args:
         poses: ``(M, 4, 4)`` current poses; reference: ``(M, 4, 4)`` the stack-registered poses.
-        stack_slices: ``(S + 1,)`` offsets of the stacks' slices (slices in index order).
+        stack_id: ``(M,)`` stack of each slice (slices of a stack contiguous, in index order).
         reach: largest slice offset.
     Returns:
         ``(2 * reach, M, 4, 4)`` world corrections (``candidate @ poses^-1``) for one group per
@@ -171,16 +152,15 @@ def neighbour_candidates(poses: Tensor, reference: Tensor, stack_slices: list[in
     """
     M = poses.shape[0]
     D = poses @ torch.linalg.inv(reference)
-    stack = torch.zeros(M, dtype=torch.long, device=poses.device)
-    for s in range(len(stack_slices) - 1):
-        stack[stack_slices[s]:stack_slices[s + 1]] = s
+    to_current = torch.linalg.inv(poses)
+    stack = stack_id.to(poses.device)
     n = torch.arange(M, device=poses.device)
+    eye = torch.eye(4, dtype=poses.dtype, device=poses.device)
     out = []
     for off in [o for r in range(1, reach + 1) for o in (-r, r)]:
         j = (n + off).clamp(0, M - 1)
         ok = (stack[j] == stack) & (n + off >= 0) & (n + off < M)
-        cand = D[j] @ reference
-        out.append(torch.where(ok[:, None, None], cand, poses) @ torch.linalg.inv(poses))
+        out.append(torch.where(ok[:, None, None], D[j] @ reference @ to_current, eye))
     return torch.stack(out)
 
 

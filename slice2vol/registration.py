@@ -36,7 +36,7 @@ from .geometry import grid_affine, slice_to_world
 from .resample import gaussian_blur
 from .transforms import rotation_about
 
-__all__ = ["RegistrationResult", "register", "register_volumes", "smooth", "gradient_channels"]
+__all__ = ["RegistrationResult", "register", "register_volumes", "smooth", "gradient_channels", "slice_centres"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,23 @@ def smooth(volume: Tensor, sigma_mm: float, spacing: np.ndarray | float) -> Tens
     if sigma_mm <= 0:
         return volume
     return gaussian_blur(volume, sigma_mm, np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
+
+
+def slice_centres(poses: Tensor, coords: Tensor, slice_id: Tensor, weights: Tensor | None = None,
+                  group: Tensor | None = None, n_groups: int | None = None) -> Tensor:
+    """``(G, 3)`` world centroid of the (weighted) pixels of each group of slices (default: one
+    group per slice, ``G = M``); a group without pixel weight gets the mean origin of its slices."""
+    M = poses.shape[0]
+    group = torch.arange(M, device=poses.device) if group is None else group
+    G = M if n_groups is None else n_groups
+    w = torch.ones_like(coords[:, 0]) if weights is None else weights.to(coords.dtype)
+    x = slice_to_world(poses, coords, slice_id)
+    pg = group[slice_id]
+    s = torch.zeros(G, 3, dtype=x.dtype, device=x.device).index_add_(0, pg, x * w[:, None])
+    n = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, pg, w)
+    o = torch.zeros(G, 3, dtype=x.dtype, device=x.device).index_add_(0, group, poses[:, :3, 3])
+    no = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, group, torch.ones_like(poses[:, 0, 0]))
+    return torch.where(n[:, None] > 0, s / n.clamp_min(1e-12)[:, None], o / no.clamp_min(1)[:, None])
 
 
 def gradient_channels(volume: Tensor, affine) -> tuple[Tensor, Tensor]:
@@ -133,10 +150,7 @@ def register(
     G = grid_affine(torch.as_tensor(affine, dtype=torch.float64), tuple(volume.shape)).to(device, dtype)
 
     if centres is None:
-        base = slice_to_world(poses, coords, slice_id)
-        wsum = torch.zeros(n_groups, device=device, dtype=dtype).index_add_(0, pix_group, weights)
-        centres = torch.zeros(n_groups, 3, device=device, dtype=dtype).index_add_(0, pix_group, base * weights[:, None])
-        centres = centres / wsum.clamp_min(1e-12)[:, None]
+        centres = slice_centres(poses, coords, slice_id, weights, group, n_groups)
 
     params = torch.zeros(n_groups, 6, device=device, dtype=dtype)
     lam = torch.full((n_groups,), 1e-3, device=device, dtype=dtype)

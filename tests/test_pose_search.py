@@ -68,7 +68,7 @@ def test_neighbour_candidates_transplant_the_motion_of_nearby_slices():
                                                                                                           dtype=torch.float64))[0]
     poses = ref.clone()
     poses[1] = motion @ ref[1]  # slice 1 moved; the others did not
-    E = neighbour_candidates(poses, ref, [0, 3, 5], reach=1)  # stacks: slices 0-2 and 3-4
+    E = neighbour_candidates(poses, ref, torch.tensor([0, 0, 0, 1, 1]), reach=1)  # stacks: slices 0-2 and 3-4
     assert E.shape == (2, M, 4, 4)
     eye = torch.eye(4, dtype=torch.float64)
     # offset -1 for slice 2 is slice 1's motion, applied to slice 2: correction = motion @ ref2 @ poses2^-1

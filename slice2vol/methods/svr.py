@@ -107,7 +107,6 @@ class SVRConfig:
     # stack (mostly not 2) it changed -0.2..+0.2 dB
     packages: tuple[int, ...] | None = (2,)
     search_stacks: bool = True
-    search_trust: float = 1.0  # < 1: search volumes from only this top fraction of slices (worse TRE on the one validation case tried)
     search_factor: float = 2.5
     search_step_deg: float = 15.0
     search_max_deg: float = 30.0
@@ -229,35 +228,29 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
         V = psf_average(y, w, shape, affine, poses, coords, sid, psf) * roi_f
         V = super_resolve(V, affine, poses, coords, sid, y, psf, weights=w, mask=roi, lam=cfg.lam, delta=cfg.delta,
                           iterations=cfg.cg_iterations)
-        if level in groups:
-            res = search_poses(V, affine, poses, coords[sub], sid[sub], y[sub], thin, group=groups[level],
-                               weights=inside[sub], pivot=pivot, max_deg=cfg.search_max_deg,
-                               step_deg=cfg.search_step_deg, shifts=cfg.search_shifts)
-            poses = _plausible(res.poses, poses, ss.poses, cfg.max_deviation)
-            moved = int(res.moved.sum())
-            history.append({"iteration": r, "stage": f"search-{level}", "seconds": time.perf_counter() - t0,
-                            "moved_groups": moved, "groups": int(res.moved.numel())})
-            log.info("svr search (%s groups): %d of %d took a new pose, %.1f s", level, moved, res.moved.numel(),
-                     time.perf_counter() - t0)
-            continue
-        extra = neighbour_candidates(poses, ss.poses, ss.stack_slices, cfg.search_reach) if cfg.search_reach else None
-        res = search_poses(V, affine, poses, coords[sub], sid[sub], y[sub], thin, weights=inside[sub],
-                           searched=registrable > 0, extra=extra, pivot=pivot, max_deg=cfg.search_max_deg,
-                           step_deg=cfg.search_step_deg, shifts=cfg.search_shifts)
+        if level in groups:  # one rigid correction per stack / package / half-package
+            kw = {"group": groups[level]}
+        else:  # single slices, also offered their stack neighbours' motion
+            kw = {"searched": registrable > 0,
+                  "extra": neighbour_candidates(poses, ss.poses, ss.stack_id, cfg.search_reach) if cfg.search_reach else None}
+        res = search_poses(V, affine, poses, coords[sub], sid[sub], y[sub], thin, weights=inside[sub], pivot=pivot,
+                           max_deg=cfg.search_max_deg, step_deg=cfg.search_step_deg, shifts=cfg.search_shifts, **kw)
         poses = _plausible(res.poses, poses, ss.poses, cfg.max_deviation)
+        moved = int(res.moved.sum())
+        seconds = time.perf_counter() - t0
+        if level in groups:
+            history.append({"iteration": r, "stage": f"search-{level}", "seconds": seconds, "moved_groups": moved,
+                            "groups": int(res.moved.numel())})
+            log.info("svr search (%s groups): %d of %d took a new pose, %.1f s", level, moved, res.moved.numel(), seconds)
+            continue
+        # the next volume is built from the slices that fit (NCC at least half the median)
         ncc = torch.nan_to_num(res.ncc_after, nan=0.0).to(y.dtype)
         med = float(ncc[registrable > 0].median()) if bool((registrable > 0).any()) else 0.0
-        if cfg.search_trust < 1.0 and bool((registrable > 0).any()):
-            cut = float(torch.quantile(ncc[registrable > 0].float(), 1.0 - cfg.search_trust))
-            trust = (ncc >= cut).to(y.dtype)
-        else:
-            trust = (ncc >= 0.5 * med).to(y.dtype)
+        trust = (ncc >= 0.5 * med).to(y.dtype)
         trust[registrable == 0] = 1.0
-        moved = int(res.moved.sum())
-        history.append({"iteration": r, "stage": "search", "seconds": time.perf_counter() - t0, "moved_slices": moved,
+        history.append({"iteration": r, "stage": "search", "seconds": seconds, "moved_slices": moved,
                         "median_ncc": med, "distrusted_slices": int((trust == 0).sum())})
-        log.info("svr search round %d: %d slices took a new pose, median NCC %.3f, %.1f s", r + 1, moved, med,
-                 time.perf_counter() - t0)
+        log.info("svr search round %d: %d slices took a new pose, median NCC %.3f, %.1f s", r + 1, moved, med, seconds)
         if moved < cfg.search_min_moved * n_reg:
             break
     return poses, history
