@@ -10,8 +10,8 @@ and the best few candidates are then refined locally (the usual LM), keeping whi
 the slice best.  This is the classic "exhaustive coarse search, then local refinement" of
 image registration (e.g. FSL FLIRT's initial search), applied per slice.
 
-Candidates are rotations about the slice's centre (the centroid of its pixels in world space) on
-a cubic lattice of rotation vectors (``step_deg`` apart, inside a ball of ``max_deg``), each
+Candidates are rotations about a pivot (``pivot``: SVR passes the brain centre, about which the
+fetal head turns; by default each group's pixel centroid) on a cubic lattice of rotation vectors (``step_deg`` apart, inside a ball of ``max_deg``), each
 combined with shifts along the slice normal (the direction in which a slice's content is least
 determined by its own pixels; in-plane shifts are within the local method's reach after
 smoothing).  The score is the per-slice normalised cross-correlation of simulated and acquired
