@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recon", metavar="RECON", help="reconstructed volume (NIfTI)")
     p.add_argument("--reference", metavar="GT", help="reference volume (NIfTI)")
     p.add_argument("--mask", metavar="M", help="mask in the reference grid limiting the metrics")
-    p.add_argument("--align", action="store_true", help="rigidly register RECON to GT before comparing")
+    p.add_argument("--align", action="store_true", help="rigidly align RECON to the reference before comparing (SimpleITK, independent of the methods' registration)")
     p.add_argument("--no-scale", action="store_true", help="do not fit a linear intensity map RECON -> GT")
     p.add_argument("--poses", metavar="JSON", help="estimated poses (from --output-transforms) for TRE")
     p.add_argument("--gt-poses", metavar="JSON", help="ground-truth poses (from simulate) for TRE")

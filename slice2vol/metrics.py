@@ -75,6 +75,10 @@ SSIM_WIN_SIGMA = 1.5
 # grid this large around each slice centre (a fetal brain is at most ~100 mm across).
 DEFAULT_TRE_HALF_EXTENT_MM = 50.0
 DEFAULT_TRE_STEP_MM = 2.5
+ALIGNMENT_METHOD = "SimpleITK rigid (Euler3D, correlation)"
+UNALIGNED_NOTE = ("note: compared WITHOUT alignment, in the volumes' world frames as stored; a reconstruction "
+                  "sits in its template stack's scanner frame, so any bulk offset of the fetus lowers these "
+                  "figures. Add --align for a rigid alignment (SimpleITK) before the metrics.")
 
 
 # ----------------------------------------------------------------------------- image metrics
@@ -215,15 +219,6 @@ def _reference_mask(reference: Volume, mask: Tensor | None) -> Tensor | None:
     return m
 
 
-def _register_volumes():
-    """The rigid volume registration, imported late so metrics work without it."""
-    try:
-        from .registration import register_volumes
-    except ImportError as exc:  # the module is optional for everything but --align
-        raise Slice2VolError(f"--align needs slice2vol.registration.register_volumes ({exc})") from None
-    return register_volumes
-
-
 def compare_volumes(
     recon: Volume,
     reference: Volume,
@@ -236,8 +231,11 @@ def compare_volumes(
     Exactly what is done:
 
     1. Mask: ``mask`` if given, else ``reference.mask``, else every voxel of the reference grid.
-    2. If ``align``: ``T = registration.register_volumes(recon, reference, fixed_mask=mask)``
-       (rigid, maps reference-world points to recon-world points); else ``T = I``.
+    2. If ``align``: ``T = align.align_rigid(recon, reference, fixed_mask=mask)`` (SimpleITK's
+       rigid registration, independent of the registration core the methods use; maps
+       reference-world points to recon-world points); else ``T = I`` and the volumes are compared
+       in their world frames as they are (a reconstruction's frame is its template stack's
+       scanner frame, so this reads low whenever the fetus's bulk position differs).
     3. The reconstruction is resampled trilinearly at the world points ``T @ x`` of every
        reference voxel ``x`` (0 outside its field of view).
     4. If ``scale``: ``a, b`` = least-squares fit of ``a * recon + b`` to the reference inside
@@ -247,14 +245,17 @@ def compare_volumes(
 
     Returns:
         dict with ``psnr`` (dB), ``ssim``, ``nrmse``, ``ncc``, ``data_range``, ``scale_a``,
-        ``scale_b``, ``aligned``, ``transform`` (``T`` as nested lists, or None), ``mask_voxels``
+        ``scale_b``, ``aligned``, ``alignment`` (how, or ``"none"``), ``transform`` (``T`` as
+        nested lists, or None), ``mask_voxels``
         and ``fov_coverage`` (fraction of mask voxels inside the reconstruction's grid).
     """
     m = _reference_mask(reference, mask)
     device = reference.data.device
     T = np.eye(4)
     if align:
-        T = np.asarray(_register_volumes()(recon, reference, fixed_mask=m), dtype=np.float64)
+        from .align import align_rigid
+
+        T = align_rigid(recon, reference, fixed_mask=m if m is not None else reference.data > 0)
     target = T @ np.asarray(reference.affine, dtype=np.float64)
     x = resample(recon.data.to(device), recon.affine, target, reference.shape).float()
     ones = torch.ones_like(recon.data, device=device)
@@ -273,6 +274,7 @@ def compare_volumes(
         "scale_a": a,
         "scale_b": b,
         "aligned": bool(align),
+        "alignment": ALIGNMENT_METHOD if align else "none",
         "transform": T.tolist() if align else None,
         "mask_voxels": n_mask,
         "fov_coverage": covered / n_mask,
@@ -598,13 +600,15 @@ def format_report(results: dict) -> str:
     if img:
         lines += [
             f"Image metrics vs {results['reference']} ({img['mask_voxels']} voxels, "
-            f"aligned: {'yes' if img['aligned'] else 'no'}, intensity a={img['scale_a']:.4g} b={img['scale_b']:.4g})",
+            f"aligned: {img['alignment'] if img['aligned'] else 'NO'}, intensity a={img['scale_a']:.4g} b={img['scale_b']:.4g})",
             f"  PSNR (dB)      {_fmt(img['psnr'], '.2f')}",
             f"  SSIM           {_fmt(img['ssim'])}",
             f"  NRMSE          {_fmt(img['nrmse'])}",
             f"  NCC            {_fmt(img['ncc'])}",
             f"  FOV coverage   {100 * img['fov_coverage']:.1f} %",
         ]
+        if not img["aligned"]:
+            lines.append(f"  {UNALIGNED_NOTE}")
     tre = results.get("tre")
     if tre:
         lines += [

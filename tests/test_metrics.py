@@ -132,19 +132,53 @@ def test_compare_volumes_resamples_through_world_coordinates():
     assert exact["psnr"] > 80 and exact["ssim"] == pytest.approx(1.0, abs=1e-5) and exact["fov_coverage"] == 1.0
 
 
-def test_compare_volumes_align_undoes_a_rigid_motion():
-    reg = pytest.importorskip("slice2vol.registration")
-    if not hasattr(reg, "register_volumes"):
-        pytest.skip("slice2vol.registration.register_volumes not available yet")
-    ref = phantom(n=28)
-    p = torch.tensor([0.0, 0.0, 0.12, 2.0, -1.5, 1.0], dtype=torch.float64)
+def test_compare_volumes_align_undoes_a_rigid_motion_without_the_methods_registration(monkeypatch):
+    # Evaluation must not share code with what it evaluates (issue 12 item 10): the alignment may
+    # not touch slice2vol's registration core, so make that core unusable.
+    import slice2vol.registration as reg
+
+    def forbidden(*a, **k):
+        raise AssertionError("evaluation used slice2vol.registration")
+
+    monkeypatch.setattr(reg, "register", forbidden)
+    monkeypatch.setattr(reg, "register_volumes", forbidden)
+    ref = phantom(n=40, res=1.5)
+    p = torch.tensor([0.05, -0.04, 0.12, 2.0, -1.5, 1.0], dtype=torch.float64)
     T = rotation_about(p, torch.zeros(3, dtype=torch.float64)).numpy()
-    recon = Volume(resample(ref.data, ref.affine, T @ ref.affine, ref.shape), ref.affine)  # recon(x) = ref(T x)
+    recon = Volume(3 * resample(ref.data, ref.affine, T @ ref.affine, ref.shape) + 7, ref.affine)  # recon(x) = ref(T x)
     plain = metrics.compare_volumes(recon, ref)
     aligned = metrics.compare_volumes(recon, ref, align=True)
-    assert aligned["aligned"] and aligned["ssim"] > plain["ssim"] + 0.05
-    # recon sampled at the returned T' reproduces ref, so T' undoes T
-    assert np.abs(np.asarray(aligned["transform"]) @ T - np.eye(4))[:3, 3].max() < 0.5
+    assert not plain["aligned"] and plain["alignment"] == "none" and plain["transform"] is None
+    assert aligned["aligned"] and "SimpleITK" in aligned["alignment"]
+    assert aligned["psnr"] > plain["psnr"] + 8 and aligned["ssim"] > 0.97
+    # recon sampled at the returned T' reproduces ref, so T' = T^-1 (to a fraction of a voxel)
+    D = np.asarray(aligned["transform"]) @ T
+    pts = np.array([[20.0, 0, 0, 1], [0, 20.0, 0, 1], [0, 0, 20.0, 1], [-15.0, 10.0, -5.0, 1]]).T
+    assert np.linalg.norm((D @ pts - pts)[:3], axis=0).max() < 0.3
+
+
+def test_align_rigid_keeps_ras_geometry_of_oblique_grids():
+    # the RAS<->LPS and [i,j,k]<->[k,j,i] conversions: a volume and its copy on an oblique,
+    # anisotropic grid are the same object in the world, so the alignment is the identity
+    from slice2vol.align import align_rigid
+
+    ref = phantom(n=40, res=1.5)
+    rigid = params_to_matrix(torch.tensor([0.2, -0.1, 0.3, 1.0, 2.0, -1.0], dtype=torch.float64)).numpy()
+    A = rigid @ np.diag([1.2, 1.4, 1.6, 1.0])
+    A[:3, 3] += rigid[:3, :3] @ (-(np.array([48, 42, 38]) - 1) / 2 * np.array([1.2, 1.4, 1.6]))
+    oblique = Volume(resample(ref.data, ref.affine, A, (48, 42, 38)), A)
+    T = align_rigid(oblique, ref, ref.mask, threads=1)
+    pts = np.array([[20.0, 0, 0, 1], [0, 20.0, 0, 1], [0, 0, 20.0, 1]]).T
+    assert np.linalg.norm((T @ pts - pts)[:3], axis=0).max() < 0.3
+
+
+def test_evaluate_says_when_it_compares_unaligned(tmp_path, capsys):
+    ref, _, _ = _case(tmp_path)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", ref, "--reference", ref, "--device", "cpu", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "aligned: NO" in text and "WITHOUT alignment" in text and "--align" in text
+    assert json.loads(out.read_text())["image"]["alignment"] == "none"
 
 
 # ----------------------------------------------------------------------------- TRE
