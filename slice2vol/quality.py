@@ -55,7 +55,7 @@ from . import acquisition as acq
 from .image import SliceSet
 from .metrics import per_slice_ncc
 
-__all__ = ["Quality", "Criterion", "CRITERIA", "assess_quality", "slice_ncc", "rejected_fractions",
+__all__ = ["Quality", "Criterion", "CRITERIA", "assess_quality", "slice_ncc", "rejected_fractions", "slice_counts",
            "stack_agreement", "pose_residuals", "verdict_of", "naive_slice_ncc"]
 
 LOW_NCC = 0.5  # a slice under this NCC is "poorly explained" by the volume
@@ -212,6 +212,16 @@ def rejected_fractions(ss: SliceSet, slice_weights: Tensor) -> tuple[float, list
     per = [float(rej[lo:hi].sum()) / max(int(has[lo:hi].sum()), 1) if bool(has[lo:hi].any()) else float("nan")
            for lo, hi in _stack_ranges(ss)]
     return float(rej.sum()) / max(int(has.sum()), 1), per
+
+
+def slice_counts(ss: SliceSet, slice_weights: Tensor) -> dict:
+    """``{"total", "with_pixels", "excluded"}``: slices in the stacks, slices with pixels (inside
+    the mask and field of view), and those of them excluded as outliers (weight under 0.5).  The one
+    count the CLI prints, the JSON records, the verdict uses and the report shows."""
+    has = torch.zeros(ss.n_slices, dtype=torch.bool, device=ss.device)
+    has[ss.slice_id] = True
+    rej = (slice_weights.detach().to(ss.device) < REJECTED_BELOW) & has
+    return {"total": int(ss.n_slices), "with_pixels": int(has.sum()), "excluded": int(rej.sum())}
 
 
 def _masked_ncc(a: Tensor, b: Tensor, m: Tensor) -> float:

@@ -16,10 +16,15 @@ What a researcher checks after a slice-to-volume reconstruction, on one page tha
 Two entry points share one renderer (:func:`render_report`) through :class:`ReportData`:
 
 * :func:`write_report` from the objects of a run in memory (``reconstruct --report DIR``);
-* :func:`report_from_dir` from a folder on disk (``slice2vol report RECON_DIR``): a report folder
-  (its ``report_data.json``) or a folder with the ``--output-transforms`` JSON; the stacks are
-  reloaded, and the simulated slices are read from ``--output-simulated`` files where they exist,
-  otherwise simulated again from the output volume at the recorded poses.
+* :func:`report_from_dir` from a folder on disk (``slice2vol report RECON_DIR``).  A report folder
+  holds ``report_arrays.npz``: every array the page shows (preprocessed acquired slices, simulated
+  slices, pixel masks, poses, weights, the volume) exactly as the run computed them, so the page
+  is rebuilt from what the run recorded and nothing is recomputed (no bias-field correction, no
+  normalisation, no simulation).  A folder with only the ``--output-transforms`` JSON (no report
+  written by the run) is rebuilt by reloading the stacks with the recorded intensity factors and
+  simulating them from the output volume at the recorded poses and scales (or reading the
+  ``--output-simulated`` files); that is refused when the run corrected the bias field or did not
+  record its factors, since the run's slices could then only be recomputed differently.
 
 Figures are drawn with matplotlib's object API (no pyplot state, Agg canvas) and written
 atomically; the HTML page is written last.
@@ -33,6 +38,7 @@ import json
 import logging
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -62,7 +68,8 @@ log = logging.getLogger(__name__)
 
 REPORT_HTML = "index.html"
 REPORT_DATA = "report_data.json"
-EXCLUDED_BELOW = 0.5  # slice weight below which a slice counts as excluded (as reconstruct prints it)
+REPORT_ARRAYS = "report_arrays.npz"  # every array the page shows, as the run computed them
+from .quality import REJECTED_BELOW as EXCLUDED_BELOW  # noqa: E402  one threshold for CLI, JSON, verdict and page
 N_EXAMPLE_SLICES = 6
 EXCLUDED_COLOUR = "#d62728"
 
@@ -251,6 +258,72 @@ def write_report(out_dir, prep, result, volume: Volume | None = None, consistenc
     data = report_data(prep, result, volume, consistency_before, consistency_after, title)
     data.info = _record_info(record) if record else []
     return render_report(data, out_dir, record=record, protect=protect)
+
+
+_STACK_ARRAYS = ("index", "acquired", "simulated", "mask", "header_poses", "poses", "weights", "scales",
+                 "ncc_after")
+_STACK_OPTIONAL = ("order", "ncc_before", "pixel_weight")
+
+
+def save_report_arrays(data: ReportData, path, protect: Sequence = ()) -> Path:
+    """Write every array of ``data`` (and its small metadata, as a JSON string) to one compressed
+    ``.npz`` (no pickled objects), atomically; :func:`load_report_arrays` reads it back exactly."""
+    arrays: dict[str, np.ndarray] = {"volume": np.asarray(data.volume, dtype=np.float32),
+                                     "affine": np.asarray(data.affine, dtype=np.float64)}
+    stacks_meta = []
+    for s, st in enumerate(data.stacks):
+        for k in _STACK_ARRAYS + _STACK_OPTIONAL:
+            v = getattr(st, k)
+            if v is not None:
+                arrays[f"stack{s}_{k}"] = np.asarray(v)
+        stacks_meta.append({"name": st.name, "spacing": list(st.spacing), "thickness": st.thickness,
+                            "slice_spacing": st.slice_spacing, "before": st.before, "after": st.after})
+    meta = {"title": data.title, "template": data.template, "before": data.before, "after": data.after,
+            "info": [list(r) for r in data.info], "notes": list(data.notes), "stacks": stacks_meta}
+    arrays["meta"] = np.array(json.dumps(_jsonable(meta)))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    return io.atomic_write(path, write, protect)
+
+
+def load_report_arrays(path) -> ReportData:
+    """:class:`ReportData` from :func:`save_report_arrays`'s file; a damaged or foreign file is one
+    :class:`~slice2vol.errors.Slice2VolError` (pickled objects are never loaded)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+        stacks = []
+        for s, m in enumerate(meta["stacks"]):
+            get = {k: arrays.get(f"stack{s}_{k}") for k in _STACK_ARRAYS + _STACK_OPTIONAL}
+            missing = [k for k in _STACK_ARRAYS if get[k] is None]
+            if missing:
+                raise ValueError(f"stack {s}: no {', '.join(missing)}")
+            n = get["index"].shape[0]
+            if get["acquired"].shape != get["simulated"].shape or get["acquired"].shape != get["mask"].shape \
+                    or get["acquired"].shape[0] != n or get["poses"].shape != (n, 4, 4) \
+                    or get["header_poses"].shape != (n, 4, 4) or any(get[k].shape != (n,) for k in ("weights", "scales", "ncc_after")):
+                raise ValueError(f"stack {s}: arrays of inconsistent shapes")
+            stacks.append(StackReport(name=str(m["name"]), spacing=tuple(float(v) for v in m["spacing"]),
+                                      thickness=float(m["thickness"]), slice_spacing=float(m["slice_spacing"]),
+                                      before=m.get("before"), after=m.get("after"),
+                                      **{k: (v if k != "mask" else v.astype(bool)) for k, v in get.items()}))
+        volume, affine = arrays["volume"], arrays["affine"]
+        if volume.ndim != 3 or affine.shape != (4, 4) or not stacks:
+            raise ValueError("no volume, affine or stacks")
+        template = meta.get("template")
+        return ReportData(title=str(meta["title"]), volume=volume, affine=affine, stacks=stacks,
+                          before=meta.get("before"), after=meta.get("after"),
+                          template=template if isinstance(template, int) and 0 <= template < len(stacks) else None,
+                          info=[(str(a), str(b)) for a, b in meta.get("info", [])], notes=[str(n) for n in meta.get("notes", [])])
+    except RecursionError:
+        raise Slice2VolError(f"{path}: not a slice2vol report record (nested too deeply)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
+        raise Slice2VolError(f"{path}: not a slice2vol report record ({' '.join(str(exc).split()) or type(exc).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- figures
@@ -657,6 +730,7 @@ def render_report(data: ReportData, out_dir, record: dict | None = None, protect
         raise Slice2VolError(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
     if record is not None:
         io.write_json(_jsonable(record), out / REPORT_DATA, protect=protect)
+    save_report_arrays(data, out / REPORT_ARRAYS, protect)
     sizes: dict[str, tuple[int, int]] = {}
 
     def save(fig, name):
@@ -697,7 +771,8 @@ def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None
     n_sl = sum(int(st.has_pixels.sum()) for st in data.stacks)
     n_ex = sum(int(st.excluded.sum()) for st in data.stacks)
     vs = np.linalg.norm(np.asarray(data.affine)[:3, :3], axis=0)
-    info = [("stacks", str(len(data.stacks))), ("slices with pixels", str(n_sl)),
+    n_all = sum(len(st.index) for st in data.stacks)
+    info = [("stacks", str(len(data.stacks))), ("slices with pixels", f"{n_sl} (of {n_all} in the stacks)"),
             ("excluded slices (weight &lt; 0.5)", f'<span class="{"bad" if n_ex else ""}">{n_ex}</span>'),
             ("output grid", f"{' x '.join(map(str, data.volume.shape))} voxels of "
                             f"{' x '.join(f'{v:.2f}' for v in vs)} mm")]
@@ -842,7 +917,6 @@ def report_data_from_dir(recon_dir, device: torch.device | str = "cpu") -> tuple
     """Rebuild :class:`ReportData` from a reconstruction folder: ``(data, record, default_output)``."""
     from .methods.svr import roi_weights
     from .metrics import simulate_slices, slice_consistency
-    from .preprocess import n4_correct, normalise_intensities
 
     folder = Path(recon_dir)
     if not folder.is_dir():
@@ -858,10 +932,27 @@ def report_data_from_dir(recon_dir, device: torch.device | str = "cpu") -> tuple
         raise Slice2VolError(f"{json_path}: not a reconstruction record (nested too deeply)") from None
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise Slice2VolError(f"{json_path}: not a reconstruction record ({' '.join(str(exc).split())})") from None
-    poses = io.load_poses_json(json_path)
+    arrays = folder / REPORT_ARRAYS
+    if json_path.name == REPORT_DATA and arrays.is_file():
+        # the run's own arrays: the page is rebuilt from them alone
+        data = load_report_arrays(arrays)
+        recorded = record.get("inputs") or {}
+        data.inputs = [str(p) for p in [record.get("output"), *(recorded.get("stacks") or []),
+                                        *(recorded.get("stack_masks") or []), recorded.get("mask")]
+                       if isinstance(p, str)]
+        return data, record, default_out
+    poses = io.load_poses_json(json_path)  # the poses are checked first: a hostile record fails on them
+    inputs = record.get("inputs") or {}
+    if inputs.get("bias_field"):
+        raise Slice2VolError(f"{json_path}: the run corrected the bias field and recorded no report arrays; "
+                             f"its slices cannot be rebuilt without recomputing them differently. Use the report "
+                             f"folder of `reconstruct --report` (it holds {REPORT_ARRAYS})")
+    factors = record.get("intensity_factors")
+    if not isinstance(factors, list) or len(factors) != len(entries):
+        raise Slice2VolError(f"{json_path}: no intensity factors recorded for its {len(entries)} stacks; the run's "
+                             f"normalisation cannot be reproduced. Use the report folder of `reconstruct --report`")
     volume_path = _find_volume(record, base, json_path)
     volume = io.load_volume(volume_path)
-    inputs = record.get("inputs") or {}
     paths = inputs.get("stacks") or [st.get("file") or st.get("name") for st in entries]
     if len(paths) != len(entries):
         raise Slice2VolError(f"{json_path}: {len(paths)} input stacks recorded for {len(entries)} pose entries")
@@ -874,14 +965,11 @@ def report_data_from_dir(recon_dir, device: torch.device | str = "cpu") -> tuple
         if len(e["index"]) != st.n_slices or not np.array_equal(np.sort(e["index"]), st.index):
             raise Slice2VolError(f"stack {p}: {st.n_slices} slices but {len(e['index'])} poses recorded in "
                                  f"{json_path}; the stack changed since the reconstruction")
-    if inputs.get("bias_field"):
-        stacks = [n4_correct(st) for st in stacks]
-    factors = record.get("intensity_factors")
     template = record.get("template")
-    if factors is None or len(factors) != len(stacks):
-        stacks, factors = normalise_intensities(stacks, int(template or 0))
-    else:
+    try:
         stacks = [replace(st, slices=st.slices * float(f)) for st, f in zip(stacks, factors)]
+    except (TypeError, ValueError):
+        raise Slice2VolError(f"{json_path}: intensity factors are not numbers") from None
     est = [e["poses"][np.argsort(e["index"])] for e in poses]
     offsets = np.cumsum([0] + [st.n_slices for st in stacks]).tolist()
 

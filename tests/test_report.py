@@ -9,10 +9,13 @@ figures' looks, which were checked by eye in a browser.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import html.parser
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import slice2vol.methods.svr as svr
 import slice2vol.preprocess as preprocess
 from slice2vol.cli import main
 from slice2vol.image import Volume
-from slice2vol.report import REPORT_DATA, REPORT_HTML, slice_motion
+from slice2vol.report import REPORT_ARRAYS, REPORT_DATA, REPORT_HTML, load_report_arrays, slice_motion
 from slice2vol.simulate import SimulationConfig, save_simulation, simulate_stacks
 from slice2vol.transforms import params_to_matrix
 
@@ -69,8 +72,11 @@ def recon(tmp_path_factory) -> Path:
         mp.setattr(svr, "SVRConfig", FastConfig)
         mp.setattr(preprocess, "register_stacks",
                    functools.partial(preprocess.register_stacks, resolution=3.0, sigmas=(2.0,), iterations=3))
-        rc = _reconstruct(stacks, masks, out)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = _reconstruct(stacks, masks, out)
     assert rc == 0
+    (out / "stdout.txt").write_text(buf.getvalue())
     return out
 
 
@@ -143,19 +149,89 @@ def test_report_command_rebuilds_from_a_reconstruction_folder(recon, tmp_path, c
     assert main(["report", str(recon), "--output", str(tmp_path / "a"), "--device", "cpu"]) == 0
     check_page(tmp_path / "a")
     assert "read from" in (tmp_path / "a" / REPORT_HTML).read_text()
-    # a copy of the report folder elsewhere, without the simulated stacks: slices simulated again,
-    # and the folder's own page rebuilt in place
+    # the transforms folder without the simulated stacks: slices simulated again from the volume
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    rec = json.loads((recon / "transforms.json").read_text())
+    rec["output_simulated"] = None
+    (bare / "transforms.json").write_text(json.dumps(rec))
+    assert main(["report", str(bare), "--device", "cpu"]) == 0
+    assert "simulated again" in check_page(bare / "report")
+    assert capsys.readouterr().out.count("wrote report") == 2
+
+
+def _summary_rows(text: str) -> list[str]:
+    """The summary section's table rows, without the page's time stamp."""
+    summary = text[text.index('id="summary"'):text.index('id="volume"')]
+    return re.findall(r"<tr>.*?</tr>", summary, flags=re.S)
+
+
+def test_report_rebuilt_from_a_report_folder_recomputes_nothing(recon, tmp_path, capsys, monkeypatch):
+    # issue 12 item 11: the page comes from what the run recorded; reloading the stacks,
+    # preprocessing them or simulating slices again would be recomputing it, so all are forbidden
+    import slice2vol.metrics
+    import slice2vol.preprocess
+
+    def forbidden(*a, **k):
+        raise AssertionError("the report recomputed what the run recorded")
+
+    for mod, name in ((slice2vol.io, "load_stacks"), (slice2vol.preprocess, "n4_correct"),
+                      (slice2vol.preprocess, "normalise_intensities"), (slice2vol.metrics, "simulate_slices"),
+                      (slice2vol.metrics, "slice_consistency")):
+        monkeypatch.setattr(mod, name, forbidden)
     copy = tmp_path / "copy"
     shutil.copytree(recon / "report", copy)
     for f in copy.glob("*.png"):
         f.unlink()
-    rec = json.loads((copy / REPORT_DATA).read_text())
-    rec["output_simulated"] = None
-    (copy / REPORT_DATA).write_text(json.dumps(rec))
     assert main(["report", str(copy), "--device", "cpu"]) == 0
-    text = check_page(copy)
-    assert "simulated again" in text
-    assert capsys.readouterr().out.count("wrote report") == 2
+    rebuilt = check_page(copy)
+    assert _summary_rows(rebuilt) == _summary_rows((recon / "report" / REPORT_HTML).read_text())
+    a, b = load_report_arrays(recon / "report" / REPORT_ARRAYS), load_report_arrays(copy / REPORT_ARRAYS)
+    assert np.array_equal(a.volume, b.volume) and len(a.stacks) == len(b.stacks) == 3
+    for x, y in zip(a.stacks, b.stacks):
+        assert np.array_equal(x.acquired, y.acquired) and np.array_equal(x.simulated, y.simulated)
+        assert np.array_equal(x.mask, y.mask) and np.array_equal(x.weights, y.weights)
+
+
+def test_cli_json_and_report_agree_on_counts_and_time(recon):
+    out = (recon / "stdout.txt").read_text()
+    record = json.loads((recon / "transforms.json").read_text())
+    m = re.search(r"reconstructed in ([0-9.]+) s .*?; (\d+) of (\d+) slices with pixels excluded as outliers "
+                  r"\((\d+) slices in the stacks\)", out)
+    assert m, out
+    assert float(m.group(1)) == pytest.approx(record["timings_s"]["total_s"], abs=0.051)
+    assert record["timings_s"]["total_s"] >= record["timings_s"]["method_s"] + record["timings_s"]["prepare_s"]
+    counts = record["slices"]
+    assert [int(m.group(i)) for i in (2, 3, 4)] == [counts["excluded"], counts["with_pixels"], counts["total"]]
+    weights = [w for st in record["stacks"] for w in st["weights"]] if "weights" in record["stacks"][0] else None
+    page = (recon / "report" / REPORT_HTML).read_text()
+    assert f"{counts['with_pixels']} (of {counts['total']} in the stacks)" in page
+    assert re.search(rf"excluded slices \(weight &lt; 0.5\)</td><td><span[^>]*>{counts['excluded']}</span>", page), page[:3000]
+    assert f"total {record['timings_s']['total_s']:.1f} s" in page
+    if weights is not None:
+        assert sum(w < 0.5 for w in weights) >= counts["excluded"]
+
+
+def test_report_refuses_what_it_could_only_recompute_differently(recon, tmp_path, capsys):
+    bias = tmp_path / "bias"
+    bias.mkdir()
+    rec = json.loads((recon / "transforms.json").read_text())
+    rec["inputs"]["bias_field"] = True
+    (bias / "transforms.json").write_text(json.dumps(rec))
+    assert "bias field" in _one_error(["report", str(bias)], capsys)
+    rec["inputs"]["bias_field"] = False
+    rec.pop("intensity_factors")
+    (bias / "transforms.json").write_text(json.dumps(rec))
+    assert "intensity factors" in _one_error(["report", str(bias)], capsys)
+    # damaged or hostile recorded arrays: one line, and pickled objects are never loaded
+    for name, payload in (("garbage", b"PK\x03\x04 not a zip"), ("pickled", None)):
+        folder = tmp_path / name
+        shutil.copytree(recon / "report", folder)
+        if payload is None:
+            np.savez(folder / REPORT_ARRAYS, meta=np.array([{"title": "x"}], dtype=object))
+        else:
+            (folder / REPORT_ARRAYS).write_bytes(payload)
+        assert "not a slice2vol report record" in _one_error(["report", str(folder)], capsys)
 
 
 def _one_error(argv, capsys) -> str:
