@@ -93,7 +93,6 @@ def test_forward_returns_one_finite_rigid_pose_per_slice():
     assert torch.allclose(same, torch.as_tensor(np.concatenate([s.poses for s in stacks])), atol=1e-3)
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="no packaged cSVR weights (slice2vol/data/csvr/) yet")
 def _atlas_tre(atlas, motion: str) -> tuple[float, float]:
     """Median-over-stacks TRE (mm) of the shipped network and of the header poses on one case."""
     cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=2.0, thickness=3.0,

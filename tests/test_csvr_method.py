@@ -2,11 +2,15 @@
 reconstruction, the SVR refinement, GaussianSVR's ``--init csvr`` and the CLI's option checks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import slice2vol
 from slice2vol.cli import main
+from slice2vol.errors import Slice2VolError
 from slice2vol.geometry import slice_to_world
 from slice2vol.image import SliceSet
 from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
@@ -16,8 +20,6 @@ from slice2vol.methods.csvr.reconstruct import (CSVRMethodConfig, align_to_frame
 from slice2vol.preprocess import prepare
 from slice2vol.simulate import SimulationConfig, simulate_stacks
 from slice2vol.transforms import params_to_matrix
-
-needs_weights = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="no packaged cSVR weights")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,6 @@ def test_align_to_frame_recovers_a_global_transform():
     assert err < 0.1 * err_before
 
 
-@needs_weights
 def test_network_poses_are_rigid_in_the_template_frame(mild_case):
     torch.set_num_threads(1)
     prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
@@ -73,7 +74,6 @@ def test_network_poses_are_rigid_in_the_template_frame(mild_case):
     assert float((c_net - c_stk).norm()) < 1.0
 
 
-@needs_weights
 @pytest.mark.parametrize("refine", [False, True])
 def test_reconstruct_csvr_fixed_and_refined(mild_case, refine):
     torch.set_num_threads(1)
@@ -141,6 +141,12 @@ def test_refine_starts_from_the_better_pose_set(mild_case, monkeypatch, network_
     assert torch.equal(seen["poses"], good if network_is_better else bad)
 
 
+def test_the_cSVR_weights_ship_with_the_package():
+    # the default method needs them; a missing file is a packaging defect, never a reason to skip
+    assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size > 10_000
+    assert DEFAULT_WEIGHTS.resolve().is_relative_to(Path(slice2vol.__file__).resolve().parent)
+
+
 def test_csvr_options_are_checked(tmp_path, capsys, make_stack):
     s = str(make_stack("a.nii.gz"))
     out = str(tmp_path / "o.nii.gz")
@@ -154,13 +160,12 @@ def test_csvr_options_are_checked(tmp_path, capsys, make_stack):
     assert "--csvr-start only applies to --method auto or --method csvr --refine" in err
     assert "--refine only applies to --method csvr" in err
     assert not (tmp_path / "o.nii.gz").exists()
-    with pytest.raises(Exception):
+    with pytest.raises(Slice2VolError, match="--iterations must be at least 1 for csvr"):
         reconstruct_csvr(None, CSVRMethodConfig(iterations=0))
-    with pytest.raises(Exception, match="start"):
+    with pytest.raises(Slice2VolError, match="start must be one of auto, network"):
         reconstruct_csvr(None, CSVRMethodConfig(start="stack"))
 
 
-@needs_weights
 def test_gaussian_starts_from_the_network_poses(mild_case):
     from slice2vol.methods.gaussian.optimise import GaussianConfig, reconstruct_gaussian
 
