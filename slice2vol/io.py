@@ -105,7 +105,12 @@ def _warn_about_header(img: nib.Nifti1Pair, what: str, p: Path) -> None:
     hdr = img.header
     if int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
         log.warning("%s %s: header has no sform or qform; voxel axes are taken along the world axes", what, p)
-    unit = hdr.get_xyzt_units()[0]
+    try:
+        unit = hdr.get_xyzt_units()[0]
+    except (KeyError, ValueError):  # a unit code NIfTI does not define
+        log.warning("%s %s: header spatial unit code %d is not a NIfTI unit; coordinates are used as millimetres",
+                    what, p, int(hdr["xyzt_units"]))
+        return
     if unit not in ("mm", "unknown"):
         log.warning("%s %s: spatial unit is %s; coordinates are used as millimetres unchanged", what, p, unit)
 
