@@ -19,7 +19,7 @@ motion level, how often Refine started from the network, and the paired gaps to 
 
 Part 3, sweeps (``--sweep``): the same for ``svr``, ``csvr`` and ``csvr-refine`` over the motion
 magnitude sweeps of the cSVR paper's Fig. 4 (``rot<deg>``: rotation only, ``trans<mm>``:
-translation only; see :mod:`slice2vol.motion`).
+translation only; see :mod:`slice2vol.simulation.motion`).
 
 Part 4, the network alone (``--network``): header poses vs network poses, TRE on all 15
 spina-bifida atlases (one simulation each, seed 2000) per motion level; the model card's table.
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from slice2vol.splits import VALIDATION_ATLASES as _VALIDATION  # the fixed atlas split; imports no torch
+from slice2vol.simulation.splits import VALIDATION_ATLASES as _VALIDATION  # the fixed atlas split; imports no torch
 
 VALIDATION_ATLASES = ",".join(_VALIDATION)
-# the cSVR paper's Fig. 4 varies rotation and translation ranges separately (slice2vol.motion)
+# the cSVR paper's Fig. 4 varies rotation and translation ranges separately (slice2vol.simulation.motion)
 SWEEP_LEVELS = "rot5,rot10,rot20,rot30,trans2,trans5,trans10,trans15"
 
 
@@ -54,13 +54,14 @@ def timing(args) -> None:
     import torch
 
     from slice2vol import io
-    from slice2vol.benchmark import atlas_dir, default_data_dir
+    from slice2vol.evaluation.benchmark import atlas_dir
+    from slice2vol.io import shared_data_dir
     from slice2vol.methods.csvr.infer import load_model, register_csvr
-    from slice2vol.simulate import SimulationConfig, simulate_stacks
+    from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Path(args.data) if args.data else default_data_dir()
+    data = Path(args.data) if args.data else shared_data_dir()
     adir = atlas_dir(data, args.timing_atlas)
     if adir is None:
         raise SystemExit(f"atlas {args.timing_atlas} not found under {data}")
@@ -97,14 +98,14 @@ def network_tre(args) -> None:
     """Network alone vs header poses: TRE (eq. 10, median over stacks) on every spina-bifida atlas."""
     import torch
 
-    from slice2vol.benchmark import default_data_dir
-    from slice2vol.methods.csvr.data import atlas_folders, load_atlas, validation_case
+    from slice2vol.io import shared_data_dir
     from slice2vol.methods.csvr.infer import load_model
-    from slice2vol.methods.csvr.train import evaluate_tre
+    from slice2vol.training.csvr import evaluate_tre
+    from slice2vol.training.csvr_data import atlas_folders, load_atlas, validation_case
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Path(args.data) if args.data else default_data_dir()
+    data = Path(args.data) if args.data else shared_data_dir()
     net = load_model()
     folders = atlas_folders(data, "spina_bifida2021")
     print(f"\ncSVR network alone, {len(folders)} spina-bifida atlases, 3 orthogonal 1 mm x 3 mm stacks, "
@@ -122,7 +123,7 @@ def network_tre(args) -> None:
 
 def quality(args, motion: str, methods: list[str], output: Path, title: str) -> int:
     """Run ``slice2vol benchmark`` (resumable) and print the methods side by side per motion level."""
-    cmd = [sys.executable, "-m", "slice2vol.cli", "benchmark", "--atlases", args.atlases, "--motion", motion,
+    cmd = [sys.executable, "-m", "slice2vol.cli.parser", "benchmark", "--atlases", args.atlases, "--motion", motion,
            "--seeds", args.seeds, "--methods", ",".join(methods), "--device", args.device, "--output", str(output),
            "--no-progress"]
     if args.data:

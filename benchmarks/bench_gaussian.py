@@ -3,7 +3,7 @@
 
 Runs ``slice2vol benchmark`` on moderate-motion simulated cases (3 CRL atlases x 2 seeds by
 default; 3 orthogonal stacks, 1 mm in-plane, 3 mm thick, 0.8 mm output) with the method variants
-of ``slice2vol.commands.METHOD_VARIANTS``:
+of ``slice2vol.methods.run.METHOD_VARIANTS``:
 
 * ``svr`` -- classical SVR;
 * ``gaussian-sampled`` -- GaussianSVR with the paper's sampled PSF (start from SVR, joint poses, one stage);
@@ -56,7 +56,7 @@ def main() -> int:
             dst = args.output / "cases" / case.name
             if not dst.exists():
                 shutil.copytree(case, dst)
-    cmd = [sys.executable, "-m", "slice2vol.cli", "benchmark", "--atlases", args.atlases, "--motion", "moderate",
+    cmd = [sys.executable, "-m", "slice2vol.cli.parser", "benchmark", "--atlases", args.atlases, "--motion", "moderate",
            "--seeds", args.seeds, "--methods", ",".join(methods), "--device", args.device, "--output", str(args.output),
            "--no-progress"]
     print("$", " ".join(cmd), flush=True)

@@ -2,7 +2,7 @@
 """Large-motion robustness (issue 11) on the TEST atlases: the default pipeline against today's SVR.
 
 Runs ``slice2vol benchmark`` (resumable: finished jobs are reused) on spina-bifida atlases of the
-test split (:mod:`slice2vol.splits`; nothing was tuned on them) at mild, moderate, severe and
+test split (:mod:`slice2vol.simulation.splits`; nothing was tuned on them) at mild, moderate, severe and
 extreme motion, then prints from its ``results.csv``:
 
 * per method x motion level: mean PSNR, median TRE, mean time and peak RSS;
@@ -15,6 +15,7 @@ extreme motion, then prints from its ``results.csv``:
     python benchmarks/bench_large_motion.py --output bench_out/large_motion            # runs + prints
     python benchmarks/bench_large_motion.py --output bench_out/large_motion --methods svr-local,auto,gaussian
     python benchmarks/bench_large_motion.py --output DIR --print-only                  # tables of a finished run
+    python benchmarks/bench_large_motion.py --output DIR --print-only --csv A.csv B.csv  # several runs, one table
 
 Output of the run reported in the README: ``benchmarks/results/large_motion_cpu.txt``.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slice2vol.splits import split_atlases
+from slice2vol.simulation.splits import split_atlases
 
 #: six of the twelve test atlases, every other one by gestational age (GA 21-33)
 DEFAULT_ATLASES = tuple(split_atlases("test")[::2])
@@ -50,9 +51,19 @@ def run(args) -> None:
     subprocess.run(cmd, check=True)
 
 
-def load(output: Path) -> list[dict]:
-    with open(output / "results.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("status") == "ok"]
+def load(output: Path, extra_csv=()) -> list[dict]:
+    """Rows of ``output/results.csv`` plus any saved ``results.csv`` copies (``--csv``), one row per
+    (case, method): a later file replaces an earlier one's row, and ``naive`` rows (the same
+    simulation in every run) are kept once."""
+    rows: dict = {}
+    for path in [output / "results.csv", *extra_csv]:
+        if not Path(path).is_file():
+            continue
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r.get("status") == "ok":
+                    rows[(r["case"], r["method"])] = r
+    rows = list(rows.values())
     for r in rows:
         for k in ("psnr", "tre_median_mm", "time_s", "peak_rss_mb"):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
@@ -122,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--print-only", action="store_true")
+    ap.add_argument("--csv", type=Path, nargs="*", default=(),
+                    help="more results.csv files of earlier runs on the same cases (e.g. benchmarks/results/*.csv)")
     args = ap.parse_args(argv)
     args.atlases = args.atlases.split(",")
     args.motion = args.motion.split(",")
@@ -131,7 +144,7 @@ def main(argv=None) -> int:
         sys.exit(f"not test atlases: {sorted(set(args.atlases) - test)} (figures are reported on the test split)")
     if not args.print_only:
         run(args)
-    print(tables(load(args.output), args.motion, args.methods))
+    print(tables(load(args.output, args.csv), args.motion, args.methods))
     return 0
 
 

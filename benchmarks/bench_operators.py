@@ -37,10 +37,10 @@ import time
 import numpy as np
 import torch
 
-from slice2vol import acquisition as acq
-from slice2vol.geometry import stack_slice_poses
-from slice2vol.image import SliceSet, Stack
-from slice2vol.simulate import orientation_rotation
+from slice2vol.core import acquisition as acq
+from slice2vol.core.geometry import stack_slice_poses
+from slice2vol.core.image import SliceSet, Stack
+from slice2vol.simulation.simulate import orientation_rotation
 
 # Bytes per PSF sample assumed by the bounds (float32 data, see module doc).
 FWD_DRAM_BYTES = 8 * 4 + 3 * 4  # 8 voxel reads + coordinates

@@ -8,11 +8,11 @@ the template -- the setting of SVRTK's own test::
     mirtk reconstruct out.nii.gz 6 simulated-stack-d*.nii.gz -template simulated-stack-d2.nii.gz \\
         -mask mask-for-stack-2.nii.gz -resolution 0.8 -thickness 2.5 (x6) -iterations 3 -svr_only
 
-It calls ``commands.run_reconstruction`` exactly as ``slice2vol reconstruct STACKS --thickness 2.5
+It calls ``methods.run.run_reconstruction`` exactly as ``slice2vol reconstruct STACKS --thickness 2.5
 --mask mask-for-stack-2.nii.gz --template 2`` does, then prints
 
 * slice consistency (SSIM / PSNR / NCC of acquired vs simulated slices) before -- the motion-blind
-  PSF average at the header poses, ``commands.naive_consistency`` -- and after SVR
+  PSF average at the header poses, ``evaluation.metrics.naive_consistency`` -- and after SVR
   (``metrics.slice_consistency`` of ``result.simulated``), overall and per stack;
 * wall time of the reconstruction and the process's peak RSS (CUDA: peak allocated memory);
 
@@ -33,18 +33,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _memory import peak_rss_mb, reset_peak_rss, status_mb
 
-from slice2vol import acquisition as acq
 from slice2vol import io
-from slice2vol.commands import crop_to_roi, naive_consistency, run_reconstruction
-from slice2vol.image import SliceSet, Volume
-from slice2vol.metrics import slice_consistency
-from slice2vol.reconstruction import psf_average
-from slice2vol.runtime import resolve_device, seed_everything
+from slice2vol.core.image import Volume
+from slice2vol.core.runtime import resolve_device, seed_everything
+from slice2vol.evaluation.metrics import naive_consistency, slice_consistency
+from slice2vol.methods.naive import naive_baseline
+from slice2vol.methods.run import crop_to_roi, run_reconstruction
 
-DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_SHARED") or Path(__file__).resolve().parents[2] / "shared" / "data")
+DEFAULT_DATA = io.shared_data_dir()
 
 
 def mid_slices(vol: np.ndarray) -> list[np.ndarray]:
@@ -130,11 +128,7 @@ def main(argv=None) -> int:
     after = slice_consistency(prep.slices, result.simulated.detach())
 
     # outputs: the SVR result and the naive PSF average at header poses (as naive_consistency builds it)
-    header = SliceSet.from_stacks(prep.stacks, device=prep.slices.device)
-    res = float(np.linalg.norm(prep.affine[:3, :3], axis=0).mean())
-    psf = acq.psf_kernel(header.spacing, header.thickness, res)
-    V0 = psf_average(header.values, torch.ones_like(header.values), prep.shape, prep.affine, header.poses,
-                     header.coords, header.slice_id, psf)
+    V0 = naive_baseline(prep).volume
 
     def roi_volume(data):
         v = crop_to_roi(Volume(data * prep.roi, prep.affine, prep.roi), prep.roi)

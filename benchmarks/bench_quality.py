@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Calibration of the reference-free quality verdict (issue 11, part 3; :mod:`slice2vol.quality`).
+"""Calibration of the reference-free quality verdict (issue 11, part 3; :mod:`slice2vol.evaluation.quality`).
 
 Simulates cases (3 orthogonal stacks, 1 mm pixels, 3 mm slices, the benchmark's simulation),
-reconstructs each with ``svr`` (:func:`slice2vol.commands.run_reconstruction`), measures the
+reconstructs each with ``svr`` (:func:`slice2vol.methods.run.run_reconstruction`), measures the
 result against the ground truth (``compare_volumes(align=True, scale=True)`` PSNR), computes the
-reference-free quality (:func:`slice2vol.quality.assess_quality`) and prints one row per case and
+reference-free quality (:func:`slice2vol.evaluation.quality.assess_quality`) and prints one row per case and
 the confusion table verdict x PSNR band (< 20 dB, 20-24 dB, >= 24 dB) with the two goals checked:
 no reconstruction under 20 dB is ``ok``; >= 90% of those at 24 dB or more are ``ok``.
 
@@ -35,7 +35,7 @@ VALIDATION = ("GA22_notoperated", "GA27_operated", "GA32_operated")
 
 #: (atlas, motion, seed) of the default calibration: every motion level on training and
 #: validation atlases, most of them at ``severe`` where SVR starts to fail (and ``extreme``
-#: where :mod:`slice2vol.motion` has it).
+#: where :mod:`slice2vol.simulation.motion` has it).
 PLAN = [
     ("STA25", "none", 0), ("GA27_operated", "none", 0),
     ("STA30", "mild", 0), ("GA22_notoperated", "mild", 0),
@@ -70,19 +70,19 @@ def case_name(atlas: str, motion: str, seed: int) -> str:
 def reconstruct_case(data: Path, atlas: str, motion: str, seed: int, resolution: float) -> dict:
     """Simulate (as ``slice2vol benchmark`` does), reconstruct with svr, compare with the truth."""
     from slice2vol import io
-    from slice2vol.benchmark import atlas_dir
-    from slice2vol.commands import crop_to_roi, run_reconstruction
-    from slice2vol.image import Volume
-    from slice2vol.metrics import compare_volumes
-    from slice2vol.runtime import seed_everything
-    from slice2vol.simulate import SimulationConfig, simulate_stacks
+    from slice2vol.core.image import Volume
+    from slice2vol.core.runtime import seed_everything
+    from slice2vol.evaluation.benchmark import atlas_dir
+    from slice2vol.evaluation.metrics import compare_volumes
+    from slice2vol.methods.run import crop_to_roi, run_reconstruction
+    from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
     adir = atlas_dir(data, atlas)
     if adir is None:
         raise SystemExit(f"bench_quality: atlas {atlas} not found under {data}")
     volume = io.load_volume(adir / "t2.nii.gz", adir / "mask.nii.gz")
     try:  # extreme: random interleave packages and tilted stacks, as slice2vol benchmark simulates it
-        from slice2vol.simulate import realism_for
+        from slice2vol.simulation.simulate import realism_for
     except ImportError:  # pragma: no cover - before the extreme level existed
         def realism_for(level):
             return {}
@@ -141,8 +141,8 @@ def confusion(rows: list[dict]) -> tuple[str, bool]:
 
 
 def main(argv=None) -> int:
-    from slice2vol.benchmark import default_data_dir
-    from slice2vol.motion import MOTION_LEVELS
+    from slice2vol.io import shared_data_dir
+    from slice2vol.simulation.motion import MOTION_LEVELS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--atlases", nargs="+", default=None, help="atlases (default: the calibration plan)")
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cached-only", action="store_true", help="no new reconstructions: report the cached cases")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = args.data or default_data_dir()
+    data = args.data or shared_data_dir()
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.atlases:
         motions = args.motion or ["none", "mild", "moderate", "severe"] + (["extreme"] if "extreme" in MOTION_LEVELS else [])
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         if m not in MOTION_LEVELS and not m.startswith(("rot", "trans")):
             sys.exit(f"bench_quality: unknown motion level {m!r}")
 
-    from slice2vol.quality import assess_quality
+    from slice2vol.evaluation.quality import assess_quality
 
     rows = []
     for atlas, motion, seed in plan:
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     if not rows:
         print("no cases")
         return 1
-    from slice2vol.quality import CRITERIA
+    from slice2vol.evaluation.quality import CRITERIA
 
     keys = list(CRITERIA)
     print()

@@ -2,7 +2,7 @@
 """SVR vs the naive baseline on simulated atlas cases: a thin wrapper around ``slice2vol benchmark``.
 
 The per-case logic (simulation, one worker process per reconstruction, evaluation against ground
-truth, resumable results) lives in :mod:`slice2vol.benchmark`; this script keeps the old
+truth, resumable results) lives in :mod:`slice2vol.evaluation.benchmark`; this script keeps the old
 interface (one motion level, ``--methods svr``, device cpu by default) and adds what issue 3
 asked of SVR: the PSNR gain over the naive baseline per case and the targets checked on every
 case (gain >= 6 dB, time <= 60 s, memory <= 4 GB).
@@ -18,8 +18,9 @@ import csv
 import sys
 from pathlib import Path
 
-from slice2vol.benchmark import NAIVE, RESULTS_CSV, default_data_dir
-from slice2vol.cli import main as cli_main
+from slice2vol.cli.parser import main as cli_main
+from slice2vol.evaluation.benchmark import NAIVE, RESULTS_CSV
+from slice2vol.io import shared_data_dir
 
 TARGETS = {"psnr_gain_db": 6.0, "time_s": 60.0, "memory_gb": 4.0}
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", default=None, help="outer iterations (default: the method's)")
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="(default: cpu)")
     ap.add_argument("--threads", default=None, help="torch CPU threads per process (default: torch's)")
-    ap.add_argument("--data", type=Path, default=None, help=f"shared data folder (default: {default_data_dir()})")
+    ap.add_argument("--data", type=Path, default=None, help=f"shared data folder (default: {shared_data_dir()})")
     ap.add_argument("--output", type=Path, default=Path("bench_out/svr"), help="output folder (default: %(default)s)")
     args = ap.parse_args(argv)
 

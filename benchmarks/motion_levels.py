@@ -2,11 +2,11 @@
 """Motion statistics of the simulated motion levels (issue 11): geometry only, no rendering.
 
 For every level, 3 orthogonal stacks (axial, coronal, sagittal; 1 mm in-plane, 3 mm thick) are
-sampled on each atlas x seed with :func:`slice2vol.simulate.sample_simulation_params` (plus the
-level's :func:`slice2vol.simulate.realism_for` settings, as ``slice2vol benchmark`` uses) and
-the true poses made with :func:`slice2vol.motion.apply_motion`; the table gives percentiles
-over all slices of :func:`slice2vol.motion.motion_statistics`.  The atlases are training atlases
-(:mod:`slice2vol.splits`): the levels are calibrated here, so never on test data.
+sampled on each atlas x seed with :func:`slice2vol.simulation.simulate.sample_simulation_params` (plus the
+level's :func:`slice2vol.simulation.simulate.realism_for` settings, as ``slice2vol benchmark`` uses) and
+the true poses made with :func:`slice2vol.simulation.motion.apply_motion`; the table gives percentiles
+over all slices of :func:`slice2vol.simulation.motion.motion_statistics`.  The atlases are training atlases
+(:mod:`slice2vol.simulation.splits`): the levels are calibrated here, so never on test data.
 
     python benchmarks/motion_levels.py                       # -> benchmarks/results/motion_levels.txt
     python benchmarks/motion_levels.py --levels extreme --seeds 0,1,2,3,4,5,6,7 --no-save
@@ -14,7 +14,6 @@ over all slices of :func:`slice2vol.motion.motion_statistics`.  The atlases are 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import numpy as np
 import torch
 
 from slice2vol import io
-from slice2vol.motion import apply_motion, motion_values, percentiles
-from slice2vol.simulate import SimulationConfig, realism_for, sample_simulation_params
+from slice2vol.simulation.motion import apply_motion, motion_values, percentiles
+from slice2vol.simulation.simulate import SimulationConfig, realism_for, sample_simulation_params
 
 LEVELS = ("mild", "moderate", "severe", "extreme", "csvr")
 ATLASES = ("STA23", "STA29", "STA35")
@@ -34,8 +33,9 @@ RESULT = Path(__file__).resolve().parent / "results" / "motion_levels.txt"
 
 
 def data_dir() -> Path:
-    env = os.environ.get("SLICE2VOL_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    from slice2vol.io import shared_data_dir
+
+    return shared_data_dir()
 
 
 def level_poses(volume, level: str, seed: int):
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     data = args.data or data_dir()
-    from slice2vol.benchmark import atlas_dir
+    from slice2vol.evaluation.benchmark import atlas_dir
 
     volumes = {}
     for a in args.atlases.split(","):

@@ -2,7 +2,7 @@
 """Generate the demo case bundled with slice2vol (``slice2vol/data/demo/``), reproducibly.
 
 Three orthogonal stacks (axial, coronal, sagittal; 1 mm in-plane, 3 mm thick, moderate motion,
-Rician noise 0.02, seed 0) simulated with :func:`slice2vol.simulate.simulate_stacks` from the CRL
+Rician noise 0.02, seed 0) simulated with :func:`slice2vol.simulation.simulate.simulate_stacks` from the CRL
 2017 fetal brain atlas at 30 weeks (STA30, t2 + mask), plus:
 
 * ``mask_XX.nii.gz``      stack masks (uint8), the simulator's brain masks;
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from slice2vol import __version__, io
-from slice2vol.commands import crop_to_roi
-from slice2vol.runtime import seed_everything
-from slice2vol.simulate import SimulationConfig, simulate_stacks
+from slice2vol.core.runtime import seed_everything
+from slice2vol.methods.run import crop_to_roi
+from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SLICE2VOL_DATA", "/work/shared/data"))

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from slice2vol.benchmark import update_readme
 from slice2vol.errors import Slice2VolError
+from slice2vol.evaluation.benchmark import update_readme
 
 
 def main(argv=None) -> int:

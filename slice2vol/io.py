@@ -4,7 +4,7 @@ Loading keeps geometry exact: the affine is nibabel's ``img.affine`` (sform if v
 as nibabel chooses), voxel values are nibabel's ``get_fdata()`` (``scl_slope``/``scl_inter``
 applied in float64) rounded once to float32, trailing singleton dimensions are dropped (a 2D image
 is a stack of one slice), and a stack whose affine has a negative determinant has its ``i`` axis
-flipped (world positions unchanged, see :mod:`slice2vol.geometry`).  NaN/Inf voxels are excluded
+flipped (world positions unchanged, see :mod:`slice2vol.core.geometry`).  NaN/Inf voxels are excluded
 with a warning: zeroed in the data and left out of a stack's mask.  Complex-valued images and a
 zero or non-finite voxel size in the header (``pixdim``) are refused.  Every problem with the input
 raises :class:`~slice2vol.errors.Slice2VolError` with one clear sentence.  Outputs are written
@@ -25,13 +25,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import budget
-from .errors import Slice2VolError
-from .geometry import check_affine, make_right_handed, stack_slice_poses
-from .image import Stack, Volume
-from .runtime import NOTICE
+from slice2vol.core import budget
+from slice2vol.core.geometry import check_affine, make_right_handed, stack_slice_poses
+from slice2vol.core.image import Stack, Volume
+from slice2vol.core.runtime import NOTICE
+from slice2vol.errors import Slice2VolError
 
 __all__ = [
+    "shared_data_dir",
+    "jsonable",
     "read_nifti",
     "load_nifti",
     "load_volume",
@@ -58,6 +60,18 @@ PathLike = str | os.PathLike
 GRID_TOL = 1e-2
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder (atlases, SVRTK's stacks), by the one rule every part of slice2vol
+    uses: ``$SLICE2VOL_SHARED`` if set; else ``shared/data`` beside the checkout that holds this
+    package (an editable install, the tests and benchmarks); else ``../shared/data`` from the
+    working folder.  Nothing at run time needs it: the demo and the weights ship in the package."""
+    env = os.environ.get("SLICE2VOL_SHARED")
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return beside if beside.is_dir() else Path("..") / "shared" / "data"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -492,17 +506,39 @@ def save_stack(stack: Stack, path: str | os.PathLike, data=None, protect: Sequen
     return save_volume(vol, path, stack.affine, protect)
 
 
+def jsonable(obj):
+    """``obj`` as strict JSON values: NaN/Inf -> None, numpy scalars and arrays and torch tensors
+    -> Python numbers and lists, tuples -> lists.  The one converter every JSON output uses."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def write_json(obj, path: str | os.PathLike, protect: Sequence[str | os.PathLike] = ()) -> Path:
-    """Write ``obj`` as indented JSON, atomically and never over an input."""
+    """Write ``obj`` as indented strict JSON (:func:`jsonable`), atomically and never over an input."""
+    clean = jsonable(obj)
+
     def w(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(clean, f, indent=1, allow_nan=False)
     return atomic_write(path, w, protect)
 
 
 POSES_CONVENTION = (
     "slice-to-world rigid 4x4 (mm, RAS); slice frame origin at the slice centre, "
-    "u along voxel axis i, v along j, w along the normal (see slice2vol.geometry)"
+    "u along voxel axis i, v along j, w along the normal (see slice2vol.core.geometry)"
 )
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from slice2vol.cli import main
+from slice2vol.cli.parser import main
 
 
 def refused(argv: list, capsys, pattern: str, code: int = 2) -> str:

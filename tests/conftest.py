@@ -15,8 +15,9 @@ import pytest
 
 
 def _shared_data_dir() -> Path:
-    env = os.environ.get("SLICE2VOL_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    from slice2vol.io import shared_data_dir  # the package's one rule
+
+    return shared_data_dir()
 
 
 @pytest.fixture(scope="session")
@@ -202,9 +203,9 @@ def _atlas_lowres(folder: Path, resolution: float, margin: float):
     cropped to the brain mask plus ``margin`` mm (anti-aliased by a Gaussian first)."""
     import torch
 
-    from slice2vol.geometry import axis_aligned_grid
-    from slice2vol.image import Volume
-    from slice2vol.resample import gaussian_blur, resample
+    from slice2vol.core.geometry import axis_aligned_grid
+    from slice2vol.core.image import Volume
+    from slice2vol.core.resample import gaussian_blur, resample
 
     img, msk = nib.load(folder / "t2.nii.gz"), nib.load(folder / "mask.nii.gz")
     data = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))
@@ -251,3 +252,24 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+_MEMLOG = os.environ.get("SLICE2VOL_TEST_MEMLOG")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``SLICE2VOL_TEST_MEMLOG=FILE``: append each test's process peak RSS (MB) and RSS after
+    it to FILE, to find what drives the suite's peak memory (``python -m pytest`` is one process)."""
+    yield
+    if _MEMLOG:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        try:
+            with open("/proc/self/statm") as f:
+                now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            now = float("nan")
+        with open(_MEMLOG, "a") as f:
+            f.write(f"{peak:.0f}\t{now:.0f}\t{item.nodeid}\n")

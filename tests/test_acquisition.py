@@ -1,4 +1,4 @@
-"""Behaviour of the slice acquisition model (slice2vol.acquisition).
+"""Behaviour of the slice acquisition model (slice2vol.core.acquisition).
 
 Everything here runs on tiny volumes (a few hundred voxels) in float64 so the identities tested
 (adjointness, quadrature moments, trilinear sampling, gradients) hold to rounding, not to
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from slice2vol import acquisition as acq
-from slice2vol.geometry import slice_pixel_coords
-from slice2vol.transforms import axis_angle_to_matrix, params_to_matrix
+from slice2vol.core import acquisition as acq
+from slice2vol.core.geometry import slice_pixel_coords
+from slice2vol.core.transforms import axis_angle_to_matrix, params_to_matrix
 
 D = torch.float64
 QUALITIES = ("thin", "normal", "high")

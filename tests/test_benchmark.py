@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from slice2vol import benchmark as bm
-from slice2vol.cli import build_parser, main
+from slice2vol.cli.parser import build_parser, main
 from slice2vol.errors import Slice2VolError
+from slice2vol.evaluation import benchmark as bm
+from slice2vol.evaluation.benchmark import runner as bm_runner  # where the parent looks its workers up
 
 
 @pytest.fixture
@@ -173,8 +174,8 @@ def test_rerun_skips_finished_jobs_and_retries_failed(fake_data, tmp_path, monke
     def no_simulation(*a, **k):
         raise AssertionError("a case whose case.json exists must not be simulated again")
 
-    monkeypatch.setattr(bm, "run_worker", fake_worker)
-    monkeypatch.setattr(bm, "simulate_case", no_simulation)
+    monkeypatch.setattr(bm_runner, "run_worker", fake_worker)
+    monkeypatch.setattr(bm_runner, "simulate_case", no_simulation)
     assert bm.run_benchmark(cfg) == 0
     assert ran == [(jobs[2].case, jobs[2].method), (jobs[3].case, jobs[3].method)]
     assert "2 already done" in capsys.readouterr().out
@@ -195,7 +196,7 @@ def test_failed_job_recorded_run_continues_exit_1(fake_data, tmp_path, monkeypat
         case_dir.mkdir(parents=True, exist_ok=True)
         (case_dir / bm.CASE_JSON).write_text("{}")
 
-    monkeypatch.setattr(bm, "simulate_case", simulate)
+    monkeypatch.setattr(bm_runner, "simulate_case", simulate)
 
     def worker(c, job, device):
         ok = not (job.atlas == "STA23" and job.method == "svr")
@@ -206,7 +207,7 @@ def test_failed_job_recorded_run_continues_exit_1(fake_data, tmp_path, monkeypat
         p.write_text(json.dumps(rec))
         return rec
 
-    monkeypatch.setattr(bm, "run_worker", worker)
+    monkeypatch.setattr(bm_runner, "run_worker", worker)
     assert bm.run_benchmark(cfg) == 1
     err = capsys.readouterr().err
     assert "3 job(s) failed" in err and "STA23_mild_seed0 svr: RuntimeError: boom" in err

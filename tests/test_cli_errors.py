@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slice2vol.cli import build_parser, main
+from slice2vol.cli.parser import build_parser, main
 
 # Cheap settings so that, should a command not check its outputs before working, the run that
 # precedes the refusal is still short.

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from slice2vol.image import SliceSet, Stack, Volume
+from slice2vol.core.image import SliceSet, Stack, Volume
 from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
 from slice2vol.methods.csvr.inputs import prepare_inputs, to_network_poses, to_original_poses
 from slice2vol.methods.csvr.network import CSVRConfig, CSVRNet
 from slice2vol.methods.csvr.operators import pull, push, push_normalised, trilinear_corners
-from slice2vol.methods.csvr.train import evaluate_tre, multilayer_loss, train_step
-from slice2vol.simulate import SimulationConfig, simulate_stacks
+from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
+from slice2vol.training.csvr import evaluate_tre, multilayer_loss, train_step
 
 TINY = CSVRConfig(channels=(4, 6, 8), hidden=(6, 8, 8), spacing=2.0, fov=48.0, iterations=(1, 1, 1))
 
@@ -139,7 +139,11 @@ def test_train_command_resumes_from_exported_weights_with_a_motion_mix(tmp_path)
     trains on the listed levels; an unknown level is one clear error."""
     import nibabel as nib
 
-    from slice2vol.methods.csvr.train import export_weights, main as train_main, split_motions
+    from slice2vol.cli.parser import main as cli_main
+    from slice2vol.training.csvr import export_weights, split_motions
+
+    def train_main(argv):
+        return cli_main(["train-csvr", *argv])
 
     vol = _blob_volume()
     for folder in (tmp_path / "data/fetal_atlases/crl2017/BLOB", tmp_path / "data/fetal_atlases/spina_bifida2021/GA22_notoperated"):

@@ -9,17 +9,22 @@ import pytest
 import torch
 
 import slice2vol
-from slice2vol.cli import main
+from slice2vol.cli.parser import main
+from slice2vol.core.geometry import slice_to_world
+from slice2vol.core.image import SliceSet
+from slice2vol.core.preprocess import prepare
+from slice2vol.core.transforms import params_to_matrix
 from slice2vol.errors import Slice2VolError
-from slice2vol.geometry import slice_to_world
-from slice2vol.image import SliceSet
-from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
 from slice2vol.methods.csvr import reconstruct as csvr_reconstruct
-from slice2vol.methods.csvr.reconstruct import (CSVRMethodConfig, align_to_frame, network_poses, reconstruct_csvr,
-                                                start_scores)
-from slice2vol.preprocess import prepare
-from slice2vol.simulate import SimulationConfig, simulate_stacks
-from slice2vol.transforms import params_to_matrix
+from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
+from slice2vol.methods.csvr.reconstruct import (
+    CSVRMethodConfig,
+    align_to_frame,
+    network_poses,
+    reconstruct_csvr,
+    start_scores,
+)
+from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
 from slice2vol import io
-from slice2vol.errors import Slice2VolError
-from slice2vol.geometry import (
+from slice2vol.core.geometry import (
     axis_aligned_grid,
     check_affine,
     grid_affine,
@@ -24,6 +23,7 @@ from slice2vol.geometry import (
     stack_slice_poses,
     world_to_grid,
 )
+from slice2vol.errors import Slice2VolError
 
 SHAPE = (5, 4, 3)
 

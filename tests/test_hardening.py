@@ -1,7 +1,7 @@
 """Issue 12 (hardening): untrusted files, sizes checked before allocation, no non-finite output,
 and every command the README shows is wired into the CLI.
 
-Each test exercises one refusal end to end where that is cheap (``slice2vol.cli.main`` on the
+Each test exercises one refusal end to end where that is cheap (``slice2vol.cli.parser.main`` on the
 bundled demo stacks, refused before any registration) and as a unit otherwise.
 """
 from __future__ import annotations
@@ -18,13 +18,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from slice2vol import acquisition as acq
-from slice2vol import budget, cli
-from slice2vol.cli import main
-from slice2vol.errors import Slice2VolError
-from slice2vol.image import Volume
 from cli_checks import refused as _refused  # shared with the other CLI tests
+
+from slice2vol.cli.parser import main
+from slice2vol.cli import parser as cli
+from slice2vol.core import acquisition as acq
+from slice2vol.core import budget
+from slice2vol.core.image import Volume
+from slice2vol.errors import Slice2VolError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "slice2vol" / "data" / "demo"
@@ -89,7 +90,7 @@ def test_weights_of_the_wrong_structure_are_one_line(tmp_path):
 def test_training_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     import random
 
-    from slice2vol.methods.csvr.train import _rng_state, _set_rng_state
+    from slice2vol.training.csvr import _rng_state, _set_rng_state
 
     rng = np.random.default_rng(5)
     np.random.seed(3)
@@ -123,7 +124,7 @@ def _tiny_training_data(root: Path) -> Path:
 
 def test_train_csvr_resumes_from_its_checkpoint_and_refuses_a_crafted_one(tmp_path, capsys, caplog):
     from slice2vol.methods.csvr.network import CSVRConfig, CSVRNet
-    from slice2vol.methods.csvr.train import export_weights
+    from slice2vol.training.csvr import export_weights
 
     data = _tiny_training_data(tmp_path / "data")
     torch.manual_seed(0)
@@ -245,7 +246,7 @@ def test_allocator_errors_are_one_line(monkeypatch, capsys):
 
 
 def test_a_non_finite_volume_is_never_written(tmp_path):
-    from slice2vol.commands import _write_results
+    from slice2vol.cli.commands import _write_results
 
     roi = torch.ones(4, 4, 4, dtype=torch.bool)
     data = torch.ones(4, 4, 4)
@@ -288,15 +289,3 @@ def test_every_command_in_the_readme_has_a_help_listing_its_options(capsys, monk
         text = capsys.readouterr().out
         for option in re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage):
             assert option in text, f"README shows {name} {option}, which {name} --help does not list"
-
-
-def test_train_csvr_options_are_defined_once():
-    from slice2vol.methods.csvr import train
-
-    standalone = argparse.ArgumentParser()
-    train._add_arguments(standalone)
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    wired = sub.choices["train-csvr"]
-    assert {s for a in standalone._actions for s in a.option_strings} == {
-        s for a in wired._actions for s in a.option_strings}
-    assert math.isclose(wired.parse_args(["-o", "x"]).lr, 1e-4)

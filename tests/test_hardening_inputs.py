@@ -2,7 +2,7 @@
 used, hostile pose records and integer options, output locations and interrupted runs, and what
 --verbose shows.
 
-Most tests run ``slice2vol.cli.main`` on tiny synthetic stacks written into ``tmp_path``; where a
+Most tests run ``slice2vol.cli.parser.main`` on tiny synthetic stacks written into ``tmp_path``; where a
 refusal must come before any work, ``run_reconstruction`` is replaced by a function that fails.
 """
 from __future__ import annotations
@@ -24,13 +24,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from slice2vol import cli, commands, io
-from slice2vol.cli import main
-from slice2vol.errors import Slice2VolError
-from slice2vol.image import SliceSet, Volume
-from slice2vol.runtime import setup_logging
 from cli_checks import refused as _refused  # shared with the other CLI tests
+
+from slice2vol import io
+from slice2vol.cli import commands
+from slice2vol.cli.parser import main
+from slice2vol.cli import parser as cli
+from slice2vol.core.image import SliceSet, Volume
+from slice2vol.core.runtime import setup_logging
+from slice2vol.errors import Slice2VolError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--iterations", "1", "--resolution", "2", "--no-progress"]
@@ -110,7 +112,7 @@ def _mask_like(stack: Path, out: Path, writer) -> Path:
 
 
 def _prepare(paths, mask_path):
-    from slice2vol.preprocess import prepare
+    from slice2vol.core.preprocess import prepare
 
     stacks = io.load_stacks(paths)
     mask = Volume(torch.from_numpy(io.load_mask(mask_path)), io.load_nifti(mask_path, "mask")[1])
@@ -122,7 +124,7 @@ def test_mask_drawn_on_a_stack_makes_that_stack_the_template(tmp_path, nifti_wri
     noisy = _world_stack(tmp_path / "noisy.nii.gz", noise=40.0, seed=1, writer=nifti_writer)
     mask = _mask_like(noisy, tmp_path / "mask.nii.gz", nifti_writer)
     # the automatic choice alone prefers the clean (rotated) stack
-    from slice2vol.preprocess import choose_template
+    from slice2vol.core.preprocess import choose_template
     assert choose_template(io.load_stacks([clean, noisy])) == 0
     with shell_logging():
         setup_logging(False)
@@ -413,7 +415,8 @@ def test_sigterm_is_an_interrupt_and_leaves_no_temporary_file(tmp_path):
     out = tmp_path / "out" / "r.json"
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        from slice2vol import cli, io
+        from slice2vol.cli import parser as cli
+        from slice2vol import io
         def dispatch(args):
             def write(tmp):
                 open(tmp, "w").write("partial")
@@ -451,7 +454,7 @@ def test_verbose_shows_slice2vol_details_but_no_third_party_debug(capsys):
             logging.getLogger("PIL.PngImagePlugin").debug("STREAM b'IHDR' 16 13")
             logging.getLogger("matplotlib.font_manager").debug("findfont: score(FontEntry) = 10.05")
             logging.getLogger("matplotlib").info("matplotlib data path")
-            logging.getLogger("slice2vol.preprocess").info("template scores (neighbour NCC): 0.9")
+            logging.getLogger("slice2vol.core.preprocess").info("template scores (neighbour NCC): 0.9")
             logging.getLogger("slice2vol.methods.svr").debug("svr details")
             logging.getLogger("some.library").warning("a third-party warning")
             err = capsys.readouterr().err
@@ -461,7 +464,7 @@ def test_verbose_shows_slice2vol_details_but_no_third_party_debug(capsys):
 
 
 def test_report_refuses_a_deeply_nested_record_in_one_line(tmp_path, capsys):
-    from slice2vol.cli import main
+    from slice2vol.cli.parser import main
 
     (tmp_path / "transforms.json").write_text("[" * 100_000 + "]" * 100_000)
     assert main(["report", str(tmp_path)]) == 2

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from slice2vol.core.image import Volume
 from slice2vol.errors import Slice2VolError
-from slice2vol.image import Volume
-from slice2vol.motion import (
+from slice2vol.simulation.motion import (
     MotionParams,
     apply_motion,
     motion_statistics,
@@ -19,7 +19,7 @@ from slice2vol.motion import (
     percentiles,
     sample_motion,
 )
-from slice2vol.simulate import (
+from slice2vol.simulation.simulate import (
     SimulationConfig,
     SimulationParams,
     interleaved_order,
@@ -251,11 +251,11 @@ def test_motion_statistics_of_a_known_motion():
 
 # ------------------------------------------------------------------------------------- splits
 
-DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "fetal_atlases"
+DATA = __import__("slice2vol.io").io.shared_data_dir() / "fetal_atlases"
 
 
 def test_splits_are_disjoint_and_cover_the_atlases_on_disk():
-    from slice2vol.splits import SPLITS, TEST_ATLASES, TRAIN_ATLASES, VALIDATION_ATLASES, split_atlases
+    from slice2vol.simulation.splits import SPLITS, TEST_ATLASES, TRAIN_ATLASES, VALIDATION_ATLASES, split_atlases
 
     assert split_atlases("validation") == ("GA22_notoperated", "GA27_operated", "GA32_operated")
     assert (len(TRAIN_ATLASES), len(VALIDATION_ATLASES), len(TEST_ATLASES)) == (18, 3, 12)
@@ -271,16 +271,16 @@ def test_splits_are_disjoint_and_cover_the_atlases_on_disk():
 
 
 def test_csvr_training_uses_the_split():
-    from slice2vol.methods.csvr import train
-    from slice2vol.splits import VALIDATION_ATLASES
+    from slice2vol.simulation.splits import VALIDATION_ATLASES
+    from slice2vol.training import csvr as train
 
     assert train.VALIDATION_ATLASES == VALIDATION_ATLASES
 
 
 def test_benchmark_atlases_accepts_a_split_name():
-    from slice2vol import benchmark as bm
-    from slice2vol.cli import build_parser
-    from slice2vol.splits import TEST_ATLASES, VALIDATION_ATLASES
+    from slice2vol.cli.parser import build_parser
+    from slice2vol.evaluation import benchmark as bm
+    from slice2vol.simulation.splits import TEST_ATLASES, VALIDATION_ATLASES
 
     if not DATA.is_dir():
         pytest.skip(f"no shared atlases at {DATA}")

@@ -1,4 +1,4 @@
-"""Behaviour of the global pose search (slice2vol.pose_search) and its use in SVR.
+"""Behaviour of the global pose search (slice2vol.core.pose_search) and its use in SVR.
 
 Real anatomy (the CRL STA30 atlas at 1.6 mm, ``atlas_lowres`` in conftest.py): an axial stack is
 simulated from it without motion, some slices are turned by 30 deg, and the search must bring
@@ -12,13 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from slice2vol import acquisition as acq
-from slice2vol.image import SliceSet
-from slice2vol.pose_search import (candidate_transforms, neighbour_candidates, package_groups, rotation_grid, search_poses,
-                                   slice_centres)
-from slice2vol.registration import register
-from slice2vol.simulate import SimulationConfig, simulate_stacks
-from slice2vol.transforms import matrix_to_axis_angle, rotation_about
+from slice2vol.core import acquisition as acq
+from slice2vol.core.image import SliceSet
+from slice2vol.core.pose_search import (
+    candidate_transforms,
+    neighbour_candidates,
+    package_groups,
+    rotation_grid,
+    search_poses,
+    slice_centres,
+)
+from slice2vol.core.registration import register
+from slice2vol.core.transforms import matrix_to_axis_angle, rotation_about
+from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
 MIN_PIXELS = 200
 
@@ -164,7 +170,7 @@ def test_stack_groups_move_together(atlas_lowres, axial):
 def test_pose_search_doctests():
     import doctest
 
-    import slice2vol.pose_search as mod
+    import slice2vol.core.pose_search as mod
 
     assert doctest.testmod(mod).failed == 0
 
@@ -174,7 +180,7 @@ def test_package_groups_follow_the_interleave_order(n, p):
     """A package is a run of consecutive acquisitions in the simulator's interleaved order, and
     the packages come one after another: so the group, read in acquisition order, never returns
     to an earlier value; halves split each package into two runs."""
-    from slice2vol.simulate import interleaved_order
+    from slice2vol.simulation.simulate import interleaved_order
 
     order = interleaved_order(n, p)  # order[k]: time of slice k
     by_time = np.argsort(order)
@@ -200,7 +206,7 @@ def test_package_groups_number_stacks_apart_and_use_file_indices():
 
 
 def test_packages_option_is_checked(tmp_path, capsys, make_stack):
-    from slice2vol.cli import main
+    from slice2vol.cli.parser import main
 
     a, b = str(make_stack("a.nii.gz")), str(make_stack("b.nii.gz", shape=(12, 10, 6)))
     out = str(tmp_path / "o.nii.gz")

@@ -1,4 +1,4 @@
-"""The reference-free quality verdict (slice2vol.quality, issue 11 part 3) and its CLI integration.
+"""The reference-free quality verdict (slice2vol.evaluation.quality, issue 11 part 3) and its CLI integration.
 
 Small cases only (atlases at 1.6 mm, 2 mm pixels, 4 mm slices, SVR trimmed and reconstructed at
 1.6 mm: output voxels no larger than the pixels, as in the calibration, where the thresholds
@@ -15,14 +15,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import _atlas_lowres
-from slice2vol import preprocess
-from slice2vol.cli import main
+
+from slice2vol.cli.parser import main
+from slice2vol.core import preprocess
+from slice2vol.evaluation.quality import CRITERIA, Criterion, assess_quality, stack_agreement, verdict_of
 from slice2vol.methods import svr
-from slice2vol.quality import CRITERIA, Criterion, assess_quality, stack_agreement, verdict_of
-from slice2vol.report import _quality_banner
-from slice2vol.simulate import SimulationConfig, save_simulation, simulate_stacks
+from slice2vol.report.page import _quality_banner
+from slice2vol.simulation.simulate import SimulationConfig, save_simulation, simulate_stacks
 
 RESOLUTION = 1.6
 FAST = ["--device", "cpu", "--iterations", "1", "--resolution", str(RESOLUTION), "--no-progress"]
@@ -150,7 +150,7 @@ def test_report_banner_shows_the_verdict_in_colour():
 def test_large_estimated_motion_alone_does_not_make_a_reconstruction_doubtful():
     """Correct reconstructions of a fetus that moved a lot have large slice-to-slice corrections:
     the motion criterion names a cause when other evidence is bad, but does not set the score."""
-    from slice2vol.quality import CAUSE_ONLY, CRITERIA, verdict_of
+    from slice2vol.evaluation.quality import CAUSE_ONLY, CRITERIA, verdict_of
 
     good = {name: c.good for name, c in CRITERIA.items()}
     assert verdict_of(good)[0] == "ok"

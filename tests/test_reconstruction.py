@@ -1,5 +1,5 @@
-"""Behaviour of volume reconstruction from posed slices (slice2vol.reconstruction) and of the
-robust statistics (slice2vol.robust).
+"""Behaviour of volume reconstruction from posed slices (slice2vol.core.reconstruction) and of the
+robust statistics (slice2vol.core.robust).
 
 Self-contained (no shared data): a synthetic "brain" phantom on a 2 mm grid with sharp-edged
 inclusions (so super-resolution has edges to recover), acquired by the shared simulator as
@@ -8,18 +8,17 @@ the exact least-squares and scale checks.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
-from slice2vol import acquisition as acq
-from slice2vol.geometry import slice_pixel_coords
-from slice2vol.image import SliceSet, Volume
-from slice2vol.reconstruction import normal_diag, psf_average, super_resolve
-from slice2vol.robust import em_weights, fit_scales
-from slice2vol.simulate import SimulationConfig, simulate_stacks
-from slice2vol.transforms import axis_angle_to_matrix
+from slice2vol.core import acquisition as acq
+from slice2vol.core.geometry import slice_pixel_coords
+from slice2vol.core.image import SliceSet, Volume
+from slice2vol.core.reconstruction import normal_diag, psf_average, super_resolve
+from slice2vol.core.robust import em_weights, fit_scales
+from slice2vol.core.transforms import axis_angle_to_matrix
+from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
 D = torch.float64
 RES = 2.0

@@ -1,4 +1,4 @@
-"""Behaviour of the rigid registration core (slice2vol.registration).
+"""Behaviour of the rigid registration core (slice2vol.core.registration).
 
 Real anatomy: the CRL STA30 atlas at 1.6 mm (``atlas_lowres`` in conftest.py, skipped without
 the shared data), with an axial stack simulated from it by the shared simulator (high-quality
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from slice2vol import acquisition as acq
-from slice2vol.image import SliceSet, Volume
-from slice2vol.registration import register, register_volumes, smooth
-from slice2vol.resample import resample
-from slice2vol.simulate import SimulationConfig, simulate_stacks
-from slice2vol.transforms import matrix_to_axis_angle, rotation_about
+from slice2vol.core import acquisition as acq
+from slice2vol.core.image import SliceSet, Volume
+from slice2vol.core.registration import register, register_volumes, smooth
+from slice2vol.core.resample import resample
+from slice2vol.core.transforms import matrix_to_axis_angle, rotation_about
+from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
 MIN_PIXELS = 200  # "enough pixels": ~10% of the largest slice (2300 px); edge slices below are reported apart
 

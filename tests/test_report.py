@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
+import slice2vol.core.preprocess as preprocess
 import slice2vol.methods.svr as svr
-import slice2vol.preprocess as preprocess
-from slice2vol.cli import main
-from slice2vol.image import Volume
+from slice2vol.cli.parser import main
+from slice2vol.core.image import Volume
+from slice2vol.core.transforms import params_to_matrix
 from slice2vol.report import REPORT_ARRAYS, REPORT_DATA, REPORT_HTML, load_report_arrays, slice_motion
-from slice2vol.simulate import SimulationConfig, save_simulation, simulate_stacks
-from slice2vol.transforms import params_to_matrix
+from slice2vol.simulation.simulate import SimulationConfig, save_simulation, simulate_stacks
 
 FAST = ["--device", "cpu", "--iterations", "1", "--resolution", "3", "--no-progress"]
 SECTIONS = ("summary", "volume", "consistency", "slices", "motion", "outliers")
@@ -104,8 +104,8 @@ class _Refs(html.parser.HTMLParser):
 
 def check_page(folder: Path, n_stacks: int = 3) -> str:
     """The page in ``folder`` is complete and self-contained; returns its text."""
-    from PIL import Image
     import matplotlib.image
+    from PIL import Image
 
     page = folder / REPORT_HTML
     text = page.read_text(encoding="utf-8")
@@ -169,15 +169,15 @@ def _summary_rows(text: str) -> list[str]:
 def test_report_rebuilt_from_a_report_folder_recomputes_nothing(recon, tmp_path, capsys, monkeypatch):
     # issue 12 item 11: the page comes from what the run recorded; reloading the stacks,
     # preprocessing them or simulating slices again would be recomputing it, so all are forbidden
-    import slice2vol.metrics
-    import slice2vol.preprocess
+    import slice2vol.core.preprocess
+    import slice2vol.evaluation.metrics
 
     def forbidden(*a, **k):
         raise AssertionError("the report recomputed what the run recorded")
 
-    for mod, name in ((slice2vol.io, "load_stacks"), (slice2vol.preprocess, "n4_correct"),
-                      (slice2vol.preprocess, "normalise_intensities"), (slice2vol.metrics, "simulate_slices"),
-                      (slice2vol.metrics, "slice_consistency")):
+    for mod, name in ((slice2vol.io, "load_stacks"), (slice2vol.core.preprocess, "n4_correct"),
+                      (slice2vol.core.preprocess, "normalise_intensities"), (slice2vol.evaluation.metrics, "simulate_slices"),
+                      (slice2vol.evaluation.metrics, "slice_consistency")):
         monkeypatch.setattr(mod, name, forbidden)
     copy = tmp_path / "copy"
     shutil.copytree(recon / "report", copy)

@@ -1,4 +1,4 @@
-"""Behaviour of the stack simulator (slice2vol.simulate, slice2vol.motion).
+"""Behaviour of the stack simulator (slice2vol.simulation.simulate, slice2vol.simulation.motion).
 
 Small volumes keep the file fast: a synthetic ellipsoid phantom on a 2 mm grid with a
 left-handed (LAS) affine, so nothing silently assumes RAS voxel axes.
@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slice2vol.cli import main
+from slice2vol.cli.parser import main
+from slice2vol.core.image import Volume
+from slice2vol.core.transforms import matrix_to_axis_angle, rotation_angle
 from slice2vol.errors import Slice2VolError
-from slice2vol.image import Volume
 from slice2vol.io import load_poses_json, load_stack
-from slice2vol.motion import CSVR_BULK_DEG, MotionParams, StackMotion, apply_motion, sample_motion
-from slice2vol.simulate import (
+from slice2vol.simulation.motion import CSVR_BULK_DEG, MotionParams, StackMotion, apply_motion, sample_motion
+from slice2vol.simulation.simulate import (
     SimulationConfig,
     SimulationParams,
     apply_simulation,
@@ -30,7 +31,6 @@ from slice2vol.simulate import (
     save_simulation,
     simulate_stacks,
 )
-from slice2vol.transforms import matrix_to_axis_angle, rotation_angle
 
 RES = 2.0
 FAST = dict(spacing=2.0, thickness=4.0, noise=0.0, margin=6.0)
@@ -161,7 +161,7 @@ def test_motion_is_smooth_within_a_stack():
     p = sample_motion("moderate", times, [np.array([0, 0, 1.0])], np.zeros(3), rng)
     m = p.stacks[0]
     assert len(m.knot_times) >= 4 and not m.jumps
-    from slice2vol.motion import trajectory_params
+    from slice2vol.simulation.motion import trajectory_params
 
     fine = trajectory_params(m, np.linspace(0, 39, 400))
     assert np.allclose(trajectory_params(m, np.asarray(m.knot_times)), m.control)  # interpolating
@@ -171,7 +171,7 @@ def test_motion_is_smooth_within_a_stack():
 
 @pytest.mark.parametrize("level, rot_max, trans_max", [("rot15", 15.0, 0.0), ("trans7.5", 0.0, 7.5)])
 def test_sweep_levels_vary_one_magnitude_within_its_range(level, rot_max, trans_max):
-    from slice2vol.motion import motion_level
+    from slice2vol.simulation.motion import motion_level
 
     rng = np.random.default_rng(0)
     p = sample_motion(level, [np.arange(40.0), np.arange(40.0, 70.0)], [np.array([0, 0, 1.0])] * 2, np.zeros(3), rng)

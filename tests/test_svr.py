@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from slice2vol import acquisition as acq
-from slice2vol.commands import run_reconstruction
-from slice2vol.image import SliceSet, Volume
+from slice2vol.core.image import SliceSet, Volume
+from slice2vol.core.preprocess import choose_template, prepare
+from slice2vol.core.runtime import seed_everything
+from slice2vol.evaluation.metrics import compare_volumes, slice_tre, tre_summary
+from slice2vol.methods.naive import naive_baseline
+from slice2vol.methods.run import run_reconstruction
 from slice2vol.methods.svr import SVRConfig, reconstruct_svr
-from slice2vol.metrics import compare_volumes, slice_tre, tre_summary
-from slice2vol.preprocess import choose_template, prepare
-from slice2vol.reconstruction import psf_average
-from slice2vol.runtime import seed_everything
-from slice2vol.simulate import SimulationConfig, simulate_stacks
+from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
 RESOLUTION = 1.6
 ORIENTATIONS = ["axial", "coronal", "sagittal"]
@@ -49,10 +48,7 @@ def _simulate(atlas, motion: str, seed, n_stacks: int = 3, orientations=ORIENTAT
 
 def _naive(prep) -> torch.Tensor:
     """Motion-blind baseline: PSF average of the (intensity-normalised) stacks at their header poses."""
-    header = SliceSet.from_stacks(prep.stacks)
-    psf = acq.psf_kernel(header.spacing, header.thickness, RESOLUTION)
-    ones = torch.ones_like(header.values)
-    return psf_average(header.values, ones, prep.shape, prep.affine, header.poses, header.coords, header.slice_id, psf)
+    return naive_baseline(prep).volume
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +175,8 @@ def test_svr_corrects_moderate_motion(atlas_lowres, capsys):
 def test_implausible_slice_updates_are_refused():
     """A slice update turning a slice 40 deg (or moving it 25 mm) away from its stack pose is
     reverted to the previous pose; a 5 deg / 3 mm update is kept."""
+    from slice2vol.core.transforms import params_to_matrix
     from slice2vol.methods.svr import _plausible
-    from slice2vol.transforms import params_to_matrix
 
     f32 = torch.float32
     ref = params_to_matrix(torch.tensor([[0.0, 0, 0, 10, 0, 0]] * 3, dtype=f32))

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slice2vol import transforms as tf
+from slice2vol.core import transforms as tf
 
 D = torch.float64
 unit_vectors = st.lists(st.floats(-1, 1), min_size=3, max_size=3).filter(lambda v: np.linalg.norm(v) > 0.1)

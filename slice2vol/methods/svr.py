@@ -4,7 +4,7 @@ Written from Kuklisova-Murgasova et al. 2012, Kainz et al. 2015 and the cSVR pap
 on the shared acquisition model, registration core and robust statistics::
 
     stack registration to the template                      (preprocess.prepare)
-    global pose search on a coarse grid                     (robust_start, slice2vol.pose_search):
+    global pose search on a coarse grid                     (robust_start, slice2vol.core.pose_search):
         whole stacks, then single slices, until few slices move
     V <- PSF-weighted average of the slices                 (eq. 2)
     for each stage (coarse grid, then the output grid):
@@ -52,7 +52,7 @@ pixels enter the coarse reconstructions) and 3 fine iterations; registration smo
 8 CG iterations per reconstruction, 20 for the final one; relative regularisation 0.02, edge
 threshold 0.1 x the 99th intensity percentile.  Search: up to 3 slice rounds after one stack round,
 stopping when fewer than 2% of the slices move; lattice step 15 deg (on 5 severe/extreme cases of
-the validation atlases GA22_notoperated, GA27_operated, GA32_operated, :mod:`slice2vol.splits`:
+the validation atlases GA22_notoperated, GA27_operated, GA32_operated, :mod:`slice2vol.simulation.splits`:
 a 10 deg lattice gave -0.4 dB and +30% time, a 45 deg ball with 6 rounds -0.5 dB).
 """
 from __future__ import annotations
@@ -66,14 +66,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import acquisition as acq
-from ..geometry import axis_aligned_grid, slice_to_world
-from ..image import Volume
-from ..preprocess import Prepared
-from ..reconstruction import psf_average, super_resolve
-from ..registration import register
-from ..resample import resample, sample_at
-from ..robust import RobustState, em_weights, fit_scales
+from slice2vol.core import acquisition as acq
+from slice2vol.core.geometry import axis_aligned_grid, slice_to_world
+from slice2vol.core.image import Volume
+from slice2vol.core.preprocess import Prepared
+from slice2vol.core.reconstruction import psf_average, super_resolve
+from slice2vol.core.registration import register
+from slice2vol.core.resample import resample, sample_at
+from slice2vol.core.robust import RobustState, em_weights, fit_scales
 
 __all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "coarse_grid"]
 
@@ -159,7 +159,7 @@ def _plausible(new: Tensor, old: Tensor, reference: Tensor, max_deviation: tuple
     """Keep ``old`` where ``new`` strays further than ``max_deviation`` (deg, mm at the slice centre)
     from ``reference`` (the stack-registered poses): a registration that turns a slice by tens of
     degrees away from its stack has locked onto the wrong structure, not found the fetus."""
-    from ..transforms import rotation_angle
+    from slice2vol.core.transforms import rotation_angle
 
     ang = torch.rad2deg(rotation_angle(new[:, :3, :3] @ reference[:, :3, :3].transpose(-1, -2)))
     shift = (new[:, :3, 3] - reference[:, :3, 3]).norm(dim=-1)
@@ -184,7 +184,7 @@ def _subset(n: int, step: int, device) -> Tensor:
 
 
 def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRConfig) -> tuple[Tensor, list[dict]]:
-    """Global pose search before the local SVR loop (:mod:`slice2vol.pose_search`).
+    """Global pose search before the local SVR loop (:mod:`slice2vol.core.pose_search`).
 
     On a coarse grid (``search_factor`` x the output voxel), each round reconstructs a volume from
     the slices that currently fit (per-slice NCC at least half the median; the others would only
@@ -194,8 +194,8 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
     the slices take a new pose (at mild motion after the first).  Returns the poses and one
     history record per round.
     """
-    from ..geometry import slice_to_world
-    from ..pose_search import neighbour_candidates, search_poses
+    from slice2vol.core.geometry import slice_to_world
+    from slice2vol.core.pose_search import neighbour_candidates, search_poses
 
     ss = prep.slices
     y, coords, sid, M = ss.values, ss.coords, ss.slice_id, ss.n_slices
@@ -214,7 +214,7 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
     levels = (["stack"] if ss.n_stacks > 1 and cfg.search_stacks else [])
     groups: dict[str, Tensor] = {"stack": ss.stack_id}
     if cfg.packages is not None:
-        from ..pose_search import package_groups
+        from slice2vol.core.pose_search import package_groups
 
         pk = list(cfg.packages) * (ss.n_stacks if len(cfg.packages) == 1 else 1)
         idx = [np.asarray(st.index) for st in prep.stacks]

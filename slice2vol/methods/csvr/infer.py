@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...errors import Slice2VolError
-from ...image import SliceSet, Stack
-from .inputs import prepare_inputs, to_original_poses
-from .network import CSVRConfig, CSVRNet
+from slice2vol.core.image import SliceSet, Stack
+from slice2vol.errors import Slice2VolError
+from slice2vol.methods.csvr.inputs import prepare_inputs, to_original_poses
+from slice2vol.methods.csvr.network import CSVRConfig, CSVRNet
 
 __all__ = ["DEFAULT_WEIGHTS", "safe_load", "load_model", "register_csvr", "stacks_from_slice_set"]
 

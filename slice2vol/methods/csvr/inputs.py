@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...errors import Slice2VolError
-from ...geometry import slice_pixel_coords
-from ...image import Stack
+from slice2vol.core.geometry import slice_pixel_coords
+from slice2vol.core.image import Stack
+from slice2vol.errors import Slice2VolError
 
 __all__ = ["StackInput", "NetworkInput", "prepare_inputs", "to_original_poses", "to_network_poses"]
 

@@ -37,10 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...geometry import slice_pixel_coords
-from ...transforms import kabsch
-from .inputs import NetworkInput
-from .operators import pull, push_normalised
+from slice2vol.core.geometry import slice_pixel_coords
+from slice2vol.core.transforms import kabsch
+from slice2vol.methods.csvr.inputs import NetworkInput
+from slice2vol.methods.csvr.operators import pull, push_normalised
 
 __all__ = ["CSVRConfig", "CSVRNet", "LevelState", "level_coords", "initial_positions", "rigid_fit"]
 

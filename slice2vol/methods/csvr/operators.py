@@ -1,7 +1,7 @@
 """Push (trilinear splatting) and pull (trilinear sampling) between slice pixels and a feature volume.
 
 These are the ``V`` and ``V*`` of the cSVR paper (eqs. 5 and 6) on the shared conventions of
-:mod:`slice2vol.geometry`: a volume is stored ``(C, Ni, Nj, Nk)`` and points are given either in
+:mod:`slice2vol.core.geometry`: a volume is stored ``(C, Ni, Nj, Nk)`` and points are given either in
 world mm (with the volume's voxel-to-world affine) or directly in ``grid_sample`` coordinates
 ``(k, j, i)`` in ``[-1, 1]`` with ``align_corners=True`` (-1 is the centre of voxel 0).  Outside
 the volume a pull reads 0 and a push drops the contribution (``padding_mode="zeros"``).
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...geometry import world_to_grid
+from slice2vol.core.geometry import world_to_grid
 
 __all__ = ["trilinear_corners", "pull", "push", "push_normalised", "world_grid"]
 

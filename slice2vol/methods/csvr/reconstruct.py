@@ -11,7 +11,7 @@
                   (start="auto", the default; start="network" always takes the network's)
 
 The network's poses are defined up to one global rigid transform (its frame is the brain
-centred where the header poses put it), while the output grid of :func:`~slice2vol.preprocess.prepare`
+centred where the header poses put it), while the output grid of :func:`~slice2vol.core.preprocess.prepare`
 lives in the template stack's frame.  Where the paper is silent we map the network's poses into
 that frame with the one rigid transform that best carries every masked pixel from its network
 position to its stack-registered position (weighted Kabsch over all pixels): stack registration
@@ -44,14 +44,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ... import acquisition as acq
-from ...errors import Slice2VolError
-from ...geometry import slice_to_world
-from ...metrics import per_slice_ncc
-from ...preprocess import Prepared
-from ...reconstruction import psf_average, super_resolve
-from ...transforms import kabsch
-from ..svr import SVRConfig, SVRResult, coarse_grid, reconstruct_svr, roi_weights
+from slice2vol.core import acquisition as acq
+from slice2vol.core.geometry import slice_to_world
+from slice2vol.core.preprocess import Prepared
+from slice2vol.core.reconstruction import psf_average, super_resolve
+from slice2vol.core.similarity import per_slice_ncc
+from slice2vol.core.transforms import kabsch
+from slice2vol.errors import Slice2VolError
+from slice2vol.methods.svr import SVRConfig, SVRResult, coarse_grid, reconstruct_svr, roi_weights
 
 __all__ = ["CSVRMethodConfig", "START_CHOICES", "network_poses", "start_scores", "reconstruct_csvr"]
 
@@ -105,7 +105,7 @@ def network_poses(prep: Prepared, weights: str | Path | None = None, model=None)
     Returns:
         ``(M, 4, 4)`` rigid slice-to-world poses on ``prep.slices``'s device and dtype.
     """
-    from .infer import load_model, register_csvr
+    from slice2vol.methods.csvr.infer import load_model, register_csvr
 
     ss = prep.slices
     net = model if model is not None else load_model(weights, ss.device)

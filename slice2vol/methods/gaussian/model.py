@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...errors import Slice2VolError
+from slice2vol.errors import Slice2VolError
 
 __all__ = ["GaussianModel", "quat_to_matrix", "covariance", "precision", "init_from_volume", "save_gaussians",
            "load_gaussians", "FORMAT_VERSION"]
@@ -220,7 +220,7 @@ def init_from_volume(volume: Tensor, affine: np.ndarray, roi: Tensor, n_foregrou
 
 def save_gaussians(model: GaussianModel, path, meta: dict | None = None, protect=()) -> None:
     """Write the primitives (world mm) to a ``.pt`` file, atomically, with a format version."""
-    from ...io import atomic_write
+    from slice2vol.io import atomic_write
 
     payload = {"format": "slice2vol-gaussians", "version": FORMAT_VERSION,
                **{k: v.detach().float().cpu() for k, v in model.tensors().items()}, "meta": meta or {}}

@@ -73,17 +73,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ... import acquisition as acq
-from ...errors import Slice2VolError
-from ...image import SliceSet, Volume
-from ...preprocess import Prepared
-from ...reconstruction import psf_average
-from ...robust import RobustState, em_weights, fit_scales
-from ...transforms import params_to_matrix
-from ..svr import SVRResult, coarse_grid, roi_weights
-from .model import GaussianModel, init_from_volume
-from .render import SliceLattice, render_slices, voxelise
-from .slices import downsample_slices, shift_poses
+from slice2vol.core import acquisition as acq
+from slice2vol.core.image import SliceSet, Volume
+from slice2vol.core.preprocess import Prepared
+from slice2vol.core.reconstruction import psf_average
+from slice2vol.core.robust import RobustState, em_weights, fit_scales
+from slice2vol.core.transforms import params_to_matrix
+from slice2vol.errors import Slice2VolError
+from slice2vol.methods.gaussian.model import GaussianModel, init_from_volume
+from slice2vol.methods.gaussian.render import SliceLattice, render_slices, voxelise
+from slice2vol.methods.gaussian.slices import downsample_slices, shift_poses
+from slice2vol.methods.svr import SVRResult, coarse_grid, roi_weights
 
 __all__ = ["GaussianConfig", "GaussianResult", "reconstruct_gaussian", "tv_loss", "dssim_loss"]
 
@@ -257,11 +257,11 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
         # is the default pipeline's robust SVR (stack-registered or network start chosen by the data,
         # then the global pose search), "svr" classical SVR from the stack-registered poses
         if cfg.init == "auto":
-            from ..csvr.reconstruct import CSVRMethodConfig, reconstruct_csvr
+            from slice2vol.methods.csvr.reconstruct import CSVRMethodConfig, reconstruct_csvr
 
             svr = reconstruct_csvr(prep, CSVRMethodConfig(refine=True, weights=cfg.csvr_weights, progress=cfg.progress))
         else:
-            from ..svr import SVRConfig, reconstruct_svr
+            from slice2vol.methods.svr import SVRConfig, reconstruct_svr
 
             svr = reconstruct_svr(prep, SVRConfig(progress=cfg.progress))
         base = svr.poses.detach()
@@ -269,7 +269,7 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
     else:
         if cfg.init == "csvr":
             # extension beyond both papers (issue 5): the cSVR network's poses as the start
-            from ..csvr.reconstruct import network_poses
+            from slice2vol.methods.csvr.reconstruct import network_poses
 
             base = network_poses(prep, cfg.csvr_weights).detach()
         inside0 = roi_weights(prep.roi, prep.affine, ss, base)

@@ -6,7 +6,7 @@ parameter; the slice renderer is also differentiable in the slice poses.
 **Voxeliser** (GaussianSVR): ``V(x_v) = sum_j I_j exp(-1/2 (x_v - mu_j)^T Sigma_j^-1 (x_v - mu_j))`` at
 the voxel centres ``x_v`` of a grid, each Gaussian inside the axis-aligned box spanning
 ``truncate`` (3) standard deviations of its marginals.  Slices are then simulated from ``V`` by
-the shared acquisition model (:mod:`slice2vol.acquisition`): this is ``--psf sampled``.
+the shared acquisition model (:mod:`slice2vol.core.acquisition`): this is ``--psf sampled``.
 
 **Analytic slices** (Dannecker et al., MIDL 2026): a Gaussian blurred by a Gaussian PSF is a
 Gaussian, so the PSF-integrated value of pixel ``c`` of slice ``n`` is, in the slice frame,
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ... import acquisition as acq
-from .model import GaussianModel, covariance, precision
-from .splat import DEFAULT_CHUNK, splat
+from slice2vol.core import acquisition as acq
+from slice2vol.methods.gaussian.model import GaussianModel, covariance, precision
+from slice2vol.methods.gaussian.splat import DEFAULT_CHUNK, splat
 
 __all__ = ["voxelise", "render_slices", "SliceLattice", "psf_sigmas", "dense_gaussians"]
 
@@ -87,7 +87,7 @@ class SliceLattice:
 
     Slice ``n`` (stack shape ``(H, W)``) is padded by ``pad`` pixels on every side and occupies
     ``offset[n] : offset[n] + (H + 2 pad)(W + 2 pad)``; pixel ``(a, b)`` is at
-    ``offset[n] + (a + pad)(W + 2 pad) + b + pad``.  ``pixel_index (P,)`` maps a :class:`~slice2vol.image.SliceSet`'s
+    ``offset[n] + (a + pad)(W + 2 pad) + b + pad``.  ``pixel_index (P,)`` maps a :class:`~slice2vol.core.image.SliceSet`'s
     masked pixels into the buffer.
     """
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...geometry import slice_pixel_coords
-from ...image import SliceSet
+from slice2vol.core.geometry import slice_pixel_coords
+from slice2vol.core.image import SliceSet
 
 __all__ = ["downsample_slices", "shift_poses"]
 

@@ -1,0 +1,364 @@
+"""Preparing stacks for reconstruction; shared by every method.
+
+Masks, bias-field correction, template choice, intensity normalisation, stack-to-template
+registration and the output grid.  Where the papers are silent we follow SVRTK/NeSVoR and say so.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slice2vol.core import acquisition as acq
+from slice2vol.core import budget
+from slice2vol.core.geometry import axis_aligned_grid, make_right_handed, slice_pixel_coords, slice_to_world
+from slice2vol.core.image import SliceSet, Stack, Volume
+from slice2vol.core.reconstruction import psf_average
+from slice2vol.core.registration import register
+from slice2vol.core.resample import resample, sample_at
+from slice2vol.core.runtime import NOTICE
+from slice2vol.errors import Slice2VolError
+
+__all__ = [
+    "n4_correct",
+    "auto_masks",
+    "apply_volume_mask",
+    "choose_template",
+    "normalise_intensities",
+    "register_stacks",
+    "output_grid",
+    "Prepared",
+    "prepare",
+]
+
+log = logging.getLogger(__name__)
+
+
+def n4_correct(stack: Stack) -> Stack:
+    """N4 bias-field correction of a stack (SimpleITK), inside its mask; the field is divided out."""
+    import SimpleITK as sitk
+
+    data = stack.slices.cpu().numpy().astype(np.float32)
+    img = sitk.GetImageFromArray(data)  # (N, H, W) -> ITK x=W, y=H, z=N: only the spacing matters
+    img.SetSpacing((float(stack.spacing[1]), float(stack.spacing[0]), float(stack.slice_spacing)))
+    mask = sitk.GetImageFromArray(stack.mask.cpu().numpy().astype(np.uint8))
+    mask.CopyInformation(img)
+    shrink = 2
+    small = sitk.Shrink(img, [shrink, shrink, 1])
+    small_mask = sitk.Shrink(mask, [shrink, shrink, 1])
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([50, 40, 30])
+    n4.Execute(small, small_mask)
+    log_field = n4.GetLogBiasFieldAsImage(img)
+    field = np.exp(sitk.GetArrayFromImage(log_field)).astype(np.float32)
+    out = data / np.maximum(field, 1e-3)
+    return replace(stack, slices=torch.from_numpy(out).to(stack.slices.device))
+
+
+def _world_points(stack: Stack, poses: np.ndarray | None = None) -> Tensor:
+    """World positions ``(N, H, W, 3)`` of every pixel centre of a stack."""
+    N, H, W = stack.slices.shape
+    xy = slice_pixel_coords(H, W, stack.spacing, dtype=torch.float64)
+    P = torch.as_tensor(stack.poses if poses is None else poses, dtype=torch.float64)
+    return torch.einsum("nab,hwb->nhwa", P[:, :3, :3], xy) + P[:, None, None, :3, 3]
+
+
+def apply_volume_mask(stacks: Sequence[Stack], mask: Volume, dilate_mm: float = 0.0) -> list[Stack]:
+    """Restrict each stack's pixel mask to a 3D world-space mask (optionally dilated)."""
+    m = mask
+    if dilate_mm > 0:
+        res = float(np.mean(np.linalg.norm(mask.affine[:3, :3], axis=0)))
+        r = max(1, int(round(dilate_mm / res)))
+        d = torch.nn.functional.max_pool3d(mask.data.float()[None, None], 2 * r + 1, 1, r)[0, 0]
+        m = Volume(d > 0, mask.affine)
+    out = []
+    for st in stacks:
+        inside = sample_at(m.data.float(), m.affine, _world_points(st), mode="nearest") > 0.5
+        out.append(replace(st, mask=st.mask & inside.to(st.mask.device)))
+    return out
+
+
+def _otsu(values: np.ndarray) -> float:
+    import SimpleITK as sitk
+
+    f = sitk.OtsuThresholdImageFilter()
+    f.Execute(sitk.GetImageFromArray(values.astype(np.float32).reshape(1, 1, -1)))
+    return float(f.GetThreshold())
+
+
+def auto_masks(stacks: Sequence[Stack]) -> list[Stack]:
+    """Automatic masks: the region seen by every stack, intersected with Otsu foreground.
+
+    Logged as a warning: on real fetal MRI the maternal anatomy passes Otsu too, so a brain mask
+    (``--mask`` or ``--stack-masks``) gives markedly better results.
+    """
+    log.warning("no mask given: using the intersection of the stacks' fields of view and an Otsu threshold; "
+                "pass --mask or --stack-masks for a brain mask")
+    out = []
+    for s, st in enumerate(stacks):
+        pts = _world_points(st)
+        inside = torch.ones(pts.shape[:-1], dtype=torch.bool)
+        for t, other in enumerate(stacks):
+            if t == s:
+                continue
+            inside &= _inside_fov(other, pts)
+        data = st.slices.cpu().numpy()
+        cand = data[inside.numpy() & st.mask.cpu().numpy()]
+        if cand.size < 100:
+            raise Slice2VolError(f"stack {st.name}: the stacks do not overlap; check their geometry or give masks")
+        thr = _otsu(cand)
+        m = st.mask.cpu() & inside & torch.from_numpy(data > thr)
+        out.append(replace(st, mask=m.to(st.mask.device)))
+    return out
+
+
+def _inside_fov(stack: Stack, pts: Tensor) -> Tensor:
+    """Whether world points fall inside a stack's box of slices (nominal poses), ``(...)`` bool."""
+    A = torch.as_tensor(stack.affine, dtype=torch.float64)
+    ijk = (pts.reshape(-1, 3) - A[:3, 3]) @ torch.linalg.inv(A[:3, :3]).T
+    N, H, W = stack.slices.shape
+    lim = torch.tensor([H - 1, W - 1, N - 1], dtype=torch.float64)
+    ok = ((ijk >= -0.5) & (ijk <= lim + 0.5)).all(-1)
+    return ok.reshape(pts.shape[:-1])
+
+
+def choose_template(stacks: Sequence[Stack]) -> int:
+    """Least motion-corrupted stack: highest mean NCC between spatially adjacent slices.
+
+    Adjacent slices of an interleaved acquisition are acquired far apart in time, so motion shows
+    as disagreement between neighbours; this is NeSVoR/SVRTK's intuition made automatic.
+    Stacks with fewer than 3 usable slices are never chosen.
+    """
+    scores = []
+    for st in stacks:
+        x = st.slices.float()
+        m = st.mask
+        ok = m.flatten(1).sum(1) > 20
+        if int(ok.sum()) < 3:
+            scores.append(-np.inf)
+            continue
+        a, b = x[:-1], x[1:]
+        mm = (m[:-1] & m[1:]).float()
+        n = mm.flatten(1).sum(1).clamp_min(1)
+        ma = (a * mm).flatten(1).sum(1) / n
+        mb = (b * mm).flatten(1).sum(1) / n
+        da = (a - ma[:, None, None]) * mm
+        db = (b - mb[:, None, None]) * mm
+        ncc = (da * db).flatten(1).sum(1) / ((da * da).flatten(1).sum(1) * (db * db).flatten(1).sum(1)).sqrt().clamp_min(1e-12)
+        valid = n > 20
+        # weight by overlap so tiny edge slices do not dominate
+        scores.append(float((ncc * n)[valid].sum() / n[valid].sum()) if bool(valid.any()) else -np.inf)
+    log.info("template scores (neighbour NCC): %s", ", ".join(f"{s:.3f}" for s in scores))
+    if not np.isfinite(max(scores)):
+        raise Slice2VolError("no stack has enough masked slices to serve as a template")
+    return int(np.argmax(scores))
+
+
+def normalise_intensities(stacks: Sequence[Stack], template: int) -> tuple[list[Stack], list[float]]:
+    """Scale each stack so its median in-mask intensity equals the template's (output keeps template units)."""
+    def med(st):
+        v = st.slices[st.mask]
+        return float(v.median()) if v.numel() else 1.0
+
+    ref = med(stacks[template])
+    factors = [ref / max(med(st), 1e-12) for st in stacks]
+    return [replace(st, slices=st.slices * f) for st, f in zip(stacks, factors)], factors
+
+
+def _bbox(points: Tensor, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    lo = points.min(0).values.double().cpu().numpy() - margin
+    hi = points.max(0).values.double().cpu().numpy() + margin
+    return lo, hi
+
+
+def register_stacks(ss: SliceSet, template: int, resolution: float = 1.5, sigmas=(4.0, 2.0, 1.0), iterations: int = 10,
+                    subsample: int = 3) -> Tensor:
+    """Rigid stack-to-template registration: one correction per stack, template fixed.
+
+    The template stack's slices are PSF-averaged into a volume (at ``resolution`` mm, coarse
+    because only a rigid fit is needed), then every other stack's slices are registered to it
+    as one group through the shared acquisition model, using every ``subsample``-th pixel (six
+    parameters per stack are well determined by a fraction of its tens of thousands of pixels).
+    Returns new ``(M, 4, 4)`` poses.
+    """
+    dev = ss.device
+    tsl = slice(ss.stack_slices[template], ss.stack_slices[template + 1])
+    tpix = (ss.slice_id >= tsl.start) & (ss.slice_id < tsl.stop)
+    lo, hi = _bbox(slice_to_world(ss.poses, ss.coords, ss.slice_id)[tpix], 15.0)
+    affine, shape = axis_aligned_grid(lo, hi, resolution)
+    psf = acq.psf_kernel(ss.spacing, ss.thickness, resolution)
+    vol = psf_average(ss.values[tpix], torch.ones_like(ss.values[tpix]), shape, affine, ss.poses,
+                      ss.coords[tpix], ss.slice_id[tpix], psf)
+    group = ss.stack_id.clone()
+    moving = ~tpix & (torch.arange(ss.n_pixels, device=dev) % max(1, subsample) == 0)
+    if not bool(moving.any()):
+        return ss.poses
+    res = register(vol, affine, ss.poses, ss.coords[moving], ss.slice_id[moving], ss.values[moving], psf,
+                   group=group, sigmas=sigmas, iterations=iterations, max_step=(0.15, 5.0))
+    poses = res.poses.clone()
+    poses[tsl] = ss.poses[tsl]
+    for s in range(ss.n_stacks):
+        D = res.corrections[s]
+        ang = math.degrees(float(torch.acos(((D[0, 0] + D[1, 1] + D[2, 2] - 1) / 2).clamp(-1, 1))))
+        log.info("stack %d -> template %d: rotation %.1f deg, translation %.1f mm", s, template, ang, float(D[:3, 3].norm()))
+    return poses
+
+
+def _psf_keys(ss: SliceSet) -> list[tuple[float, float, float]]:
+    """The distinct ``(spacing_x, spacing_y, thickness)`` (mm) of a slice set's slices."""
+    keys = torch.cat([ss.spacing, ss.thickness[:, None]], 1).double().cpu()
+    return [tuple(row) for row in torch.unique(keys, dim=0).tolist()]
+
+
+def _roi_points(roi: Volume) -> Tensor:
+    """World positions ``(n, 3)`` of the voxels of a 3D mask."""
+    idx = torch.nonzero(roi.data > 0).double()
+    A = torch.as_tensor(roi.affine)
+    return idx @ A[:3, :3].T + A[:3, 3]
+
+
+def check_budget(stacks: Sequence[Stack], ss: SliceSet, resolution: float, roi: Volume | None = None,
+                 margin: float = 3.0) -> None:
+    """Refuse, before any registration, an output grid that :func:`output_grid` could not make:
+    a PSF with an absurd number of samples per pixel, fewer than ``budget.MIN_GRID_VOXELS`` voxels
+    across the brain region, or more memory than is available (see :mod:`slice2vol.core.budget`).
+    The region is the 3D mask's bounding box, else that of the masked pixels at their header poses."""
+    keys = [(float(st.spacing[0]), float(st.spacing[1]), float(st.thickness)) for st in stacks]
+    pts = _roi_points(roi) if roi is not None else slice_to_world(ss.poses, ss.coords, ss.slice_id)
+    lo, hi = _bbox(pts, 0.0)
+    budget.check_grid(hi - lo + 2 * margin, resolution, roi_extent_mm=hi - lo, n_pixels=ss.n_pixels, keys=keys,
+                      device=ss.device)
+    budget.check_psf(keys, resolution, [st.name for st in stacks])
+
+
+def output_grid(ss: SliceSet, resolution: float, roi: Volume | None = None, margin: float = 3.0,
+                min_stacks: int | None = None) -> tuple[np.ndarray, tuple[int, int, int], Tensor]:
+    """Axis-aligned world grid and region of interest for the reconstruction.
+
+    With a 3D mask the ROI is that mask; otherwise voxels reached by the masked slices of at
+    least ``min_stacks`` stacks (default: half of them, rounded up), dilated by ``margin``.
+    Returns ``(affine, shape, roi_mask (Ni, Nj, Nk) bool)``.
+    """
+    pts = slice_to_world(ss.poses, ss.coords, ss.slice_id)
+    if roi is not None:
+        lo, hi = _bbox(_roi_points(roi), margin)
+        affine, shape = axis_aligned_grid(lo, hi, resolution)
+        budget.check_grid(hi - lo, resolution, n_pixels=ss.n_pixels, keys=_psf_keys(ss), device=ss.device, min_voxels=1)
+        m = resample(roi.data.float(), roi.affine, affine, shape, mode="linear") > 0.5
+        return affine, shape, m.to(ss.device)
+    lo, hi = _bbox(pts, margin)
+    affine, shape = axis_aligned_grid(lo, hi, resolution)
+    budget.check_grid(hi - lo, resolution, n_pixels=ss.n_pixels, keys=_psf_keys(ss), device=ss.device, min_voxels=1)
+    psf = acq.psf_kernel(ss.spacing, ss.thickness, resolution)
+    need = min_stacks or max(1, math.ceil(ss.n_stacks / 2))
+    count = torch.zeros(shape, device=ss.device)
+    pstack = ss.pixel_stack()
+    for s in range(ss.n_stacks):
+        sel = pstack == s
+        cov = acq.adjoint(torch.ones(int(sel.sum()), device=ss.device), shape, affine, ss.poses, ss.coords[sel], ss.slice_id[sel], psf)
+        count += (cov > 0.1).float()
+    m = count >= need
+    r = max(1, int(round(margin / resolution)))
+    m = torch.nn.functional.max_pool3d(m.float()[None, None], 2 * r + 1, 1, r)[0, 0] > 0
+    if not bool(m.any()):
+        raise Slice2VolError("the masked stacks do not overlap in space; check the masks and the stack geometry")
+    # crop the grid to the ROI's bounding box
+    nz = torch.nonzero(m)
+    i0, i1 = nz.min(0).values.tolist(), nz.max(0).values.tolist()
+    sl = tuple(slice(a, b + 1) for a, b in zip(i0, i1))
+    A = affine.copy()
+    A[:3, 3] = affine[:3, :3] @ np.array(i0, dtype=float) + affine[:3, 3]
+    m = m[sl].contiguous()
+    return A, tuple(m.shape), m
+
+
+#: A 3D mask is on a stack's voxel grid when it has the stack's shape and its corner voxels lie
+#: within this distance of the stack's (float32 header rounding is far smaller).
+MASK_GRID_TOL_MM = 1e-3
+
+
+def _on_stack_grid(st: Stack, mask: Volume) -> bool:
+    """Whether ``mask`` was drawn on ``st``'s voxel grid (same shape, same voxel positions)."""
+    N, H, W = st.slices.shape
+    shape = tuple(mask.data.shape)
+    if shape != (H, W, N):
+        return False
+    # the stack's affine is right-handed (i flipped where needed); flip the mask's the same way
+    B = make_right_handed(np.empty((shape[0], 0)), mask.affine)[1]
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape], indexing="ij"), dtype=np.float64).reshape(3, -1)
+    homog = np.vstack([corners, np.ones(corners.shape[1])])
+    return bool(np.abs((np.asarray(st.affine) - B)[:3] @ homog).max() <= MASK_GRID_TOL_MM)
+
+
+def _template_for_mask(stacks: Sequence[Stack], mask: Volume) -> tuple[int, str]:
+    """Template for a 3D mask (which lives in the frame of the stack it was drawn on): the stack
+    whose voxel grid the mask is on, else the automatic choice with a warning.  ``(index, why)``."""
+    on = [i for i, st in enumerate(stacks) if _on_stack_grid(st, mask)]
+    if len(on) == 1:
+        return on[0], "its voxel grid matches --mask"
+    if on:
+        return on[choose_template([stacks[i] for i in on])], "least motion-corrupted of the stacks on the --mask grid"
+    tmpl = choose_template(stacks)
+    log.warning("--mask matches no stack's voxel grid (same shape, voxels within %g mm): it is assumed to be in the "
+                "frame of stack %d (%s), the automatic template choice; give --template I if it was drawn on "
+                "another stack", MASK_GRID_TOL_MM, tmpl, stacks[tmpl].name)
+    return tmpl, "automatic choice, --mask assumed in its frame"
+
+
+@dataclass
+class Prepared:
+    """Everything a method needs: the slice set (stack-registered poses), stacks, template,
+    intensity factors, and the output grid with its region of interest."""
+
+    slices: SliceSet
+    stacks: list[Stack]
+    template: int
+    factors: list[float]
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    roi: Tensor
+
+
+def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = None, have_stack_masks: bool = False,
+            template: int | None = None, bias_field: bool = False, device: torch.device | str = "cpu",
+            register: bool = True) -> Prepared:
+    """Masks -> bias field -> template -> intensities -> stack registration -> output grid."""
+    stacks = list(stacks)
+    if len(stacks) == 0:
+        raise Slice2VolError("no input stacks")
+    if template is not None and not (0 <= template < len(stacks)):
+        raise Slice2VolError(f"--template {template} is out of range for {len(stacks)} stacks")
+    if mask is not None:
+        # The 3D mask lives in the template's world frame (as in SVRTK); other stacks may have
+        # moved, so they keep a generous margin until stack registration, and the methods then
+        # drop pixels that land outside the region of interest.
+        tight = apply_volume_mask(stacks, mask)
+        loose = apply_volume_mask(stacks, mask, dilate_mm=10.0)
+        tmpl, why = _template_for_mask(tight, mask) if template is None else (template, "given by --template")
+        stacks = [tight[i] if i == tmpl else loose[i] for i in range(len(stacks))]
+    else:
+        if not have_stack_masks:
+            stacks = auto_masks(stacks)
+        tmpl = None
+    for st in stacks:
+        if int(st.mask.sum()) == 0:
+            raise Slice2VolError(f"stack {st.name}: no pixel inside the brain mask")
+    if bias_field:
+        stacks = [n4_correct(st) for st in stacks]
+    if tmpl is None and template is None:
+        tmpl, why = choose_template(stacks), "automatic choice"
+    elif tmpl is None:
+        tmpl, why = template, "given by --template"
+    log.log(NOTICE, "template stack %d (%s): %s", tmpl, stacks[tmpl].name, why)
+    stacks, factors = normalise_intensities(stacks, tmpl)
+    ss = SliceSet.from_stacks(stacks, device=device)
+    check_budget(stacks, ss, resolution, mask)
+    if register and len(stacks) > 1:
+        ss = ss.with_poses(register_stacks(ss, tmpl))
+    affine, shape, roi = output_grid(ss, resolution, roi=mask)
+    return Prepared(ss, stacks, tmpl, factors, affine, shape, roi)

@@ -1,0 +1,217 @@
+"""The parent: jobs, their worker processes, resumption, results files and the command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from slice2vol.errors import Slice2VolError
+from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
+from slice2vol.evaluation.benchmark.plots import plot_quality, plot_time
+from slice2vol.evaluation.benchmark.readme import update_readme
+from slice2vol.evaluation.benchmark.settings import (
+    CASE_JSON,
+    NAIVE,
+    PLOT_QUALITY,
+    PLOT_TIME,
+    RESULT_JSON,
+    RESULTS_CSV,
+    RESULTS_MD,
+    BenchmarkConfig,
+    _check_settings,
+    _record_settings,
+    config_from_args,
+)
+from slice2vol.evaluation.benchmark.tables import aggregate, results_markdown, write_csv
+from slice2vol.io import jsonable
+
+log = logging.getLogger("slice2vol")
+
+
+# ------------------------------------------------------------------------------------ parent
+
+
+@dataclass
+class Job:
+    """One (case, method) pair; ``method`` is a variant name or :data:`NAIVE`."""
+
+    atlas: str
+    motion: str
+    seed: int
+    method: str
+
+    @property
+    def case(self) -> str:
+        return case_name(self.atlas, self.motion, self.seed)
+
+
+def jobs_of(cfg: BenchmarkConfig) -> list[Job]:
+    """Every job, case by case (naive first, then the methods in ``--methods`` order)."""
+    return [Job(a, m, s, meth) for a in cfg.atlases for m in cfg.motion for s in cfg.seeds
+            for meth in [NAIVE, *cfg.methods]]
+
+
+def result_path(output: Path, job: Job) -> Path:
+    return output / "cases" / job.case / job.method / RESULT_JSON
+
+
+def read_result(path: Path) -> dict | None:
+    """A job's stored result, or None when missing or unreadable (then it is run again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(output: Path, job: Job) -> bool:
+    """Whether a job finished successfully before (a failed one is tried again)."""
+    r = read_result(result_path(output, job))
+    return r is not None and r.get("status") == "ok"
+
+
+def run_worker(cfg: BenchmarkConfig, job: Job, device: str) -> dict:
+    """Run one job in a fresh Python process; a failure becomes a ``status: failed`` result."""
+    from slice2vol import io
+
+    case_dir = cfg.output / "cases" / job.case
+    job_dir = case_dir / job.method
+    job_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "slice2vol.evaluation.benchmark.worker", "--worker", str(case_dir), "--method", job.method,
+           "--device", device, "--resolution", repr(cfg.resolution)]
+    if cfg.iterations is not None:
+        cmd += ["--iterations", str(cfg.iterations)]
+    env = dict(os.environ)
+    # The worker must import this very package, wherever it is run from and however it is installed.
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    if cfg.threads:
+        cmd += ["--threads", str(cfg.threads)]
+        # OpenMP/MKL pools outside torch's control (numpy, scipy, SimpleITK) get the same limit.
+        env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    (job_dir / "worker.log").write_text(proc.stdout + proc.stderr)
+    res = read_result(result_path(cfg.output, job)) if proc.returncode == 0 else None
+    if res is None or res.get("status") != "ok":
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        res = {"method": job.method, "status": "failed", "device": device,
+               "error": lines[-1] if lines else f"worker exit status {proc.returncode}", "returncode": proc.returncode}
+    res.update(atlas=job.atlas, motion=job.motion, seed=job.seed, case=job.case, worker_wall_s=wall)
+    io.write_json(jsonable(res), result_path(cfg.output, job))
+    return res
+
+
+
+
+def load_records(output: Path, jobs: Iterable[Job]) -> list[dict]:
+    """The stored results of ``jobs`` (missing ones left out), in job order."""
+    out = []
+    for job in jobs:
+        r = read_result(result_path(output, job))
+        if r is not None:
+            r.update(atlas=job.atlas, motion=job.motion, seed=job.seed, case=job.case, method=job.method)
+            out.append(r)
+    return out
+
+
+
+def write_results(records: Sequence[dict], cfg: BenchmarkConfig) -> list[Path]:
+    """Write ``results.csv``, ``results.md`` and the two plots into ``cfg.output``."""
+    from slice2vol import io
+
+    out = cfg.output
+    write_csv(records, out / RESULTS_CSV)
+    io.atomic_write(out / RESULTS_MD, lambda tmp: Path(tmp).write_text(results_markdown(records, cfg)))
+    rows = aggregate(records)
+    written = [out / RESULTS_CSV, out / RESULTS_MD]
+    if any(r["n"] for r in rows):
+        plot_quality(rows, out / PLOT_QUALITY)
+        plot_time(rows, out / PLOT_TIME)
+        written += [out / PLOT_QUALITY, out / PLOT_TIME]
+    return written
+
+
+# ------------------------------------------------------------------------------------ command
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> int:
+    """Run every job not finished before, then write the results; returns the exit status
+    (0, or 1 when a job failed)."""
+    import torch
+    from tqdm import tqdm
+
+    from slice2vol import io
+    from slice2vol.core.runtime import resolve_device
+
+    device = str(resolve_device(cfg.device))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # the simulation runs in this process
+    _check_settings(cfg)  # before anything is written
+    try:
+        (cfg.output / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Slice2VolError(f"cannot create the output folder {cfg.output}: {exc.strerror or exc}") from None
+    _record_settings(cfg)
+    jobs = jobs_of(cfg)
+    todo = [j for j in jobs if not is_done(cfg.output, j)]
+    n_cases = len(jobs) // (len(cfg.methods) + 1)
+    msg = (f"slice2vol benchmark: {n_cases} case(s) x {len(cfg.methods)} method(s) + naive = {len(jobs)} job(s), "
+           f"{len(jobs) - len(todo)} already done; device {device}, torch {torch.__version__}, "
+           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(msg, flush=True)
+    failed: list[dict] = []
+    sim_errors: dict[str, str] = {}  # case -> why its simulation failed (tried once per run)
+    t_start = time.perf_counter()
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="benchmark", unit="job",
+              disable=not cfg.progress, dynamic_ncols=True) as bar:
+        for job in todo:
+            case_dir = cfg.output / "cases" / job.case
+            if job.case not in sim_errors and not (case_dir / CASE_JSON).is_file():
+                bar.set_postfix_str(f"{job.case}: simulating")
+                try:
+                    simulate_case(cfg, job.atlas, job.motion, job.seed, case_dir)
+                except Exception as exc:  # one bad case must not stop the others
+                    log.debug("simulation failed", exc_info=True)
+                    sim_errors[job.case] = f"simulation: {type(exc).__name__}: {exc}"
+            if job.case in sim_errors:
+                err = {"status": "failed", "error": sim_errors[job.case], "atlas": job.atlas, "motion": job.motion,
+                       "seed": job.seed, "case": job.case, "method": job.method}
+                io.write_json(err, result_path(cfg.output, job))
+                failed.append(err)
+                bar.write(f"FAILED {job.case} {job.method}: {err['error']}")
+                bar.update(1)
+                continue
+            bar.set_postfix_str(f"{job.case} {job.method}")
+            res = run_worker(cfg, job, device)
+            if res.get("status") != "ok":
+                failed.append(res)
+                bar.write(f"FAILED {job.case} {job.method}: {res.get('error')}")
+            elif cfg.progress or log.isEnabledFor(logging.INFO):
+                bar.write(f"{job.case:<24} {job.method:<16} PSNR {res['psnr']:6.2f} dB  SSIM {res['ssim']:.3f}  "
+                          f"TRE {res['tre_median_mm']:6.2f} mm  {res['time_s']:7.1f} s  {res['peak_rss_mb']:6.0f} MB")
+            bar.update(1)
+    records = load_records(cfg.output, jobs)
+    written = write_results(records, cfg)
+    if cfg.update_readme is not None:
+        written += update_readme(cfg.update_readme, cfg.output, cfg.report_picture)
+    elapsed = time.perf_counter() - t_start
+    print(f"ran {len(todo)} job(s) in {elapsed:.1f} s; wrote " + ", ".join(str(p) for p in written), flush=True)
+    if failed:
+        print(f"{len(failed)} job(s) failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.get('case')} {r.get('method')}: {r.get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def benchmark_command(args: argparse.Namespace) -> int:
+    """The ``benchmark`` subcommand."""
+    return run_benchmark(config_from_args(args))
