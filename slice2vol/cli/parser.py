@@ -190,7 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_benchmark_parser(sub)
     add_train_csvr_parser(sub)
+    _add_batch_parser(sub)
     return parser
+
+
+def _add_batch_parser(sub) -> None:
+    p = sub.add_parser(
+        "batch", help="reconstruct every subject of a BIDS dataset on dask.distributed",
+        description="Reconstruct every subject/session of a BIDS dataset (sub-*/[ses-*/]anat/*_T2w.nii.gz), one "
+                    "dask task each, into a BIDS derivatives folder. Any reconstruct option (--method, --resolution, "
+                    "--thickness, --device, ...) may follow and applies to every subject. Resumable: unchanged "
+                    "subjects are not recomputed. Exit status 1 when any subject failed.")
+    p.add_argument("bids_root", metavar="BIDS_ROOT", help="BIDS dataset (with dataset_description.json)")
+    p.add_argument("--output", "-o", required=True, metavar="DERIV_DIR", help="derivatives folder (created; reused)")
+    p.add_argument("--participant-label", nargs="+", metavar="L", help="only these subjects (labels, sub- optional)")
+    p.add_argument("--session", nargs="+", metavar="S", help="only these sessions")
+    p.add_argument("--masks", metavar="MASK_DERIV_DIR",
+                   help="derivatives with <stem>_desc-brain_mask.nii.gz per stack (default: no masks)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="a running dask scheduler, e.g. tcp://host:8786 "
+                   "(default: a LocalCluster on this machine)")
+    p.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: cores / threads-per-worker)")
+    p.add_argument("--threads-per-worker", type=int, default=1, metavar="T", help="torch threads per worker (default: 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress details")
 
 
 def add_train_csvr_parser(sub) -> argparse.ArgumentParser:
@@ -298,6 +320,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "benchmark":
         from slice2vol.evaluation.benchmark import benchmark_command
         return benchmark_command(args)
+    if args.command == "batch":
+        from slice2vol.cli.batch import batch_command
+        return batch_command(args)
     if args.command == "train-csvr":
         from slice2vol.training.csvr import train_command
         return train_command(args)
@@ -306,7 +331,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:
+        # batch forwards every option it does not know to reconstruct (checked there, up front)
+        args, extra = parser.parse_known_args(argv)
+        args.reconstruct_options = extra
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
