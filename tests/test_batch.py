@@ -108,3 +108,73 @@ def test_cohort_on_a_local_cluster_isolates_failures_and_resumes(tmp_path, capsy
     rows = list(csv.DictReader(open(out / "batch_summary.tsv"), delimiter="\t"))
     assert rows[0]["status"] == "ok (unchanged, not recomputed)" and vol.stat().st_mtime_ns == before
     capsys.readouterr()
+
+
+def _start(cmd, log):
+    import subprocess
+
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_a_worker_killed_mid_task_loses_no_subject_and_leaves_nothing_partial(tmp_path):
+    """SIGKILL of the dask worker running a subject: dask runs the task again on the other worker;
+    every subject completes and no partial file or private folder remains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dask.distributed import Client
+
+    ds = _cohort(tmp_path, labels=("01", "02", "03"))
+    out = tmp_path / "deriv"
+    sched_file = tmp_path / "scheduler.json"
+    log = open(tmp_path / "cluster.log", "w")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file",
+                               str(sched_file), "--no-dashboard", "--port", "0"], stdout=log, stderr=subprocess.STDOUT,
+                              env=env)]
+    try:
+        for _ in range(200):
+            if sched_file.is_file():
+                break
+            time.sleep(0.1)
+        for _ in range(2):
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                           str(sched_file), "--nthreads", "1", "--no-dashboard"], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env))
+        client = Client(scheduler_file=str(sched_file), timeout="30s")
+        client.wait_for_workers(2, timeout=60)
+        address = client.scheduler.address
+        batch = subprocess.Popen([sys.executable, "-m", "slice2vol.cli.parser", "batch", str(ds), "-o", str(out),
+                                  "--scheduler", address, "--no-progress", *FAST],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        killed = None
+        for _ in range(600):  # kill the worker that is running a task, once a job folder exists
+            busy = {w: ts for w, ts in client.processing().items() if ts}
+            if busy and any((out / ".work").glob("sub-*")):
+                victim = next(iter(busy))
+                pid = client.run(os.getpid, workers=[victim])[victim]
+                os.kill(pid, signal.SIGKILL)
+                killed = victim
+                break
+            time.sleep(0.1)
+        text, _ = batch.communicate(timeout=300)
+        client.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        log.close()
+    assert killed is not None, "no task was seen running"
+    assert batch.returncode == 0, text
+    rows = list(csv.DictReader(open(out / "batch_summary.tsv"), delimiter="\t"))
+    assert [(r["subject"], r["status"]) for r in rows] == [("01", "ok"), ("02", "ok"), ("03", "ok")]
+    assert not (out / ".work").exists()
+    assert not list(out.rglob(".*.tmp*")) and not [p for p in out.rglob("*") if p.name.startswith(".")]
+    for label in ("01", "02", "03"):
+        anat = out / f"sub-{label}" / "anat"
+        assert json.loads((anat / f"sub-{label}_rec-svr_T2w.json").read_text())["quality"]
+        nib.load(anat / f"sub-{label}_rec-svr_T2w.nii.gz").get_fdata()

@@ -200,6 +200,28 @@ def _write_summary(root: Path, rows: list[dict]) -> None:
     io.atomic_write(root / "index.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
 
 
+def _clean_up(root: Path, subjects: list[Subject], rows: list[dict], method: str) -> None:
+    """After every task has ended: remove what a killed worker left of this batch's jobs (their
+    private folders, and outputs of a job whose sidecar was never written), so nothing partial
+    remains in the derivatives."""
+    work = root / ".work"
+    for sub in subjects:
+        for d in work.glob(f"{sub.key}-*"):
+            shutil.rmtree(d, ignore_errors=True)
+    done = {(r["subject"], r["session"]) for r in rows if r["status"].startswith("ok")}
+    for sub in subjects:
+        if (sub.label, sub.session or "") in done:
+            continue
+        names, final = _names(sub, method), root / sub.anat
+        if not (final / names["sidecar"]).exists():
+            for key in ("volume", "transforms"):
+                with contextlib.suppress(OSError):
+                    (final / names[key]).unlink()
+            shutil.rmtree(final / names["report"], ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work.rmdir()  # only when empty: another batch's job may still be running there
+
+
 def _client(args):
     try:
         from dask.distributed import Client, LocalCluster
@@ -266,8 +288,7 @@ def batch_command(args: argparse.Namespace) -> int:
     order = {s.key: i for i, s in enumerate(subjects)}
     rows.sort(key=lambda r: order[f"sub-{r['subject']}" + (f"_ses-{r['session']}" if r["session"] else "")])
     _write_summary(root, rows)
-    with contextlib.suppress(OSError):
-        (root / ".work").rmdir()  # only when empty: a job still running elsewhere keeps its folder
+    _clean_up(root, subjects, rows, rec.method)
     n_bad = sum(not r["status"].startswith("ok") for r in rows)
     print(f"slice2vol batch: {len(rows) - n_bad} ok, {n_bad} failed; summary {root / SUMMARY_TSV}")
     return 1 if n_bad else 0
