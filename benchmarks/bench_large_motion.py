@@ -75,7 +75,7 @@ def tables(rows: list[dict], levels, methods) -> str:
     by = defaultdict(list)
     for r in rows:
         by[(r["method"], r["motion"])].append(r)
-    out.append("method        motion    n   PSNR dB (mean+-sd)   TRE mm (median)   time s (mean)   peak RSS MB")
+    out.append("method               motion    n   PSNR dB (mean+-sd)   TRE mm (median)   time s (mean)   peak RSS MB")
     for m in ["naive"] + [m for m in methods if m != "naive"]:
         for lv in levels:
             rs = by.get((m, lv), [])
@@ -83,7 +83,7 @@ def tables(rows: list[dict], levels, methods) -> str:
                 continue
             p = np.array([r["psnr"] for r in rs])
             t = np.array([r["tre_median_mm"] for r in rs])
-            out.append(f"{m:13s} {lv:9s} {len(rs):2d}   {p.mean():6.2f} +- {p.std():4.2f}      {np.nanmedian(t):6.2f}"
+            out.append(f"{m:20s} {lv:9s} {len(rs):2d}   {p.mean():6.2f} +- {p.std():4.2f}      {np.nanmedian(t):6.2f}"
                        f"            {np.mean([r['time_s'] for r in rs]):6.1f}         "
                        f"{np.mean([r['peak_rss_mb'] for r in rs]):6.0f}")
     out.append("")
@@ -100,7 +100,7 @@ def tables(rows: list[dict], levels, methods) -> str:
                     tr.append(r["time_s"] / base[r["case"]]["time_s"])
             if d:
                 d = np.array(d)
-                out.append(f"  {m:13s} {lv:9s} n={len(d)}: {d.mean():+6.2f} +- {d.std():4.2f} dB "
+                out.append(f"  {m:20s} {lv:9s} n={len(d)}: {d.mean():+6.2f} +- {d.std():4.2f} dB "
                            f"[{d.min():+6.2f}, {d.max():+6.2f}], time x{np.mean(tr):.2f}")
     out.append("")
     out.append("quality verdict vs ground-truth PSNR, every reconstruction (not naive):")
