@@ -110,12 +110,6 @@ def test_cohort_on_a_local_cluster_isolates_failures_and_resumes(tmp_path, capsy
     capsys.readouterr()
 
 
-def _start(cmd, log):
-    import subprocess
-
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-
 def test_a_worker_killed_mid_task_loses_no_subject_and_leaves_nothing_partial(tmp_path):
     """SIGKILL of the dask worker running a subject: dask runs the task again on the other worker;
     every subject completes and no partial file or private folder remains."""

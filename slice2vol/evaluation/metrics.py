@@ -48,7 +48,6 @@ from slice2vol.core.resample import resample
 from slice2vol.core.similarity import per_slice_ncc
 from slice2vol.core.transforms import apply, kabsch
 from slice2vol.errors import Slice2VolError
-from slice2vol.io import jsonable
 
 __all__ = [
     "psnr",
@@ -258,7 +257,7 @@ def compare_volumes(
     if align:
         from slice2vol.evaluation.align import align_rigid
 
-        T = align_rigid(recon, reference, fixed_mask=m if m is not None else reference.data > 0)
+        T = align_rigid(recon, reference, fixed_mask=m)
     target = T @ np.asarray(reference.affine, dtype=np.float64)
     x = resample(recon.data.to(device), recon.affine, target, reference.shape).float()
     ones = torch.ones_like(recon.data, device=device)
@@ -658,5 +657,5 @@ def evaluate_command(args: argparse.Namespace) -> int:
         results["consistency"] = _consistency_report(recon, posed, args.poses or "stack headers", device)
     print(format_report(results))
     if args.json:
-        write_json(jsonable(results), args.json, protect=_input_paths(args))
+        write_json(results, args.json, protect=_input_paths(args))
     return 0

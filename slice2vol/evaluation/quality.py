@@ -199,12 +199,17 @@ def _stack_ranges(ss: SliceSet):
     return [(ss.stack_slices[s], ss.stack_slices[s + 1]) for s in range(ss.n_stacks)]
 
 
+def _rejected(ss: SliceSet, slice_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``(M,)`` bool each: slices with pixels, and those of them with weight under 0.5."""
+    has = torch.zeros(ss.n_slices, dtype=torch.bool, device=ss.device)
+    has[ss.slice_id] = True
+    return has, (slice_weights.detach().to(ss.device) < REJECTED_BELOW) & has
+
+
 def rejected_fractions(ss: SliceSet, slice_weights: Tensor) -> tuple[float, list[float]]:
     """Fraction of slices with pixels whose weight (``(M,)``) is under 0.5: overall and per stack
     (NaN for a stack without pixels)."""
-    has = torch.zeros(ss.n_slices, dtype=torch.bool, device=ss.device)
-    has[ss.slice_id] = True
-    rej = (slice_weights.detach().to(ss.device) < REJECTED_BELOW) & has
+    has, rej = _rejected(ss, slice_weights)
     per = [float(rej[lo:hi].sum()) / max(int(has[lo:hi].sum()), 1) if bool(has[lo:hi].any()) else float("nan")
            for lo, hi in _stack_ranges(ss)]
     return float(rej.sum()) / max(int(has.sum()), 1), per
@@ -214,9 +219,7 @@ def slice_counts(ss: SliceSet, slice_weights: Tensor) -> dict:
     """``{"total", "with_pixels", "excluded"}``: slices in the stacks, slices with pixels (inside
     the mask and field of view), and those of them excluded as outliers (weight under 0.5).  The one
     count the CLI prints, the JSON records, the verdict uses and the report shows."""
-    has = torch.zeros(ss.n_slices, dtype=torch.bool, device=ss.device)
-    has[ss.slice_id] = True
-    rej = (slice_weights.detach().to(ss.device) < REJECTED_BELOW) & has
+    has, rej = _rejected(ss, slice_weights)
     return {"total": int(ss.n_slices), "with_pixels": int(has.sum()), "excluded": int(rej.sum())}
 
 

@@ -11,7 +11,6 @@ import numpy as np
 from slice2vol import io
 from slice2vol.core.image import Volume
 from slice2vol.errors import Slice2VolError
-from slice2vol.io import jsonable
 
 log = logging.getLogger("slice2vol.report")
 from slice2vol.report.data import (
@@ -138,7 +137,7 @@ def render_report(data: ReportData, out_dir, record: dict | None = None, protect
     except OSError as exc:
         raise Slice2VolError(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
     if record is not None:
-        io.write_json(jsonable(record), out / REPORT_DATA, protect=protect)
+        io.write_json(record, out / REPORT_DATA, protect=protect)
     save_report_arrays(data, out / REPORT_ARRAYS, protect)
     sizes: dict[str, tuple[int, int]] = {}
 

@@ -30,7 +30,6 @@ from slice2vol.evaluation.benchmark.settings import (
     config_from_args,
 )
 from slice2vol.evaluation.benchmark.tables import aggregate, results_markdown, write_csv
-from slice2vol.io import jsonable
 
 log = logging.getLogger("slice2vol")
 
@@ -105,7 +104,7 @@ def run_worker(cfg: BenchmarkConfig, job: Job, device: str) -> dict:
         res = {"method": job.method, "status": "failed", "device": device,
                "error": lines[-1] if lines else f"worker exit status {proc.returncode}", "returncode": proc.returncode}
     res.update(atlas=job.atlas, motion=job.motion, seed=job.seed, case=job.case, worker_wall_s=wall)
-    io.write_json(jsonable(res), result_path(cfg.output, job))
+    io.write_json(res, result_path(cfg.output, job))
     return res
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Sequence
 
 from slice2vol.evaluation.benchmark.settings import CASE_JSON, NAIVE, RESULT_JSON
-from slice2vol.io import jsonable
 
 log = logging.getLogger("slice2vol")
 
@@ -149,7 +148,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = run_job(args.worker, args.method, args.device, args.resolution, args.iterations, args.threads)
     res["status"] = "ok"
-    io.write_json(jsonable(res), args.worker / args.method / RESULT_JSON)
+    io.write_json(res, args.worker / args.method / RESULT_JSON)
     return 0
 
 
