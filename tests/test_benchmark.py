@@ -54,6 +54,7 @@ def record(method: str, motion: str, case: str, **values) -> dict:
     (["--seeds", "0,x"], "--seeds: expected integers"),
     (["--resolution", "0"], "--resolution must be positive"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--workers", "0"], "--workers must be at least 1"),
     (["--report-picture", "p.png"], "needs --update-readme"),
 ])
 def test_bad_arguments_one_line_exit_2(fake_data, tmp_path, capsys, extra, message):
@@ -157,6 +158,7 @@ def _prepare_case(output: Path, job: bm.Job, status: str = "ok") -> None:
 def test_rerun_skips_finished_jobs_and_retries_failed(fake_data, tmp_path, monkeypatch, capsys):
     cfg = cfg_for(["--data", fake_data, "--atlases", "STA23", "--motion", "mild", "--seeds", "0,1",
                    "--methods", "svr", "--device", "cpu", "--no-progress", "--output", tmp_path / "o"])
+    cfg.processes = False  # dask workers in this process, so they see the monkeypatched functions
     jobs = bm.jobs_of(cfg)
     assert len(jobs) == 4
     for job in jobs:
@@ -177,7 +179,7 @@ def test_rerun_skips_finished_jobs_and_retries_failed(fake_data, tmp_path, monke
     monkeypatch.setattr(bm_runner, "run_worker", fake_worker)
     monkeypatch.setattr(bm_runner, "simulate_case", no_simulation)
     assert bm.run_benchmark(cfg) == 0
-    assert ran == [(jobs[2].case, jobs[2].method), (jobs[3].case, jobs[3].method)]
+    assert sorted(ran) == sorted([(jobs[2].case, jobs[2].method), (jobs[3].case, jobs[3].method)])
     assert "2 already done" in capsys.readouterr().out
 
     ran.clear()
@@ -190,6 +192,8 @@ def test_rerun_skips_finished_jobs_and_retries_failed(fake_data, tmp_path, monke
 def test_failed_job_recorded_run_continues_exit_1(fake_data, tmp_path, monkeypatch, capsys):
     cfg = cfg_for(["--data", fake_data, "--atlases", "STA23,STA29", "--motion", "mild", "--seeds", "0",
                    "--methods", "svr", "--device", "cpu", "--no-progress", "--output", tmp_path / "o"])
+    cfg.processes = False
+
     def simulate(c, atlas, motion, seed, case_dir):
         if atlas == "STA29":
             raise ValueError("no such brain")
@@ -217,6 +221,29 @@ def test_failed_job_recorded_run_continues_exit_1(fake_data, tmp_path, monkeypat
     assert len(rows) == 4 and [r["status"] for r in rows].count("failed") == 3
     md = (cfg.output / bm.RESULTS_MD).read_text()
     assert "| svr | mild | 0 (2 failed) |" in md and "| naive | mild | 1 (1 failed) |" in md
+
+
+def test_jobs_run_on_a_local_cluster_of_processes(fake_data, tmp_path, capsys):
+    """The default engine: a LocalCluster of 2 worker processes (nothing patched reaches them).
+    The fake atlases cannot be simulated, so every job fails with the simulation's reason, and the
+    run still writes its results and exits 1."""
+    rc = main(["benchmark", "--data", str(fake_data), "--atlases", "STA23,STA29", "--motion", "mild", "--seeds", "0",
+               "--methods", "svr", "--device", "cpu", "--workers", "2", "--no-progress",
+               "--output", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "on 2 dask worker(s)" in out
+    assert "4 job(s) failed" in err and "STA29_mild_seed0 svr: simulation:" in err
+    with open(tmp_path / "o" / bm.RESULTS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"failed"}
+
+
+def test_unreachable_scheduler_is_one_line(fake_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("slice2vol.core.engine.CONNECT_TIMEOUT", "2s")
+    rc = main(["benchmark", "--data", str(fake_data), "--atlases", "STA23", "--motion", "mild", "--seeds", "0",
+               "--methods", "svr", "--scheduler", "tcp://127.0.0.1:1", "--no-progress", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--scheduler tcp://127.0.0.1:1: cannot connect" in err[0], err
 
 
 def test_real_worker_failure_is_captured(tmp_path, fake_data):

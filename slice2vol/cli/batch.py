@@ -42,6 +42,7 @@ from pathlib import Path
 
 from slice2vol import __version__, io
 from slice2vol.cli.bids import Subject, discover
+from slice2vol.core.engine import dask_client
 from slice2vol.errors import Slice2VolError
 
 log = logging.getLogger("slice2vol")
@@ -222,28 +223,8 @@ def _clean_up(root: Path, subjects: list[Subject], rows: list[dict], method: str
         work.rmdir()  # only when empty: another batch's job may still be running there
 
 
-def _client(args):
-    try:
-        from dask.distributed import Client, LocalCluster
-    except ImportError:  # pragma: no cover - a dependency of slice2vol
-        raise Slice2VolError("slice2vol batch needs dask.distributed (pip install 'dask[distributed]')") from None
-    for name in ("distributed", "tornado", "bokeh"):  # dask's own INFO lines (set on its import), unless --verbose
-        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if args.scheduler:
-        try:
-            return Client(args.scheduler, timeout="20s"), None
-        except (OSError, TimeoutError) as exc:
-            raise Slice2VolError(f"--scheduler {args.scheduler}: cannot connect ({exc})") from None
-    workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads_per_worker)
-    # one task at a time per worker process; torch inside it gets --threads-per-worker threads
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
-    return Client(cluster), cluster
-
-
 def batch_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
-
 
     options = list(args.reconstruct_options or [])
     rec = _reconstruct_args(options)
@@ -258,9 +239,8 @@ def batch_command(args: argparse.Namespace) -> int:
                    "GeneratedBy": [{"Name": "slice2vol", "Version": __version__,
                                     "CodeURL": "https://github.com/slice2vol/slice2vol"}],
                    "options": options, "method": rec.method}, root / "dataset_description.json")
-    client, cluster = _client(args)
     rows: list[dict] = []
-    try:
+    with dask_client(args.scheduler, args.workers, args.threads_per_worker, args.verbose) as client:
         print(f"slice2vol batch: {len(subjects)} job(s) on {len(client.scheduler_info().get('workers', {}))} "
               f"dask worker(s); dashboard {client.dashboard_link}", flush=True)
         from dask.distributed import as_completed
@@ -281,10 +261,6 @@ def batch_command(args: argparse.Namespace) -> int:
             if not row["status"].startswith("ok"):
                 print(f"slice2vol batch: {sub.key} failed: {row['reason']}", file=sys.stderr, flush=True)
         bar.close()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     order = {s.key: i for i, s in enumerate(subjects)}
     rows.sort(key=lambda r: order[f"sub-{r['subject']}" + (f"_ses-{r['session']}" if r["session"] else "")])
     _write_summary(root, rows)

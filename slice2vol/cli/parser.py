@@ -257,7 +257,8 @@ def _add_benchmark_parser(sub) -> None:
     :func:`slice2vol.evaluation.benchmark.config_from_args`, so a bad value is one ``slice2vol: error:`` line."""
     p = sub.add_parser("benchmark", help="benchmark methods on simulated atlas cases with ground truth",
                        description="Simulate cases from fetal brain atlases (once per atlas x motion x seed), "
-                                   "reconstruct each with every method in its own worker process, evaluate against "
+                                   "reconstruct each with every method in its own worker process (dask.distributed tasks: a "
+                                   "LocalCluster, or --scheduler), evaluate against "
                                    "the ground truth, and write results.csv, results.md (mean ± sd per method and "
                                    "motion level) and PNG plots into --output.  Resumable: a finished "
                                    "(case, method) job is not recomputed.")
@@ -285,6 +286,12 @@ def _add_benchmark_parser(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="compute device of the workers: auto picks CUDA when available (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the jobs on a running dask scheduler, e.g. tcp://host:8786 (workers must see --output "
+                        "and --data at the same paths); default: a LocalCluster on this machine")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="LocalCluster worker processes, jobs run at once (default: cores / --threads, so 1 "
+                        "without --threads)")
     p.add_argument("--update-readme", metavar="README",
                    help="afterwards copy results.md and the plots into README between <!-- benchmark:start/end --> "
                         "markers (pictures into benchmarks/results/ beside it)")

@@ -1,4 +1,5 @@
-"""The parent: jobs, their worker processes, resumption, results files and the command."""
+"""The parent: jobs, their tasks on dask.distributed (:mod:`slice2vol.core.engine`, the engine of
+``slice2vol batch`` too), resumption, results files and the command."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,12 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from slice2vol.core.engine import dask_client
 from slice2vol.errors import Slice2VolError
 from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
 from slice2vol.evaluation.benchmark.plots import plot_quality, plot_time
@@ -110,6 +113,58 @@ def run_worker(cfg: BenchmarkConfig, job: Job, device: str) -> dict:
 
 
 
+# ------------------------------------------------------------------------------------ tasks
+
+
+def _simulate_task(cfg: BenchmarkConfig, atlas: str, motion: str, seed: int) -> str | None:
+    """Simulate one case unless its ``case.json`` exists; returns why it failed, or None.
+
+    A dask task: a failure is returned, not raised, so the case's jobs record it as their reason.
+    """
+    case_dir = cfg.output / "cases" / case_name(atlas, motion, seed)
+    if (case_dir / CASE_JSON).is_file():
+        return None
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    try:
+        simulate_case(cfg, atlas, motion, seed, case_dir)
+    except Exception as exc:  # one bad case must not stop the others
+        log.debug("simulation failed", exc_info=True)
+        return f"simulation: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _job_task(cfg: BenchmarkConfig, job: Job, device: str, simulation_error: str | None) -> dict:
+    """One (case, method) job, after its case's simulation task (``simulation_error`` is its result)."""
+    from slice2vol import io
+
+    if simulation_error is not None:
+        err = {"status": "failed", "error": simulation_error, "atlas": job.atlas, "motion": job.motion,
+               "seed": job.seed, "case": job.case, "method": job.method}
+        io.write_json(err, result_path(cfg.output, job))
+        return err
+    return run_worker(cfg, job, device)
+
+
+def _submit(client, cfg: BenchmarkConfig, todo: Sequence[Job], device: str) -> dict:
+    """Submit one simulation task per case and one task per job depending on it; returns
+    ``{future: job}``.  Each job's task runs :func:`run_worker`, which still starts a fresh Python
+    process, so a job's time and peak memory are its own and not the dask worker's."""
+    token = uuid.uuid4().hex[:6]
+    sims: dict[str, object] = {}
+    futures = {}
+    for job in todo:
+        if job.case not in sims:
+            sims[job.case] = client.submit(_simulate_task, cfg, job.atlas, job.motion, job.seed, pure=False,
+                                           key=f"simulate-{job.case}-{token}", retries=1)
+        fut = client.submit(_job_task, cfg, job, device, sims[job.case], pure=False, retries=1,
+                            key=f"job-{job.case}-{job.method}-{token}")
+        futures[fut] = job
+    return futures
+
+
 def load_records(output: Path, jobs: Iterable[Job]) -> list[dict]:
     """The stored results of ``jobs`` (missing ones left out), in job order."""
     out = []
@@ -151,8 +206,6 @@ def run_benchmark(cfg: BenchmarkConfig) -> int:
     from slice2vol.core.runtime import resolve_device
 
     device = str(resolve_device(cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)  # the simulation runs in this process
     _check_settings(cfg)  # before anything is written
     try:
         (cfg.output / "cases").mkdir(parents=True, exist_ok=True)
@@ -167,36 +220,33 @@ def run_benchmark(cfg: BenchmarkConfig) -> int:
            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     print(msg, flush=True)
     failed: list[dict] = []
-    sim_errors: dict[str, str] = {}  # case -> why its simulation failed (tried once per run)
     t_start = time.perf_counter()
-    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="benchmark", unit="job",
-              disable=not cfg.progress, dynamic_ncols=True) as bar:
-        for job in todo:
-            case_dir = cfg.output / "cases" / job.case
-            if job.case not in sim_errors and not (case_dir / CASE_JSON).is_file():
-                bar.set_postfix_str(f"{job.case}: simulating")
+    with dask_client(cfg.scheduler, cfg.workers, cfg.threads, cfg.verbose, cfg.processes) as client:
+        from dask.distributed import as_completed
+
+        n_workers = len(client.scheduler_info().get("workers", {}))
+        print(f"on {n_workers} dask worker(s), {cfg.threads or 'default'} torch thread(s) each; dashboard "
+              f"{client.dashboard_link}", flush=True)
+        futures = _submit(client, cfg, todo, device)
+        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="benchmark", unit="job",
+                  disable=not cfg.progress, dynamic_ncols=True) as bar:
+            for fut in as_completed(futures):
+                job = futures[fut]
                 try:
-                    simulate_case(cfg, job.atlas, job.motion, job.seed, case_dir)
-                except Exception as exc:  # one bad case must not stop the others
-                    log.debug("simulation failed", exc_info=True)
-                    sim_errors[job.case] = f"simulation: {type(exc).__name__}: {exc}"
-            if job.case in sim_errors:
-                err = {"status": "failed", "error": sim_errors[job.case], "atlas": job.atlas, "motion": job.motion,
-                       "seed": job.seed, "case": job.case, "method": job.method}
-                io.write_json(err, result_path(cfg.output, job))
-                failed.append(err)
-                bar.write(f"FAILED {job.case} {job.method}: {err['error']}")
+                    res = fut.result()
+                except Exception as exc:  # the task's worker died more often than dask retries, or a bug
+                    res = {"method": job.method, "status": "failed", "case": job.case,
+                           "error": f"task failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+                    io.write_json(res | {"atlas": job.atlas, "motion": job.motion, "seed": job.seed},
+                                  result_path(cfg.output, job))
+                if res.get("status") != "ok":
+                    failed.append(res)
+                    bar.write(f"FAILED {job.case} {job.method}: {res.get('error')}")
+                elif cfg.progress or log.isEnabledFor(logging.INFO):
+                    bar.write(f"{job.case:<24} {job.method:<16} PSNR {res['psnr']:6.2f} dB  SSIM {res['ssim']:.3f}  "
+                              f"TRE {res['tre_median_mm']:6.2f} mm  {res['time_s']:7.1f} s  "
+                              f"{res['peak_rss_mb']:6.0f} MB")
                 bar.update(1)
-                continue
-            bar.set_postfix_str(f"{job.case} {job.method}")
-            res = run_worker(cfg, job, device)
-            if res.get("status") != "ok":
-                failed.append(res)
-                bar.write(f"FAILED {job.case} {job.method}: {res.get('error')}")
-            elif cfg.progress or log.isEnabledFor(logging.INFO):
-                bar.write(f"{job.case:<24} {job.method:<16} PSNR {res['psnr']:6.2f} dB  SSIM {res['ssim']:.3f}  "
-                          f"TRE {res['tre_median_mm']:6.2f} mm  {res['time_s']:7.1f} s  {res['peak_rss_mb']:6.0f} MB")
-            bar.update(1)
     records = load_records(cfg.output, jobs)
     written = write_results(records, cfg)
     if cfg.update_readme is not None:

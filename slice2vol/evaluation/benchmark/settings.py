@@ -82,6 +82,13 @@ class BenchmarkConfig:
     noise: float = 0.02
     iterations: int | None = None
     threads: int | None = None
+    #: the engine (slice2vol.core.engine): a running dask scheduler's address, else a LocalCluster of
+    #: ``workers`` processes (default: cores / threads); ``processes=False`` makes its workers threads
+    #: of this process (tests).  Each job still runs in a fresh Python process of its own.
+    scheduler: str | None = None
+    workers: int | None = None
+    processes: bool = True
+    verbose: bool = False
     progress: bool = True
     update_readme: Path | None = None
     report_picture: Path | None = None
@@ -130,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     from slice2vol.simulation.motion import motion_level
     from slice2vol.simulation.splits import expand_atlases
 
-    data = Path(args.data) if args.data else shared_data_dir()
+    data = (Path(args.data) if args.data else shared_data_dir()).absolute()
     # a split name (train, validation, test; slice2vol.simulation.splits) stands for its atlases
     atlases = expand_atlases(split_list(args.atlases, "atlases")) if args.atlases else list(DEFAULT_ATLASES)
     motion = split_list(args.motion, "motion") if args.motion else list(DEFAULT_MOTION)
@@ -163,7 +170,11 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         raise Slice2VolError(f"--iterations must be at least 1, got {args.iterations}")
     if args.threads is not None and args.threads < 1:
         raise Slice2VolError(f"--threads must be at least 1, got {args.threads}")
-    output = Path(args.output)
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 1:
+        raise Slice2VolError(f"--workers must be at least 1, got {workers}")
+    # absolute: the jobs may run on other machines (--scheduler) from another working directory
+    output = Path(args.output).absolute()
     if output.exists() and not output.is_dir():
         raise Slice2VolError(f"output {output} exists and is not a folder")
     readme = Path(args.update_readme) if args.update_readme else None
@@ -186,6 +197,8 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     return BenchmarkConfig(output=output, atlases=atlases, motion=motion, seeds=seeds, methods=methods, data=data,
                            device=args.device, resolution=float(args.resolution), thickness=float(args.thickness),
                            noise=float(args.noise), iterations=args.iterations, threads=args.threads,
+                           scheduler=getattr(args, "scheduler", None), workers=workers,
+                           verbose=bool(getattr(args, "verbose", False)),
                            progress=not args.no_progress, update_readme=readme, report_picture=picture)
 
 
