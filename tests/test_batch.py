@@ -74,6 +74,8 @@ def test_batch_refuses_options_it_sets_itself(tmp_path, capsys):
     ds = _cohort(tmp_path, labels=("01",))
     refused(["batch", ds, "-o", tmp_path / "d", "--report", tmp_path / "r"], capsys, r"batch sets --report itself")
     refused(["batch", ds, "-o", tmp_path / "d", "--method", "nope"], capsys, r"reconstruct option: .*--method")
+    refused(["batch", ds, "-o", tmp_path / "d", "--output-dicom", tmp_path / "x"], capsys,
+            r"--output-dicom is not available in batch")
     assert not (tmp_path / "d").exists()
 
 

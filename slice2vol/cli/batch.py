@@ -55,6 +55,8 @@ SUMMARY_COLUMNS = ("subject", "session", "status", "reason", "verdict", "quality
 #: reconstruct options a batch sets itself, per job
 RESERVED = ("--output", "-o", "--stack-masks", "--mask", "--output-transforms", "--report", "--output-simulated",
             "--template", "--output-gaussians")
+#: reconstruct options a batch cannot pass on as they are
+UNSUPPORTED = ("--output-dicom",)
 
 
 def _sha256(path: Path) -> str:
@@ -72,6 +74,9 @@ def _reconstruct_args(options: list[str]) -> argparse.Namespace:
     for opt in options:
         if opt.split("=")[0] in RESERVED:
             raise Slice2VolError(f"batch sets {opt.split('=')[0]} itself for every subject; leave it out")
+        if opt.split("=")[0] in UNSUPPORTED:
+            raise Slice2VolError(f"{opt.split('=')[0]} is not available in batch yet (every subject would write "
+                                 f"into one folder); reconstruct the subject alone for a DICOM series")
     parser = build_parser()
     err = _stdio.StringIO()
     try:
