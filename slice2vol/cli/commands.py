@@ -135,6 +135,12 @@ def _outputs(args: argparse.Namespace, inputs: list[str]) -> None:
     for option, folder in (("--output-simulated", sim), ("--report", rep)):
         if folder:
             _check_writable_folder(folder, f"{option} {folder}")
+    dcm = getattr(args, "output_dicom", None)
+    if dcm:
+        from slice2vol.io.dicom import check_output_folder
+
+        check_output_folder(dcm, inputs)  # absent or empty, never in or around an input
+        _check_writable_folder(Path(dcm).parent, f"--output-dicom {dcm}")
 
 
 class _RunOutputs:
@@ -193,6 +199,8 @@ def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict,
     outputs = _RunOutputs() if outputs is None else outputs
     try:
         outputs.file(io.save_volume(vol_cpu, args.output, protect=inputs))
+        if getattr(args, "output_dicom", None):
+            outputs.folders.append(_write_dicom(args, prep, vol_cpu, inputs))
         if getattr(args, "output_transforms", None):
             outputs.file(io.write_json(_transforms_record(prep, result, extra), args.output_transforms,
                                        protect=inputs))
@@ -208,12 +216,33 @@ def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict,
     return vol_cpu
 
 
+def _write_dicom(args, prep: Prepared, vol: Volume, inputs: list[str]) -> Path:
+    """``--output-dicom``: the volume just saved as NIfTI (same data, same grid) as a derived MR
+    series, carrying the patient/study/frame of reference of the template stack's series (or of
+    the first DICOM stack; anonymous with new UIDs when no stack was DICOM)."""
+    from slice2vol.io.dicom import write_series
+
+    dicom_stacks = [st for st in prep.stacks if "dicom" in st.meta]
+    template = prep.stacks[prep.template] if prep.template is not None else None
+    source = template if template is not None and "dicom" in template.meta else (dicom_stacks or [None])[0]
+    meta = source.meta["dicom"] if source is not None else None
+    numbers = [st.meta["dicom"].get("SeriesNumber") for st in dicom_stacks]
+    numbers = [n for n in numbers if isinstance(n, int)]
+    method = getattr(args, "method", "auto")
+    return write_series(vol.data.numpy(), vol.affine, args.output_dicom, source=meta,
+                        series_number=(max(numbers) if numbers else 0) + 1000,
+                        description=f"slice2vol {method} {args.resolution:g}mm",
+                        comment=f"slice-to-volume reconstruction of {len(prep.stacks)} stacks (slice2vol, method "
+                                f"{method}, {args.resolution:g} mm)", protect=inputs)
+
+
 def reconstruct_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     inputs = list(args.stacks) + list(args.stack_masks or []) + ([args.mask] if args.mask else [])
     _outputs(args, inputs)
-    stacks = io.load_stacks(args.stacks, args.thickness, args.stack_masks)
+    stacks = io.load_stacks(args.stacks, args.thickness, args.stack_masks,
+                            series_description=getattr(args, "series_description", None))
     mask = None
     if args.mask:
         m, aff = io.load_mask(args.mask), io.load_nifti(args.mask, "mask")[1]

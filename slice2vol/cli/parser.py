@@ -110,14 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="reconstruct a volume from stacks",
                        description="Reconstruct one motion-corrected volume from several stacks of slices.")
-    p.add_argument("stacks", nargs="+", metavar="STACK", help="input stacks (NIfTI), slices along the 3rd voxel axis")
+    p.add_argument("stacks", nargs="+", metavar="STACK",
+                   help="input stacks: NIfTI files (slices along the 3rd voxel axis) or folders of DICOM images "
+                        "(one series, or several picked with --series-description: one stack each)")
     p.add_argument("--output", "-o", required=True, metavar="OUT.nii.gz", help="output volume (NIfTI)")
     p.add_argument("--stack-masks", nargs="+", metavar="M", help="one brain mask per stack, in each stack's voxel grid")
     p.add_argument("--mask", metavar="M", help="one 3D brain mask in world space (any grid), e.g. drawn on the template stack")
     p.add_argument("--thickness", nargs="+", type=_positive_float, metavar="MM",
-                   help="slice thickness in mm: one value for all stacks or one per stack (default: slice spacing)")
+                   help="slice thickness in mm: one value for all stacks or one per stack (default: slice spacing; "
+                        "DICOM: SliceThickness)")
     p.add_argument("--template", type=int, metavar="I",
                    help="index (0-based) of the template stack (default: automatic, least motion-corrupted)")
+    p.add_argument("--series-description", action="append", metavar="PATTERN",
+                   help="DICOM folders: use the series whose SeriesDescription matches PATTERN (fnmatch: * and ?, "
+                        "case-insensitive; repeat the option for several patterns); each matching series is one "
+                        "stack, in SeriesNumber order, and per-stack options count these stacks")
+    p.add_argument("--output-dicom", metavar="DIR",
+                   help="also write the output volume as a derived DICOM MR series (one file per slice) into DIR "
+                        "(new or empty; patient and study tags from the input series when they are DICOM)")
     _add_reconstruct_options(p)
     _add_common(p)
 

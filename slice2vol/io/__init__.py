@@ -9,6 +9,7 @@ with a warning: zeroed in the data and left out of a stack's mask.  Complex-valu
 zero or non-finite voxel size in the header (``pixdim``) are refused.  Every problem with the input
 raises :class:`~slice2vol.errors.Slice2VolError` with one clear sentence.  Outputs are written
 atomically (temporary file in the destination folder, then ``os.replace``) and never over an input.
+A stack given as a folder is a DICOM series (or several): :mod:`slice2vol.io.dicom`.
 """
 from __future__ import annotations
 
@@ -302,6 +303,8 @@ def load_stack(
     thickness: float | None = None,
     mask: PathLike | None = None,
     name: str | None = None,
+    *,
+    series_description: Sequence[str] | str | None = None,
 ) -> Stack:
     """Read a stack of slices (slices along voxel axis ``k``).
 
@@ -309,11 +312,23 @@ def load_stack(
     background or padding in MR magnitude images) and inside ``mask`` if one is given.
 
     Args:
-        path: NIfTI file.
-        thickness: slice thickness in mm; default the slice spacing from the header.
-        mask: optional mask in the stack's voxel grid (same shape and affine).
-        name: label of the stack; default the file name.
+        path: NIfTI file, or a folder holding one DICOM series (or several, one of them picked by
+            ``series_description``; :mod:`slice2vol.io.dicom`).
+        thickness: slice thickness in mm; default the slice spacing from the NIfTI header (DICOM:
+            ``SliceThickness``, else ``SpacingBetweenSlices``, else the spacing of the positions).
+        mask: optional mask in the stack's voxel grid (same shape and affine; for a DICOM stack
+            any grid with the same voxels, its axes in another order or direction, is accepted).
+        name: label of the stack; default the file name (DICOM: series description and number).
+        series_description: DICOM folders: fnmatch pattern(s) picking the series.
     """
+    if Path(path).is_dir():
+        from slice2vol.io import dicom
+
+        refs = dicom.find_series(path, series_description)
+        if len(refs) > 1:
+            raise Slice2VolError(f"stack {path}: {len(refs)} series match ({'; '.join(r.label() for r in refs)}); "
+                                 f"give a pattern that picks one, or read them with load_stacks")
+        return _dicom_stack(path, refs[0], thickness, mask, name)
     data, affine, finite = read_nifti(path, "stack")
     data = _zero_non_finite(data, finite, "stack", path)
     if data.shape[0] < 2 or data.shape[1] < 2:
@@ -325,6 +340,12 @@ def load_stack(
     use = finite & (data > 0)
     if mask is not None:
         use &= load_mask(mask, data.shape, affine, "stack mask")
+    return _make_stack(path, data, affine, use, th, name or Path(path).name, {})
+
+
+def _make_stack(path: PathLike, data: np.ndarray, affine: np.ndarray, use: np.ndarray, th: float, name: str,
+                meta: dict) -> Stack:
+    """The :class:`Stack` of checked ``data (H, W, N)`` on ``affine``, pixels ``use`` kept."""
     if not use.any():
         raise Slice2VolError(f"stack {path}: no positive voxel inside its mask")
     data, affine_rh, flipped = make_right_handed(data, affine)
@@ -338,13 +359,60 @@ def load_stack(
         thickness=th,
         affine=affine_rh,
         index=np.arange(data.shape[2]),
-        name=name or Path(path).name,
-        meta={"path": str(path), "flipped_i": flipped},
+        name=name,
+        meta={"path": str(path), "flipped_i": flipped, **meta},
     )
 
 
-def _per_stack(values: Sequence | None, n: int, noun: str, broadcast: bool) -> list:
-    """One value per stack: ``None`` -> all ``None``; a single value is shared if ``broadcast``."""
+def _mask_on_grid(path: PathLike, shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    """A stack mask for a DICOM stack: on the stack's grid, or on a grid with the same voxels whose
+    axes come in another order or direction (e.g. a NIfTI converted by another tool), reindexed."""
+    data, aff = load_nifti(path, "stack mask")
+    A = np.asarray(affine, dtype=np.float64)
+    if data.shape == tuple(shape) and _same_grid(aff, A, data.shape):
+        return load_mask(path, shape, affine, "stack mask")
+    M = np.linalg.solve(A, aff)  # mask voxel -> stack voxel
+    P = np.rint(M[:3, :3])
+    is_perm = (np.abs(M[:3, :3] - P).max() < GRID_TOL and np.all(np.abs(P).sum(0) == 1)
+               and np.all(np.abs(P).sum(1) == 1) and np.abs(M[:3, 3] - np.rint(M[:3, 3])).max() < GRID_TOL)
+    if is_perm:
+        t = np.rint(M[:3, 3]).astype(np.int64)
+        idx = np.indices(shape).reshape(3, -1) - t[:, None]  # stack voxel -> mask voxel: P^T (s - t)
+        src = (P.T.astype(np.int64) @ idx)
+        if np.all(src >= 0) and np.all(src < np.array(data.shape)[:, None]) and data.size == int(np.prod(shape)):
+            m = data[tuple(src)].reshape(shape) > 0
+            if not m.any():
+                raise Slice2VolError(f"stack mask {path}: mask is empty")
+            log.info("stack mask %s: voxel axes reordered onto its DICOM stack's grid", path)
+            return m
+    return load_mask(path, shape, affine, "stack mask")  # refuses with the usual message
+
+
+def _dicom_stack(path: PathLike, ref, thickness: float | None, mask: PathLike | None, name: str | None) -> Stack:
+    """A DICOM series (:class:`slice2vol.io.dicom.SeriesRef`) read as a stack."""
+    from slice2vol.io import dicom
+
+    series = dicom.read_series(ref)
+    data, affine = series.data, series.affine
+    where = f"stack {path} ({ref.label()})"
+    if not np.any(data):
+        raise Slice2VolError(f"{where}: all voxels are zero")
+    th = _checked_thickness(thickness, series.thickness, path)
+    label = name or series.name
+    log.log(NOTICE, "%s: thickness %s mm (%s)", label, _mm(th), "given" if thickness is not None else
+            f"{series.thickness_source} of the DICOM series; give --thickness to change")
+    if thickness is None and not math.isclose(th, series.slice_spacing, rel_tol=1e-3, abs_tol=1e-3):
+        log.info("%s: slices %s mm thick, %s mm apart", label, _mm(th), _mm(series.slice_spacing))
+    use = data > 0
+    if mask is not None:
+        use &= _mask_on_grid(mask, data.shape, affine)
+    return _make_stack(path, data, affine, use, th, label,
+                       {"series_uid": ref.uid, "dicom": series.meta})
+
+
+def _per_stack(values: Sequence | None, n: int, noun: str, broadcast: bool, note: str = "") -> list:
+    """One value per stack: ``None`` -> all ``None``; a single value is shared if ``broadcast``.
+    ``note`` ends the error message (how DICOM folders expanded into stacks)."""
     if values is None:
         return [None] * n
     values = list(values)
@@ -354,7 +422,7 @@ def _per_stack(values: Sequence | None, n: int, noun: str, broadcast: bool) -> l
         hint = "one value for all stacks or one per stack" if broadcast else "one per stack"
         plural = "" if len(values) == 1 else "s"
         raise Slice2VolError(
-            f"{len(values)} {noun}{plural} for {n} stack{'' if n == 1 else 's'} (give {hint})"
+            f"{len(values)} {noun}{plural} for {n} stack{'' if n == 1 else 's'} (give {hint}){note}"
         )
     return values
 
@@ -363,22 +431,49 @@ def load_stacks(
     paths: Sequence[PathLike],
     thicknesses: Sequence[float] | None = None,
     masks: Sequence[PathLike | None] | None = None,
+    *,
+    series_description: Sequence[str] | str | None = None,
 ) -> list[Stack]:
     """Read several stacks, as the CLI's ``STACK... --thickness MM... --stack-masks M...`` give them.
 
+    A path that is a folder is DICOM (:mod:`slice2vol.io.dicom`): one series, or every series of a
+    folder of several that ``series_description`` picks, each its own stack, in ``SeriesNumber``
+    order at the folder's place among the paths.  Per-stack lists count the stacks after this
+    expansion (a message lists them when the count is wrong).
+
     Args:
-        paths: stack files (at least one).
-        thicknesses: ``None`` (slice spacing of each stack), one value for all stacks, or one per stack.
+        paths: stack files or DICOM folders (at least one).
+        thicknesses: ``None`` (each stack's own, see :func:`load_stack`), one value for all
+            stacks, or one per stack.
         masks: ``None`` or exactly one mask per stack (``None`` entries for stacks without a mask).
+        series_description: fnmatch pattern(s) picking series out of DICOM folders.
     """
     if isinstance(paths, (str, os.PathLike)):  # a lone path is not a sequence of paths
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise Slice2VolError("no input stacks given")
-    ths = _per_stack(thicknesses, len(paths), "thickness value", broadcast=True)
-    ms = _per_stack(masks, len(paths), "stack mask", broadcast=False)
-    return [load_stack(p, t, m) for p, t, m in zip(paths, ths, ms)]
+    sources: list[tuple] = []  # (path, dicom SeriesRef or None)
+    for p in paths:
+        if Path(p).is_dir():
+            from slice2vol.io import dicom
+
+            sources += [(p, ref) for ref in dicom.find_series(p, series_description)]
+        else:
+            sources.append((p, None))
+    note = ""
+    if len(sources) != len(paths):
+        note = "; the stacks, DICOM folders expanded: " + ", ".join(
+            f"{k}: {p}" + (f" {ref.label()}" if ref is not None else "") for k, (p, ref) in enumerate(sources))
+    ths = _per_stack(thicknesses, len(sources), "thickness value", broadcast=True, note=note)
+    ms = _per_stack(masks, len(sources), "stack mask", broadcast=False, note=note)
+    stacks = [load_stack(p, t, m) if ref is None else _dicom_stack(p, ref, t, m, None)
+              for (p, ref), t, m in zip(sources, ths, ms)]
+    names = [st.name for st in stacks]
+    for k, st in enumerate(stacks):  # two DICOM series of one description: names must tell them apart
+        if "series_uid" in st.meta and names.count(st.name) > 1:
+            st.name = f"{st.name}_{k}"
+    return stacks
 
 
 #: A stack whose centre is farther than this from the median centre of the stacks is warned about.
@@ -398,7 +493,11 @@ def check_stack_set(stacks: Sequence[Stack]) -> None:
         pb = b.meta.get("path", b.name)
         for a in stacks[:j]:
             pa = a.meta.get("path", a.name)
-            if _same_file(pa, pb):
+            if "series_uid" in a.meta or "series_uid" in b.meta:  # DICOM: one folder may hold several stacks
+                if a.meta.get("series_uid") == b.meta.get("series_uid"):
+                    where = "" if str(pa) == str(pb) else f" (in {pa} and {pb})"
+                    raise Slice2VolError(f"DICOM series {b.name} is given twice{where}")
+            elif _same_file(pa, pb):
                 same = "" if str(pa) == str(pb) else f" (the same file as {pa})"
                 raise Slice2VolError(f"stack {pb} is given twice{same}")
             if (a.slices.shape == b.slices.shape and np.array_equal(a.affine, b.affine)
@@ -554,6 +653,7 @@ def poses_to_json(stacks: Sequence[Stack], poses: Sequence[np.ndarray], extra: d
         entry = {
             "name": st.name,
             "file": st.meta.get("path", st.name),
+            **({"series_instance_uid": st.meta["series_uid"]} if "series_uid" in st.meta else {}),
             "thickness": st.thickness,
             "spacing": list(st.spacing),
             "affine": np.asarray(st.affine).tolist(),
