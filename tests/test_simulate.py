@@ -261,8 +261,12 @@ def test_no_motion_stack_matches_direct_resampling(phantom):
         # the through-plane blur is real: the simulated slices are not the direct resampling
         assert np.abs(sim - direct).max() > 1.0
         # the stack mask is the brain mask at the pixels
-        mask_direct = _trilinear_at(Volume(phantom.mask.float(), phantom.affine), _pixel_world(st)) > 0.5
-        assert (m == mask_direct).mean() > 0.995
+        mask_value = _trilinear_at(Volume(phantom.mask.float(), phantom.affine), _pixel_world(st))
+        # pixels that read exactly 0.5 on this axis-aligned grid are ties: which side of the threshold
+        # they land on is float rounding (the fused CPU operator computes positions in float64, this
+        # reference in float32), so they are left out
+        clear = np.abs(mask_value - 0.5) > 1e-4
+        assert (m == (mask_value > 0.5))[clear].mean() > 0.995
 
 
 def test_artefacts(phantom):

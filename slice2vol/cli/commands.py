@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from slice2vol import io
+from slice2vol.core import stages
 from slice2vol.core.image import Volume
 from slice2vol.core.preprocess import Prepared
 from slice2vol.core.runtime import resolve_device, seed_everything
@@ -249,6 +250,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
         mask = Volume(torch.from_numpy(m), aff)
     io.check_stack_set(stacks)  # a stack given twice; a stack far from the others
     t0 = time.perf_counter()
+    stages.reset(sync=device.type == "cuda" and getattr(args, "profile", False))  # --profile's stage timer
     prep, result, timings = run_reconstruction(
         stacks, resolution=args.resolution, method=args.method, mask=mask, have_stack_masks=bool(args.stack_masks),
         template=args.template, bias_field=args.bias_field, iterations=args.iterations, device=device,
@@ -267,6 +269,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     # the time the JSON records is the time the CLI prints: preparation + method + these checks
     timings["checks_s"] = time.perf_counter() - t0 - timings.pop("total_s")
     timings["total_s"] = time.perf_counter() - t0
+    timings["stages_s"] = _stage_times(timings["total_s"])
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
              "slices": counts, "quality": quality.to_dict()}
@@ -307,9 +310,32 @@ def reconstruct_command(args: argparse.Namespace) -> int:
         print(quality.line())
     else:
         print(quality.line(), file=sys.stderr)
+    if getattr(args, "profile", False):
+        print(_profile_table(timings, device))
     if getattr(args, "strict", False) and quality.verdict == "failed":
         return 3
     return 0
+
+
+def _stage_times(total_s: float) -> dict:
+    """Exclusive seconds per stage (slice2vol.core.stages) of this run; the rest (the CLI's
+    consistency and quality checks, glue) is ``checks and other``."""
+    snap = {k: round(v["seconds"], 3) for k, v in stages.snapshot().items()}
+    snap["checks and other"] = round(max(0.0, total_s - sum(snap.values())), 3)
+    return snap
+
+
+def _profile_table(timings: dict, device: torch.device) -> str:
+    """``--profile``: where the run's time went, by stage, largest first."""
+    from slice2vol.core.acquisition import backend
+
+    st = timings.get("stages_s", {})
+    total = timings["total_s"]
+    rows = [f"slice2vol: profile: {total:.1f} s on {device.type} ({torch.get_num_threads()} threads; acquisition "
+            f"operators: {backend(device)}), exclusive time per stage:"]
+    for name, sec in sorted(st.items(), key=lambda kv: -kv[1]):
+        rows.append(f"  {name:<18} {sec:8.2f} s  {100 * sec / max(total, 1e-9):5.1f} %")
+    return "\n".join(rows)
 
 
 def _summary(c: dict) -> dict:

@@ -95,6 +95,9 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="DIR",
                    help="write a visual report (DIR/index.html with PNG figures) into DIR (demo default: OUT/report)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the run's time went, by stage (prepare, selection, pose search, registration, "
+                        "reconstruction, robust statistics, checks); the figures are also in --output-transforms")
     p.add_argument("--strict", action="store_true",
                    help="exit with status 3 when the quality verdict is 'failed' (after writing every output; "
                         "default: warn and exit 0)")

@@ -21,7 +21,14 @@ the exact operator that made their data.
 The adjoint is the transpose of exactly this linear map (trilinear splatting with the same
 weights), computed with the backward kernel of ``grid_sample`` so ``<A x, y> == <x, A^T y>`` to
 rounding (see ``tests/test_acquisition.py``).  Both are chunked over pixels so memory stays
-bounded at ``chunk * K`` samples.
+bounded at ``chunk * K`` samples.  :func:`forward_jacobian` is the registration's operator: the
+simulated pixels and their derivatives with respect to a rigid correction of each slice.
+
+Two implementations, the same numbers: on CPU tensors the fused numba kernels of
+:mod:`slice2vol.core.fused` (no per-node temporaries, deterministic adjoint) run when numba is
+importable; otherwise, on other devices, with ``SLICE2VOL_NO_NUMBA=1``, or where an autograd
+gradient with respect to the poses is wanted, the PyTorch code below runs (it is the reference
+the fused kernels are tested against).  :func:`backend` says which one a CPU call gets.
 """
 from __future__ import annotations
 
@@ -29,14 +36,16 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slice2vol.core import fused
 from slice2vol.core.geometry import grid_affine
 
-__all__ = ["PSF", "psf_kernel", "forward", "adjoint", "Projector", "sample_points", "FWHM_TO_SIGMA", "DEFAULT_CHUNK",
-           "MAX_PSF_SAMPLES"]
+__all__ = ["PSF", "psf_kernel", "forward", "adjoint", "forward_jacobian", "Projector", "sample_points", "backend",
+           "FWHM_TO_SIGMA", "DEFAULT_CHUNK", "MAX_PSF_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +184,26 @@ def _grid(volume_shape, affine, dtype, device) -> Tensor:
     return grid_affine(torch.as_tensor(affine, dtype=torch.float64), volume_shape).to(device, dtype)
 
 
+def backend(device: torch.device | str = "cpu") -> str:
+    """``"numba"`` when operators on ``device`` run the fused kernels, else ``"torch"``."""
+    return "numba" if torch.device(device).type == "cpu" and fused.available() else "torch"
+
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _use_fused(data: Tensor | torch.dtype, poses: Tensor, coords: Tensor) -> bool:
+    """Fused path: CPU float tensors, and no autograd graph through poses or pixel positions
+    (the fused kernels differentiate in the volume / values only).  ``data``: the volume or
+    values (or just the dtype they will have)."""
+    dtype = data if isinstance(data, torch.dtype) else data.dtype
+    if poses.device.type != "cpu" or (isinstance(data, Tensor) and data.device.type != "cpu") or dtype not in _FLOATS:
+        return False
+    if torch.is_grad_enabled() and (poses.requires_grad or coords.requires_grad):
+        return False
+    return fused.available()
+
+
 def forward(
     volume: Tensor,
     affine,
@@ -194,8 +223,11 @@ def forward(
         psf: quadrature for the ``M`` slices.
         chunk: pixels per chunk.
     Returns:
-        ``(P,)`` (or ``(C, P)``) simulated intensities; differentiable in ``volume`` and ``poses``.
+        ``(P,)`` (or ``(C, P)``) simulated intensities; differentiable in ``volume`` and ``poses``
+        (a graph through ``poses`` takes the PyTorch path).
     """
+    if _use_fused(volume, poses, coords):
+        return fused.forward(volume, fused.Geometry(volume.shape[-3:], affine, poses, coords, slice_id, psf))
     vol = volume[None] if volume.dim() == 4 else volume[None, None]
     G = _grid(tuple(volume.shape[-3:]), affine, poses.dtype, poses.device)
     out = []
@@ -225,8 +257,11 @@ def adjoint(
         shape: ``(Ni, Nj, Nk)`` of the volume grid.
         (others as in :func:`forward`)
     Returns:
-        ``(Ni, Nj, Nk)`` volume.  Not differentiable (it is itself a gradient).
+        ``(Ni, Nj, Nk)`` volume.  Not differentiable on the PyTorch path (it is itself a
+        gradient); the fused path is differentiable in ``values`` (its backward is :func:`forward`).
     """
+    if _use_fused(values, poses, coords):
+        return fused.adjoint(values, fused.Geometry(shape, affine, poses, coords, slice_id, psf))
     dtype = values.dtype
     G = _grid(shape, affine, poses.dtype, poses.device)
     vol = torch.zeros((1, 1) + tuple(shape), dtype=dtype, device=values.device)
@@ -246,17 +281,22 @@ def adjoint(
 class Projector:
     """:func:`forward` and :func:`adjoint` for fixed poses, with the PSF node positions computed once.
 
-    Reconstruction applies ``A`` and ``A^T`` tens of times with the same poses; caching the
-    ``(P, K, 3)`` sample positions (12 bytes per node) removes the per-call gathers.
-    Differentiable in the volume only.
+    Reconstruction applies ``A`` and ``A^T`` tens of times with the same poses.  The PyTorch path
+    caches the ``(P, K, 3)`` sample positions (12 bytes per node) to remove the per-call gathers;
+    the fused path caches only its slice geometry and the adjoint's slab assignment
+    (``O(M K + P)``).  Differentiable in the volume only.
     """
 
     def __init__(self, shape, affine, poses: Tensor, coords: Tensor, slice_id: Tensor, psf: PSF,
                  chunk: int = DEFAULT_CHUNK, dtype: torch.dtype | None = None):
         self.shape = tuple(shape)
-        G = _grid(self.shape, affine, poses.dtype, poses.device)
         self.dtype = dtype or poses.dtype
         self.chunks = []
+        self.geom = None
+        if _use_fused(self.dtype, poses, coords):
+            self.geom = fused.Geometry(self.shape, affine, poses, coords, slice_id, psf)
+            return
+        G = _grid(self.shape, affine, poses.dtype, poses.device)
         with torch.no_grad():
             for start in range(0, coords.shape[0], chunk):
                 sl = slice(start, start + chunk)
@@ -265,6 +305,8 @@ class Projector:
 
     def forward(self, volume: Tensor) -> Tensor:
         """``(Ni, Nj, Nk)`` -> ``(P,)``."""
+        if self.geom is not None:
+            return fused.forward(volume.to(self.dtype), self.geom)
         vol = volume[None, None]
         out = [
             (F.grid_sample(vol, pts, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0, :, :, 0] * w).sum(-1)
@@ -274,6 +316,8 @@ class Projector:
 
     def adjoint(self, values: Tensor) -> Tensor:
         """``(P,)`` -> ``(Ni, Nj, Nk)``."""
+        if self.geom is not None:
+            return fused.adjoint(values.to(self.dtype), self.geom)
         vol = torch.zeros((1, 1) + self.shape, dtype=values.dtype, device=values.device)
         out = torch.zeros_like(vol)
         start = 0
@@ -285,3 +329,60 @@ class Projector:
                 out += g
                 start += p
         return out[0, 0]
+
+
+def forward_jacobian(
+    channels: Tensor,
+    affine,
+    poses: Tensor,
+    coords: Tensor,
+    slice_id: Tensor,
+    psf: PSF,
+    centres: Tensor,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """Simulated pixels and their Jacobian with respect to a rigid correction of each slice.
+
+    The correction ``D`` (rotation ``omega`` about ``centres[n]``, then translation ``t``, world
+    mm) acts on the left of the pose, ``D @ T_n``; at ``D = I``::
+
+        s_p = sum_k w_k V(x_k),     d s_p / d(omega, t) = sum_k w_k [(x_k - c_n) x g_k, g_k]
+
+    with ``x_k`` the world position of PSF node ``k`` and ``g_k`` the world gradient of ``V``
+    there, read from ``channels`` (trilinear, like ``V``).
+
+    Args:
+        channels: ``(4, Ni, Nj, Nk)``: ``V`` and its index-space derivatives along ``i, j, k``
+            (:func:`slice2vol.core.registration.gradient_channels`; channels-last storage spares
+            the fused path a copy).
+        affine: ``(4, 4)`` voxel-to-world of the grid.
+        poses, coords, slice_id, psf: as in :func:`forward`.
+        centres: ``(M, 3)`` world rotation centre of each slice's correction (mm).
+        chunk: pixels per chunk (PyTorch path).
+    Returns:
+        ``s (P,)`` and ``J (P, 6)`` (columns ``omega`` per rad, ``t`` per mm); not differentiable.
+    """
+    A = torch.as_tensor(np.asarray(affine, dtype=np.float64) if not isinstance(affine, Tensor) else affine,
+                        dtype=torch.float64)
+    to_world = torch.linalg.inv(A)[:3, :3].T.to(channels.device, channels.dtype)
+    if _use_fused(channels, poses, coords):
+        geom = fused.Geometry(channels.shape[-3:], affine, poses, coords, slice_id, psf)
+        return fused.forward_jacobian(channels, to_world, geom, centres)
+    G = _grid(tuple(channels.shape[-3:]), affine, channels.dtype, channels.device)
+    vol = channels[None]
+    s_all, J_all = [], []
+    with torch.no_grad():
+        for start in range(0, coords.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            pts, w = sample_points(poses, coords[sl], slice_id[sl], psf)  # world (p, K, 3)
+            grid = pts @ G[:3, :3].T + G[:3, 3]
+            smp = F.grid_sample(vol, grid[None, :, :, None, :].to(vol.dtype), mode="bilinear", padding_mode="zeros",
+                                align_corners=True)[0, :, :, :, 0]  # (4, p, K)
+            s_all.append((smp[0] * w).sum(-1))
+            g = smp[1:].permute(1, 2, 0) @ to_world.T  # (p, K, 3) world gradient
+            r = pts - centres[slice_id[sl]][:, None, :]
+            jw = torch.cat([torch.cross(r, g, dim=-1), g], -1)  # (p, K, 6)
+            J_all.append((jw * w[..., None]).sum(1))
+    if not s_all:
+        return channels.new_zeros(0), channels.new_zeros(0, 6)
+    return torch.cat(s_all), torch.cat(J_all)

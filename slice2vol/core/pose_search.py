@@ -34,6 +34,7 @@ from slice2vol.core import acquisition as acq
 from slice2vol.core.acquisition import PSF
 from slice2vol.core.registration import register, slice_centres, smooth
 from slice2vol.core.similarity import per_slice_ncc
+from slice2vol.core.stages import timed
 from slice2vol.core.transforms import rotation_about
 
 __all__ = ["package_groups", "rotation_grid", "candidate_transforms", "neighbour_candidates", "score_candidates", "SearchResult",
@@ -211,6 +212,7 @@ def _group_normals(poses: Tensor, group: Tensor, n_groups: int) -> Tensor:
     return s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+@timed("pose search")
 def search_poses(
     volume: Tensor,
     affine,

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from slice2vol.core import acquisition as acq
 from slice2vol.core.acquisition import PSF
+from slice2vol.core.stages import timed
 
 __all__ = ["psf_average", "super_resolve", "normal_diag", "DIRECTIONS"]
 
@@ -60,6 +61,7 @@ def _regulariser(v: Tensor, edge: list[Tensor]) -> Tensor:
     return out
 
 
+@timed("reconstruction")
 def psf_average(values, weights, shape, affine, poses, coords, slice_id, psf: PSF, eps: float = 1e-6) -> Tensor:
     """PSF-weighted average of slices in a volume (cSVR eq. 2), ``(Ni, Nj, Nk)``.
 
@@ -75,6 +77,7 @@ def normal_diag(weights, shape, affine, poses, coords, slice_id, psf: PSF) -> Te
     return acq.adjoint(weights, shape, affine, poses, coords, slice_id, psf)
 
 
+@timed("reconstruction")
 def super_resolve(
     volume: Tensor,
     affine,

@@ -16,7 +16,8 @@ corrections ``D_g`` so that the PSF-simulated intensities of the volume at the c
 six parameters are decoupled and rotating a slice does not swing it around the world origin.
 The Jacobian is analytic: with ``g = grad V`` (world mm) at a PSF node ``x``,
 ``d s / d(omega, t) = sum_k w_k [(x_k - c) x g_k, g_k]``; ``V`` and its three derivatives are
-read in one 4-channel ``grid_sample`` pass, and the 6x6 normal equations of all groups are
+read in one pass (:func:`slice2vol.core.acquisition.forward_jacobian`, fused on CPU), and the
+6x6 normal equations of all groups are
 accumulated with ``index_add`` and solved in one batched call.  Each group has its own
 Levenberg-Marquardt damping and accepts a step only if its own cost decreases.  ``a_n`` is the
 least-squares intensity scale of each slice, re-fitted at every iteration (SVRTK scales slices
@@ -31,9 +32,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from slice2vol.core.acquisition import DEFAULT_CHUNK, PSF, psf_kernel, sample_points
-from slice2vol.core.geometry import grid_affine, slice_to_world
+from slice2vol.core import fused
+from slice2vol.core.acquisition import DEFAULT_CHUNK, PSF, backend, forward_jacobian, psf_kernel
+from slice2vol.core.geometry import slice_to_world
 from slice2vol.core.resample import gaussian_blur
+from slice2vol.core.stages import timed
 from slice2vol.core.transforms import rotation_about
 
 __all__ = ["RegistrationResult", "register", "register_volumes", "smooth", "gradient_channels", "slice_centres"]
@@ -78,33 +81,34 @@ def slice_centres(poses: Tensor, coords: Tensor, slice_id: Tensor, weights: Tens
 
 def gradient_channels(volume: Tensor, affine) -> tuple[Tensor, Tensor]:
     """``(4, Ni, Nj, Nk)`` = volume and its index-space central differences, plus the ``(3, 3)``
-    matrix turning index-space derivatives into world-space (mm^-1) gradients."""
-    gi, gj, gk = torch.gradient(volume)
+    matrix turning index-space derivatives into world-space (mm^-1) gradients.  The channels are
+    stored last in memory (the tensor is a permuted view), so the fused operator reads the four
+    values of a voxel from one cache line without a copy (on CPU the fused kernel writes them in
+    one pass, the same numbers as ``torch.gradient``)."""
     inv = torch.linalg.inv(torch.as_tensor(affine, dtype=torch.float64))[:3, :3]
-    return torch.stack([volume, gi, gj, gk]), inv.T.to(volume.dtype).to(volume.device)
+    to_world = inv.T.to(volume.dtype).to(volume.device)
+    if (backend(volume.device) == "numba" and volume.dtype in (torch.float32, torch.float64) and min(volume.shape) >= 2
+            and not (volume.requires_grad and torch.is_grad_enabled())):
+        return fused.gradient_channels(volume).permute(3, 0, 1, 2), to_world
+    gi, gj, gk = torch.gradient(volume)
+    return torch.stack([volume, gi, gj, gk], -1).permute(3, 0, 1, 2), to_world
 
 
-def _evaluate(channels, to_world_grad, G, poses, coords, slice_id, psf, values, weights, centres_px, need_jac, chunk):
-    """Simulated intensities ``s (P,)`` and, if asked, ``J (P, 6)`` of s w.r.t. the group correction."""
-    s_all, J_all = [], []
-    vol = channels[None]
-    for start in range(0, coords.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        pts, w = sample_points(poses, coords[sl], slice_id[sl], psf)  # world (p, K, 3)
-        grid = pts @ G[:3, :3].T + G[:3, 3]
-        smp = torch.nn.functional.grid_sample(
-            vol if need_jac else vol[:, :1], grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros", align_corners=True
-        )[0, :, :, :, 0]  # (C, p, K)
-        s_all.append((smp[0] * w).sum(-1))
-        if need_jac:
-            g = smp[1:].permute(1, 2, 0) @ to_world_grad.T  # (p, K, 3) world gradient
-            r = pts - centres_px[sl, None, :]
-            jw = torch.cat([torch.cross(r, g, dim=-1), g], -1)  # (p, K, 6)
-            J_all.append((jw * w[..., None]).sum(1))
-    s = torch.cat(s_all)
-    return s, (torch.cat(J_all) if need_jac else None)
+def _normal_equations(J: Tensor, scale: Tensor, weights: Tensor, r: Tensor, pix_group: Tensor,
+                      n_groups: int) -> tuple[Tensor, Tensor]:
+    """``H (G, 6, 6) = sum w a^2 J J^T`` and ``b (G, 6) = sum w a J r`` per group (``scale``: the
+    slice scale ``a`` of each pixel); fused on CPU (float64 sums, no ``(P, 36)`` temporary)."""
+    if backend(J.device) == "numba":
+        return fused.normal_equations(J, scale, weights, r, pix_group, n_groups)
+    Js = J * scale[:, None]
+    H = torch.zeros(n_groups, 36, device=J.device, dtype=J.dtype).index_add_(
+        0, pix_group, (weights[:, None, None] * Js[:, :, None] * Js[:, None, :]).reshape(-1, 36)
+    ).reshape(n_groups, 6, 6)
+    b = torch.zeros(n_groups, 6, device=J.device, dtype=J.dtype).index_add_(0, pix_group, weights[:, None] * Js * r[:, None])
+    return H, b
 
 
+@timed("registration")
 def register(
     volume: Tensor,
     affine,
@@ -147,7 +151,6 @@ def register(
     weights = torch.ones_like(values) if weights is None else weights
     pix_group = group[slice_id]
     spacing = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
-    G = grid_affine(torch.as_tensor(affine, dtype=torch.float64), tuple(volume.shape)).to(device, dtype)
 
     if centres is None:
         centres = slice_centres(poses, coords, slice_id, weights, group, n_groups)
@@ -176,16 +179,12 @@ def register(
     a = ones_M
     eye6 = torch.eye(6, device=device, dtype=dtype)
     for sigma in sigmas:
-        channels, to_world = gradient_channels(smooth(volume, sigma, spacing), affine)
-        centres_px = centres[pix_group]
-        s, J = _evaluate(channels, to_world, G, current_poses(params), coords, slice_id, psf, values, weights, centres_px, True, chunk)
+        channels, _ = gradient_channels(smooth(volume, sigma, spacing), affine)
+        centres_sl = centres[group]
+        s, J = forward_jacobian(channels, affine, current_poses(params), coords, slice_id, psf, centres_sl, chunk)
         cost, r, a = costs(s)
         for _ in range(iterations):
-            Js = J * a[slice_id, None]
-            H = torch.zeros(n_groups, 36, device=device, dtype=dtype).index_add_(
-                0, pix_group, (weights[:, None, None] * Js[:, :, None] * Js[:, None, :]).reshape(-1, 36)
-            ).reshape(n_groups, 6, 6)
-            b = torch.zeros(n_groups, 6, device=device, dtype=dtype).index_add_(0, pix_group, weights[:, None] * Js * r[:, None])
+            H, b = _normal_equations(J, a[slice_id], weights, r, pix_group, n_groups)
             diag = torch.diagonal(H, dim1=-2, dim2=-1)
             A = H + lam[:, None, None] * torch.diag_embed(diag) + 1e-9 * (diag.mean(-1, keepdim=True)[..., None] + 1e-12) * eye6
             delta = -torch.linalg.solve(A, b[..., None])[..., 0]
@@ -197,7 +196,7 @@ def register(
             delta = delta * shrink
             # compose the increment with the current correction (both about the same centre)
             trial = _compose_params(delta, params, centres)
-            s_new, J_new = _evaluate(channels, to_world, G, current_poses(trial), coords, slice_id, psf, values, weights, centres_px, True, chunk)
+            s_new, J_new = forward_jacobian(channels, affine, current_poses(trial), coords, slice_id, psf, centres_sl, chunk)
             cost_new, r_new, a_new = costs(s_new)
             accept = cost_new <= cost
             params = torch.where(accept[:, None], trial, params)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from slice2vol.core.stages import timed
+
 __all__ = ["RobustState", "fit_scales", "em_weights"]
 
 
@@ -56,6 +58,7 @@ def _gauss(x: Tensor, mu, sd) -> Tensor:
     return torch.exp(-0.5 * ((x - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
 
 
+@timed("robust")
 def em_weights(residual: Tensor, slice_id: Tensor, n_slices: int, intensity_range: float,
                state: RobustState | None = None, iterations: int = 5, min_pixels: int = 10) -> RobustState:
     """EM for the pixel and slice mixtures.

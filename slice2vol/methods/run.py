@@ -11,6 +11,7 @@ import torch
 
 from slice2vol.core.image import Stack, Volume
 from slice2vol.core.preprocess import prepare
+from slice2vol.core.stages import stage
 from slice2vol.errors import Slice2VolError
 
 __all__ = ["run_reconstruction", "METHOD_VARIANTS", "method_variant", "crop_to_roi"]
@@ -94,9 +95,11 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
             raise Slice2VolError(f"{method}: unknown option {k!r}")
         setattr(cfg, k, v)
     t0 = time.perf_counter()
-    prep = prepare(stacks, resolution, mask=mask, have_stack_masks=have_stack_masks, template=template,
-                   bias_field=bias_field, device=device)
+    with stage("prepare"):  # core.stages: exclusive of the registrations etc. inside
+        prep = prepare(stacks, resolution, mask=mask, have_stack_masks=have_stack_masks, template=template,
+                       bias_field=bias_field, device=device)
     t1 = time.perf_counter()
-    result = run(prep, cfg)
+    with stage("method, other"):
+        result = run(prep, cfg)
     t2 = time.perf_counter()
     return prep, result, {"prepare_s": t1 - t0, "method_s": t2 - t1, "total_s": t2 - t0}
