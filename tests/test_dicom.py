@@ -511,3 +511,19 @@ def test_reconstruct_from_dicom_folders_equals_reconstruct_from_nifti(sim, tmp_p
     refused([*map(str, ["reconstruct", *folders, "-o", tmp_path / "c.nii.gz", "--output-dicom", folders[0] / "out"]),
              *FAST], capsys, "into the input")
     assert not (tmp_path / "c.nii.gz").exists()
+
+
+def test_assess_reads_dicom_folders_and_picks_series(sim, tmp_path, capsys):
+    """``assess`` takes the same DICOM stack arguments as ``reconstruct``, --series-description included."""
+    both = tmp_path / "exam"
+    for k in range(3):
+        data, affine = _nifti(sim, k)
+        write_test_series(both / f"s{k}", data, affine, description=f"T2 {k}", number=k + 1, rng=np.random.default_rng(k))
+    data, affine = _nifti(sim, 0)
+    write_test_series(both / "loc", data, affine, description="LOCALIZER", number=9, rng=np.random.default_rng(9))
+    out = tmp_path / "assess.json"
+    assert main(["assess", str(both), "--series-description", "T2*", "--json", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "reconstruct would keep" in printed
+    record = json.loads(out.read_text())
+    assert len(record["stacks"]) == 3  # the localizer series was not picked

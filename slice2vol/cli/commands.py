@@ -251,10 +251,17 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     io.check_stack_set(stacks)  # a stack given twice; a stack far from the others
     t0 = time.perf_counter()
     stages.reset(sync=device.type == "cuda" and getattr(args, "profile", False))  # --profile's stage timer
+    # stacks that clearly disagree with the rest are left out (args narrowed to the kept ones)
+    from slice2vol.cli.assess import select_stacks
+    _method_options(args)  # refuse bad options (e.g. --packages per stack) before the assessment's work
+    with stages.stage("selection"):
+        stacks, selection = select_stacks(args, stacks, mask, device)
     prep, result, timings = run_reconstruction(
         stacks, resolution=args.resolution, method=args.method, mask=mask, have_stack_masks=bool(args.stack_masks),
         template=args.template, bias_field=args.bias_field, iterations=args.iterations, device=device,
         progress=not args.no_progress, options=_method_options(args))
+    timings["selection_s"] = selection["time_s"]
+    timings["total_s"] += selection["time_s"]
     from slice2vol.evaluation.metrics import slice_consistency
     from slice2vol.report import report_record
 
@@ -272,7 +279,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     timings["stages_s"] = _stage_times(timings["total_s"])
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
-             "slices": counts, "quality": quality.to_dict()}
+             "slices": counts, "quality": quality.to_dict(), "stack_selection": selection}
     extra.update(report_record(args, prep, before, after))
     # Every output is written last; should one fail (or Ctrl-C / SIGTERM come) the others of this
     # run are removed, so no poses JSON or report is left pointing at a volume that is not there.

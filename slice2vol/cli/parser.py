@@ -46,6 +46,26 @@ def _nonnegative_int(text: str) -> int:
     return v
 
 
+def _positive_int(text: str) -> int:
+    """An integer of at least 1 (``--max-stacks``)."""
+    v = _nonnegative_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return v
+
+
+def _add_selection_options(p: argparse.ArgumentParser, reconstruct: bool = True) -> None:
+    """Stack selection (slice2vol.methods.selection): on by default in reconstruct."""
+    g = p.add_argument_group("stack selection (README: Stack assessment and selection)")
+    x = g.add_mutually_exclusive_group()
+    if reconstruct:
+        x.add_argument("--keep-all-stacks", action="store_true",
+                       help="reconstruct from every stack (default: leave out stacks that clearly disagree with the "
+                            "others or whose neighbouring slices disagree, one warning line each; see slice2vol assess)")
+    x.add_argument("--max-stacks", type=_positive_int, metavar="N",
+                   help="keep only the best N stacks by the combined assessment score (after leaving out outliers)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="compute device: auto picks CUDA when available (default: auto)")
@@ -101,6 +121,7 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="exit with status 3 when the quality verdict is 'failed' (after writing every output; "
                         "default: warn and exit 0)")
+    _add_selection_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "volume are read from the paths recorded there.")
     p.add_argument("recon_dir", metavar="RECON_DIR", help="reconstruction or report folder")
     p.add_argument("--output", "-o", metavar="DIR", help="report folder (default: see above)")
+    _add_common(p)
+
+    p = sub.add_parser("assess", help="assess stacks: motion, agreement, coverage, keep/drop",
+                       description="Print per stack: neighbour-slice NCC and interleave discontinuity (motion), "
+                                   "agreement with the other stacks after rigid registration, brain coverage, a "
+                                   "combined score, and the keep/drop decision reconstruct would make (with its "
+                                   "reason).")
+    p.add_argument("stacks", nargs="+", metavar="STACK",
+                   help="input stacks: NIfTI files (slices along the 3rd voxel axis) or folders of DICOM images")
+    p.add_argument("--stack-masks", nargs="+", metavar="M", help="one brain mask per stack, in each stack's voxel grid")
+    p.add_argument("--mask", metavar="M", help="one 3D brain mask in world space (any grid)")
+    p.add_argument("--series-description", action="append", metavar="PATTERN",
+                   help="DICOM folders: assess the series whose SeriesDescription matches PATTERN (as in reconstruct)")
+    p.add_argument("--thickness", nargs="+", type=_positive_float, metavar="MM",
+                   help="slice thickness in mm: one value for all stacks or one per stack (default: slice spacing)")
+    p.add_argument("--template", type=int, metavar="I", help="a stack (0-based) that is never left out")
+    _add_selection_options(p, reconstruct=False)
+    p.add_argument("--json", metavar="FILE", help="also write the assessment as JSON")
     _add_common(p)
 
     _add_benchmark_parser(sub)
@@ -331,6 +370,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from slice2vol.evaluation.metrics import evaluate_command
         return evaluate_command(args)
+    if args.command == "assess":
+        from slice2vol.cli.assess import assess_command
+        return assess_command(args)
     if args.command == "render":
         from slice2vol.cli.commands import render_command
         return render_command(args)
