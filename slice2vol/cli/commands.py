@@ -197,6 +197,7 @@ def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict,
         n_bad = int(finite.numel() - finite.sum())
         raise Slice2VolError(f"reconstruction produced non-finite values ({n_bad} of {finite.numel()} voxels are "
                              f"NaN or Inf); nothing was written")
+    vol_cpu = _to_output_space(args, vol_cpu, vol.mask.cpu() if vol.mask is not None else None, extra)
     outputs = _RunOutputs() if outputs is None else outputs
     try:
         outputs.file(io.save_volume(vol_cpu, args.output, protect=inputs))
@@ -215,6 +216,27 @@ def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict,
         outputs.remove()
         raise
     return vol_cpu
+
+
+def _to_output_space(args, vol: Volume, roi, extra: dict) -> Volume:
+    """``--output-space atlas``: the volume registered to the shipped fetal atlas and resampled on its
+    axes (slice2vol.methods.atlas); records the space, week, NCC and the scanner -> atlas transform in
+    ``extra`` (the poses in the transforms JSON stay in the scanner world)."""
+    space = getattr(args, "output_space", "scanner")
+    extra["output_space"] = space
+    if space != "atlas":
+        return vol
+    from slice2vol.methods.atlas import register_to_atlas, to_atlas_space
+
+    t0 = time.perf_counter()
+    reg = register_to_atlas(vol, roi)
+    out = to_atlas_space(vol, reg.transform, args.resolution, mask=roi)
+    extra["atlas"] = {**reg.to_dict(), "atlas": "CRL 2017 fetal brain atlas (Gholipour et al. 2017), symmetrised",
+                      "poses_frame": "scanner (map them with transform_scanner_to_atlas)"}
+    extra.setdefault("timings_s", {})["atlas_s"] = time.perf_counter() - t0
+    print(f"slice2vol: atlas space: estimated gestational week {reg.week} (NCC {reg.score:.3f}), "
+          f"registered and resampled in {time.perf_counter() - t0:.1f} s")
+    return Volume(out.data, out.affine)
 
 
 def _write_dicom(args, prep: Prepared, vol: Volume, inputs: list[str]) -> Path:

@@ -76,6 +76,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_positive_float, default=0.8, help="output voxel size in mm (default: 0.8)")
+    p.add_argument("--output-space", choices=["atlas", "scanner"], default="scanner",
+                   help="atlas: register the result rigidly to the shipped CRL 2017 fetal atlas (week chosen by best "
+                        "match) and write it on the atlas's axes (RAS, standard planes; week and transform in "
+                        "--output-transforms); scanner (default): the template stack's world frame, as acquired")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="reconstruction method: auto (default: classical SVR started from the stack-registered or "
                         "the cSVR network's poses, whichever explains the slices better, with the global pose "

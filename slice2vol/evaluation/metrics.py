@@ -546,6 +546,24 @@ def _stacks_with_poses(stacks: Sequence[Stack], poses: Sequence[dict]) -> list[S
     return out
 
 
+def _poses_in_recon_frame(poses: list[dict], path) -> list[dict]:
+    """The poses of a run are in the scanner world; a run with ``--output-space atlas`` wrote its
+    volume in the atlas's, and recorded the scanner -> atlas transform: map the poses with it."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    if not isinstance(record, dict) or record.get("output_space") != "atlas":
+        return poses
+    try:
+        T = np.asarray(record["atlas"]["transform_scanner_to_atlas"], dtype=np.float64).reshape(4, 4)
+    except (KeyError, TypeError, ValueError):
+        T = None
+    if T is None or not np.all(np.isfinite(T)) or not np.allclose(T[:3, :3].T @ T[:3, :3], np.eye(3), atol=1e-4):
+        raise Slice2VolError(f"poses file {path}: output in atlas space but no valid scanner -> atlas transform")
+    return [{**e, "poses": T @ e["poses"]} for e in poses]
+
+
 def _tre_pixels(match: PoseMatch, stacks: Sequence[Stack] | None) -> tuple[Tensor, Tensor, str]:
     """Slice-frame points and their slice ids for TRE: the stacks' masked pixels, else a default grid."""
     if stacks is not None:
@@ -654,7 +672,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if match is not None:
         results["tre"] = _tre_report(match, posed)
     if posed is not None:
-        results["consistency"] = _consistency_report(recon, posed, args.poses or "stack headers", device)
+        in_recon = _stacks_with_poses(stacks, _poses_in_recon_frame(est, args.poses)) if est is not None else posed
+        results["consistency"] = _consistency_report(recon, in_recon, args.poses or "stack headers", device)
     print(format_report(results))
     if args.json:
         write_json(results, args.json, protect=_input_paths(args))

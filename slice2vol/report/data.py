@@ -281,6 +281,14 @@ def _record_info(record: dict, json_path: Path | None = None) -> list[tuple[str,
         rows.append(("method", _e(record["method"])))
     if record.get("resolution_mm") is not None:
         rows.append(("resolution", f"{float(record['resolution_mm']):g} mm"))
+    if record.get("output_space") == "atlas" and isinstance(record.get("atlas"), dict):
+        a = record["atlas"]
+        ncc = a.get("similarity_ncc")
+        ncc = f"{ncc:.3f}" if isinstance(ncc, (int, float)) else "?"
+        rows.append(("output space", f"atlas (CRL 2017, standard planes): estimated week {_e(a.get('week'))}, "
+                                     f"NCC {ncc}"))
+    elif record.get("output_space"):
+        rows.append(("output space", _e(record["output_space"])))
     t = record.get("timings_s") or {}
     if t:
         rows.append(("time", ", ".join(f"{_e(k.removesuffix('_s'))} {float(v):.1f} s" for k, v in t.items()

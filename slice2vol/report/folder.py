@@ -176,7 +176,15 @@ def report_data_from_dir(recon_dir, device: torch.device | str = "cpu") -> tuple
         notes.append(f"Simulated slices read from {sim_dir}.")
     else:
         ss0 = SliceSet.from_stacks(stacks, device=dev)
-        P = torch.as_tensor(np.concatenate(est), dtype=torch.float32, device=dev)
+        P_world = np.concatenate(est)
+        if record.get("output_space") == "atlas":  # poses are recorded in the scanner world, the volume is not
+            try:
+                T = np.asarray(record["atlas"]["transform_scanner_to_atlas"], dtype=np.float64).reshape(4, 4)
+            except (KeyError, TypeError, ValueError):
+                raise Slice2VolError(f"{json_path}: output in atlas space but no valid scanner -> atlas transform "
+                                     f"recorded") from None
+            P_world = T @ P_world
+        P = torch.as_tensor(P_world, dtype=torch.float32, device=dev)
         inside = roi_weights((volume.data != 0).to(dev), volume.affine, ss0, P)
         keep = ss0.to_images(inside)
         stacks = [replace(st, mask=st.mask & (k.cpu() > 0.5)) for st, k in zip(stacks, keep)]
