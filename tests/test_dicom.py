@@ -527,3 +527,26 @@ def test_assess_reads_dicom_folders_and_picks_series(sim, tmp_path, capsys):
     assert "reconstruct would keep" in printed
     record = json.loads(out.read_text())
     assert len(record["stacks"]) == 3  # the localizer series was not picked
+
+
+def test_report_rebuilds_a_run_from_a_folder_of_several_series(sim, tmp_path):
+    """``slice2vol report`` reloads each stack of a multi-series DICOM folder by its recorded SeriesInstanceUID."""
+    exam = tmp_path / "exam"
+    for k in range(3):
+        data, affine = _nifti(sim, k)
+        write_test_series(exam / f"s{k}", data, affine, description=f"T2 {k}", number=k + 1, rng=np.random.default_rng(k))
+    data, affine = _nifti(sim, 0)
+    write_test_series(exam / "loc", data, affine, description="LOCALIZER", number=9, rng=np.random.default_rng(9))
+    out = tmp_path / "run"
+    out.mkdir()
+    masks = [sim / "nifti" / f"mask_{k:02d}.nii.gz" for k in range(3)]
+    assert main([*map(str, ["reconstruct", exam, "--series-description", "T2*", "--stack-masks", *masks,
+                            "-o", out / "recon.nii.gz", "--output-transforms", out / "transforms.json"]), *FAST]) == 0
+    record = json.loads((out / "transforms.json").read_text())
+    assert len({st["series_instance_uid"] for st in record["stacks"]}) == 3
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "index.html").is_file()
+    # a recorded series that is no longer in the folder is named, not silently replaced
+    shutil.rmtree(exam / "s1")
+    with pytest.raises(Slice2VolError, match="SeriesInstanceUID"):
+        io.load_stacks([exam], None, series_uids=[record["stacks"][1]["series_instance_uid"]])

@@ -433,6 +433,7 @@ def load_stacks(
     masks: Sequence[PathLike | None] | None = None,
     *,
     series_description: Sequence[str] | str | None = None,
+    series_uids: Sequence[str | None] | None = None,
 ) -> list[Stack]:
     """Read several stacks, as the CLI's ``STACK... --thickness MM... --stack-masks M...`` give them.
 
@@ -447,18 +448,24 @@ def load_stacks(
             stacks, or one per stack.
         masks: ``None`` or exactly one mask per stack (``None`` entries for stacks without a mask).
         series_description: fnmatch pattern(s) picking series out of DICOM folders.
+        series_uids: instead, one ``SeriesInstanceUID`` (or ``None``) per path: each DICOM folder
+            gives exactly that series (a recorded run reloaded; a folder may then appear once per
+            series it holds).
     """
     if isinstance(paths, (str, os.PathLike)):  # a lone path is not a sequence of paths
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise Slice2VolError("no input stacks given")
+    if series_uids is not None and len(series_uids) != len(paths):
+        raise Slice2VolError(f"{len(series_uids)} series UIDs for {len(paths)} stack paths")
     sources: list[tuple] = []  # (path, dicom SeriesRef or None)
-    for p in paths:
+    for k, p in enumerate(paths):
         if Path(p).is_dir():
             from slice2vol.io import dicom
 
-            sources += [(p, ref) for ref in dicom.find_series(p, series_description)]
+            uid = series_uids[k] if series_uids is not None else None
+            sources += [(p, ref) for ref in dicom.find_series(p, None if uid else series_description, series_uid=uid)]
         else:
             sources.append((p, None))
     note = ""

@@ -244,13 +244,15 @@ def _pattern_matches(patterns: Sequence[str], description: str) -> bool:
 
 
 def find_series(folder: PathLike, series_description: Sequence[str] | str | None = None,
-                what: str = "stack") -> list[SeriesRef]:
+                what: str = "stack", series_uid: str | None = None) -> list[SeriesRef]:
     """The series of ``folder`` to read: its only series, or those matching ``series_description``.
 
     Args:
         folder: a folder holding DICOM files (searched with its sub-folders).
         series_description: ``None``, a pattern or several (fnmatch, case-insensitive, on the whole
             ``SeriesDescription``; a series is picked if any matches).
+        series_uid: pick exactly the series with this ``SeriesInstanceUID`` instead (how a recorded
+            run names its stacks, e.g. for ``slice2vol report``).
     Returns:
         the picked series in ``SeriesNumber`` order (at least one).
     """
@@ -262,6 +264,12 @@ def find_series(folder: PathLike, series_description: Sequence[str] | str | None
                              f"folder of DICOM images)")
     series = sorted((SeriesRef(folder, uid, files) for uid, files in groups.items()), key=SeriesRef.sort_key)
     listing = "; ".join(s.label() for s in series)
+    if series_uid is not None:
+        picked = [s for s in series if s.uid == series_uid]
+        if not picked:
+            raise Slice2VolError(f"{what} {folder}: holds no series with SeriesInstanceUID {series_uid} (the folder "
+                                 f"changed since it was recorded?); it holds {listing}")
+        return picked
     if patterns:
         picked = [s for s in series if _pattern_matches(patterns, s.description)]
         if not picked:

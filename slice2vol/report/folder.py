@@ -124,14 +124,19 @@ def report_data_from_dir(recon_dir, device: torch.device | str = "cpu") -> tuple
                              f"normalisation cannot be reproduced. Use the report folder of `reconstruct --report`")
     volume_path = _find_volume(record, base, json_path)
     volume = io.load_volume(volume_path)
-    paths = inputs.get("stacks") or [st.get("file") or st.get("name") for st in entries]
+    # DICOM: a folder may hold several of the run's stacks; each entry records its series
+    uids = [st.get("series_instance_uid") if isinstance(st.get("series_instance_uid"), str) else None for st in entries]
+    if any(uids):
+        paths = [st.get("file") or st.get("name") for st in entries]
+    else:
+        paths = inputs.get("stacks") or [st.get("file") or st.get("name") for st in entries]
     if len(paths) != len(entries):
         raise Slice2VolError(f"{json_path}: {len(paths)} input stacks recorded for {len(entries)} pose entries")
     stack_paths = [_need(p, base, "stack", json_path) for p in paths]
     masks = inputs.get("stack_masks")
     mask_paths = None if not masks else [_need(p, base, "stack mask", json_path) for p in masks]
     thick = [float(st["thickness"]) for st in entries]
-    stacks = io.load_stacks(stack_paths, thick, mask_paths)
+    stacks = io.load_stacks(stack_paths, thick, mask_paths, series_uids=uids if any(uids) else None)
     for st, e, p in zip(stacks, poses, stack_paths):
         if len(e["index"]) != st.n_slices or not np.array_equal(np.sort(e["index"]), st.index):
             raise Slice2VolError(f"stack {p}: {st.n_slices} slices but {len(e['index'])} poses recorded in "
