@@ -253,3 +253,15 @@ def test_stack_slice_poses_orthonormalises_nearly_rigid_affine(make_affine):
 def test_nearest_rotation_refuses_reflection():
     with pytest.raises(ValueError):
         nearest_rotation(np.diag([1.0, 1.0, -1.0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9)), radius=st.integers(0, 4),
+       seed=st.integers(0, 2**16))
+def test_max_filter_is_the_cubic_max_pool(shape, radius, seed):
+    """The separable box maximum (mask dilation) equals max_pool3d with the full (2r+1)^3 kernel."""
+    from slice2vol.core.resample import max_filter
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    want = x if radius == 0 else torch.nn.functional.max_pool3d(x[None, None], 2 * radius + 1, 1, radius)[0, 0]
+    assert torch.equal(max_filter(x, radius), want)

@@ -20,7 +20,7 @@ from slice2vol.core.geometry import axis_aligned_grid, make_right_handed, slice_
 from slice2vol.core.image import SliceSet, Stack, Volume
 from slice2vol.core.reconstruction import psf_average
 from slice2vol.core.registration import register
-from slice2vol.core.resample import resample, sample_at
+from slice2vol.core.resample import max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
 from slice2vol.errors import Slice2VolError
 
@@ -74,7 +74,7 @@ def apply_volume_mask(stacks: Sequence[Stack], mask: Volume, dilate_mm: float = 
     if dilate_mm > 0:
         res = float(np.mean(np.linalg.norm(mask.affine[:3, :3], axis=0)))
         r = max(1, int(round(dilate_mm / res)))
-        d = torch.nn.functional.max_pool3d(mask.data.float()[None, None], 2 * r + 1, 1, r)[0, 0]
+        d = max_filter(mask.data.float(), r)
         m = Volume(d > 0, mask.affine)
     out = []
     for st in stacks:
@@ -264,7 +264,7 @@ def output_grid(ss: SliceSet, resolution: float, roi: Volume | None = None, marg
         count += (cov > 0.1).float()
     m = count >= need
     r = max(1, int(round(margin / resolution)))
-    m = torch.nn.functional.max_pool3d(m.float()[None, None], 2 * r + 1, 1, r)[0, 0] > 0
+    m = max_filter(m.float(), r) > 0
     if not bool(m.any()):
         raise Slice2VolError("the masked stacks do not overlap in space; check the masks and the stack geometry")
     # crop the grid to the ROI's bounding box

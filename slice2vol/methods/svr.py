@@ -72,7 +72,7 @@ from slice2vol.core.image import Volume
 from slice2vol.core.preprocess import Prepared
 from slice2vol.core.reconstruction import psf_average, super_resolve
 from slice2vol.core.registration import register
-from slice2vol.core.resample import resample, sample_at
+from slice2vol.core.resample import max_filter, resample, sample_at
 from slice2vol.core.robust import RobustState, em_weights, fit_scales
 
 __all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "coarse_grid"]
@@ -139,7 +139,7 @@ def roi_weights(roi: Tensor, affine: np.ndarray, ss, poses: Tensor, dilate_vox: 
     """``(P,)`` 1 for pixels whose centre lies inside the (dilated) region of interest, else 0."""
     m = roi.float()
     if dilate_vox:
-        m = torch.nn.functional.max_pool3d(m[None, None], 2 * dilate_vox + 1, 1, dilate_vox)[0, 0]
+        m = max_filter(m, dilate_vox)
     v = sample_at(m, affine, slice_to_world(poses, ss.coords, ss.slice_id), mode="nearest")
     return (v > 0.5).to(ss.values.dtype)
 
