@@ -69,13 +69,9 @@ def assess_command(args: argparse.Namespace) -> int:
     inputs = list(args.stacks) + list(args.stack_masks or []) + ([args.mask] if args.mask else [])
     if args.json:
         io.check_output_path(args.json, inputs)
-    stacks = io.load_stacks(args.stacks, args.thickness, args.stack_masks,
-                            series_description=getattr(args, "series_description", None))
-    mask = None
-    if args.mask:
-        m, aff = io.load_mask(args.mask), io.load_nifti(args.mask, "mask")[1]
-        mask = Volume(torch.from_numpy(m), aff)
-    io.check_stack_set(stacks)
+    from slice2vol.cli.commands import read_stack_inputs
+
+    stacks, mask = read_stack_inputs(args)
     sel = _assess(args, stacks, mask, device, keep_all=False)
     print(sel.table())
     dropped = [s for s in sel.stacks if not s.keep]

@@ -259,18 +259,23 @@ def _write_dicom(args, prep: Prepared, vol: Volume, inputs: list[str]) -> Path:
                                 f"{method}, {args.resolution:g} mm)", protect=inputs)
 
 
+def read_stack_inputs(args: argparse.Namespace) -> tuple[list, Volume | None]:
+    """The stacks (``STACK... --thickness --stack-masks --series-description``) and the world-space
+    ``--mask`` of ``reconstruct`` / ``assess``, the stack set checked (a stack given twice; a stack
+    far from the others)."""
+    stacks = io.load_stacks(args.stacks, args.thickness, args.stack_masks,
+                            series_description=getattr(args, "series_description", None))
+    mask = io.load_world_mask(args.mask) if args.mask else None
+    io.check_stack_set(stacks)
+    return stacks, mask
+
+
 def reconstruct_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     inputs = list(args.stacks) + list(args.stack_masks or []) + ([args.mask] if args.mask else [])
     _outputs(args, inputs)
-    stacks = io.load_stacks(args.stacks, args.thickness, args.stack_masks,
-                            series_description=getattr(args, "series_description", None))
-    mask = None
-    if args.mask:
-        m, aff = io.load_mask(args.mask), io.load_nifti(args.mask, "mask")[1]
-        mask = Volume(torch.from_numpy(m), aff)
-    io.check_stack_set(stacks)  # a stack given twice; a stack far from the others
+    stacks, mask = read_stack_inputs(args)
     t0 = time.perf_counter()
     stages.reset(sync=device.type == "cuda" and getattr(args, "profile", False))  # --profile's stage timer
     # stacks that clearly disagree with the rest are left out (args narrowed to the kept ones)

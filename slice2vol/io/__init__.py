@@ -38,6 +38,7 @@ __all__ = [
     "read_nifti",
     "load_nifti",
     "load_volume",
+    "load_world_mask",
     "load_stack",
     "load_stacks",
     "load_mask",
@@ -233,10 +234,20 @@ def load_mask(path: PathLike, shape: tuple | None = None, affine: np.ndarray | N
         raise Slice2VolError(f"{what} {path}: shape {tuple(data.shape)} does not match its image {tuple(shape)}")
     if affine is not None and not _same_grid(aff, np.asarray(affine, dtype=np.float64), data.shape):
         raise Slice2VolError(f"{what} {path}: geometry (affine) does not match its image")
+    return _binary(data, path, what)
+
+
+def _binary(data: np.ndarray, path: PathLike, what: str) -> np.ndarray:
     m = data > 0
     if not m.any():
         raise Slice2VolError(f"{what} {path}: mask is empty")
     return m
+
+
+def load_world_mask(path: PathLike, what: str = "mask") -> Volume:
+    """A binary mask with its own grid (``--mask``: world space, any grid), read once."""
+    data, aff = load_nifti(path, what)
+    return Volume(torch.from_numpy(_binary(data, path, what)), aff)
 
 
 def _checked_thickness(thickness: float | None, default: float, path: PathLike) -> float:
