@@ -85,8 +85,24 @@ def true_week(atlas: str) -> int:
     return int(atlas[2:4]) if atlas.startswith("GA") else int(atlas[3:5])
 
 
-def run_case(data: Path, atlas: str, seed: int, args) -> dict:
+def case_pose(data: Path, atlas: str, seed: int, args):
+    """A case's ground truth, its brain voxels' world positions ``(n, 3)`` and centre (atlas world,
+    mm), and the head pose ``M`` (atlas world -> scanner world) drawn for ``(atlas, seed)``."""
     from slice2vol import io
+    from slice2vol.evaluation.benchmark import atlas_dir
+
+    adir = atlas_dir(data, atlas)
+    if adir is None:
+        raise SystemExit(f"bench_atlas_space: atlas {atlas} not found under {data}/fetal_atlases")
+    gt = io.load_volume(adir / "t2.nii.gz", adir / "mask.nii.gz")
+    idx = torch.nonzero(gt.mask).double().numpy()
+    brain = idx @ gt.affine[:3, :3].T + gt.affine[:3, 3]
+    centre = brain.mean(0)
+    rng = np.random.default_rng([seed, sum(map(ord, atlas))])
+    return gt, brain, centre, random_rigid(rng, args.max_rotation, args.max_offset, centre)
+
+
+def run_case(data: Path, atlas: str, seed: int, args) -> dict:
     from slice2vol.core.image import Volume
     from slice2vol.core.runtime import seed_everything
     from slice2vol.evaluation.align import align_rigid
@@ -94,14 +110,7 @@ def run_case(data: Path, atlas: str, seed: int, args) -> dict:
     from slice2vol.methods.run import crop_to_roi, run_reconstruction
     from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
 
-    sub = "crl2017" if atlas.startswith("STA") else "spina_bifida2021"
-    gt = io.load_volume(data / "fetal_atlases" / sub / atlas / "t2.nii.gz",
-                        data / "fetal_atlases" / sub / atlas / "mask.nii.gz")
-    idx = torch.nonzero(gt.mask).double().numpy()
-    brain = idx @ gt.affine[:3, :3].T + gt.affine[:3, 3]
-    centre = brain.mean(0)
-    rng = np.random.default_rng([seed, sum(map(ord, atlas))])
-    M = random_rigid(rng, args.max_rotation, args.max_offset, centre)  # atlas world -> scanner world
+    gt, brain, centre, M = case_pose(data, atlas, seed, args)
     placed = Volume(gt.data, M @ gt.affine, gt.mask)
     config = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=1.0, thickness=3.0,
                               motion=args.motion, noise=0.02, stack_tilt_max=args.stack_tilt)
@@ -143,20 +152,13 @@ def floor_case(data: Path, atlas: str, seed: int, args) -> dict:
     simulation, no reconstruction): what the reference allows for this anatomy (``gt_*``), and the
     atlas step's time as the least of ``--repeats`` runs (``atlas_min_s``), the figure least
     inflated by other work on a shared machine."""
-    from slice2vol import io
     from slice2vol.core.image import Volume
+    from slice2vol.core.resample import max_filter
     from slice2vol.methods.atlas import register_to_atlas, to_atlas_space
 
-    sub = "crl2017" if atlas.startswith("STA") else "spina_bifida2021"
-    gt = io.load_volume(data / "fetal_atlases" / sub / atlas / "t2.nii.gz",
-                        data / "fetal_atlases" / sub / atlas / "mask.nii.gz")
-    idx = torch.nonzero(gt.mask).double().numpy()
-    brain = idx @ gt.affine[:3, :3].T + gt.affine[:3, 3]
-    centre = brain.mean(0)
-    rng = np.random.default_rng([seed, sum(map(ord, atlas))])
-    M = random_rigid(rng, args.max_rotation, args.max_offset, centre)  # the case's pose (same draw)
+    gt, brain, centre, M = case_pose(data, atlas, seed, args)
     r = max(1, round(3.0 / float(gt.resolution.mean())))  # a region of interest 3 mm beyond the brain, as SVR's
-    roi = torch.nn.functional.max_pool3d(gt.mask.float()[None, None], 2 * r + 1, 1, r)[0, 0] > 0
+    roi = max_filter(gt.mask.float(), r) > 0
     placed = Volume(gt.data * gt.mask, M @ gt.affine)
     torch.set_num_threads(args.atlas_threads)
     times = []

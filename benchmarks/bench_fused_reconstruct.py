@@ -23,42 +23,38 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
-from slice2vol.evaluation.benchmark.settings import CASE_JSON, RESULT_JSON, BenchmarkConfig
+from slice2vol.evaluation.benchmark.runner import Job, run_worker
+from slice2vol.evaluation.benchmark.settings import CASE_JSON, BenchmarkConfig
 from slice2vol.io import shared_data_dir
 
 PATHS = {"torch": {"SLICE2VOL_NO_NUMBA": "1"}, "numba": {"SLICE2VOL_NO_NUMBA": "0"}}
 
 
-def job(case_dir: Path, path: str, method: str, threads: int, resolution: float) -> dict:
-    """One reconstruction in a fresh worker process on ``path``; its result dict (``status`` ok/failed)."""
-    out_dir = case_dir.parent.parent / path / case_dir.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in case_dir.iterdir():  # the worker reads the case from, and writes METHOD/result.json into, its folder
-        link = out_dir / f.name
-        if f.is_file() and not link.exists():
-            link.symlink_to(f.resolve())
-    env = dict(os.environ, **PATHS[path], OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1])] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "slice2vol.evaluation.benchmark.worker", "--worker", str(out_dir), "--method", method,
-           "--device", "cpu", "--resolution", repr(resolution), "--threads", str(threads)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    (out_dir / f"{method}.log").write_text(proc.stdout + proc.stderr)
-    res_file = out_dir / method / RESULT_JSON
-    if proc.returncode != 0 or not res_file.is_file():
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        return {"status": "failed", "error": lines[-1] if lines else f"exit {proc.returncode}", "wall_s": wall}
-    res = json.loads(res_file.read_text())
-    res.update(status="ok", wall_s=wall)
-    res_file.unlink()  # a rerun measures again
-    return res
+def job(out: Path, case: Path, path: str, method: str, threads: int, resolution: float) -> dict:
+    """One reconstruction on ``path`` in a fresh worker process (the benchmark's own
+    :func:`~slice2vol.evaluation.benchmark.runner.run_worker`); its result dict (``status`` ok/failed).
+    Each path has its own output folder, whose case folder links the simulated case's files."""
+    meta = json.loads((case / CASE_JSON).read_text())
+    cfg = BenchmarkConfig(output=out / path, device="cpu", resolution=resolution, threads=threads)
+    linked = cfg.output / "cases" / case.name
+    linked.mkdir(parents=True, exist_ok=True)
+    for f in case.iterdir():
+        if f.is_file() and not (linked / f.name).exists():
+            (linked / f.name).symlink_to(f.resolve())
+    saved = {k: os.environ.get(k) for k in PATHS[path]}
+    os.environ.update(PATHS[path])  # the worker inherits it
+    try:
+        return run_worker(cfg, Job(meta["atlas"], meta["motion"], meta["seed"], method), "cpu")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None) -> int:
@@ -89,8 +85,8 @@ def main(argv=None) -> int:
                 cdir.mkdir(parents=True, exist_ok=True)
                 simulate_case(cfg, atlas, args.motion, seed, cdir)
             cases.append(cdir)
-    warm = job(cases[0], "numba", methods[0], args.threads, args.resolution)  # fills numba's kernel cache; not counted
-    print(f"warm-up (numba kernel cache): {warm['status']}, {warm['wall_s']:.1f} s wall", flush=True)
+    warm = job(out, cases[0], "numba", methods[0], args.threads, args.resolution)  # fills numba's kernel cache; not counted
+    print(f"warm-up (numba kernel cache): {warm['status']}, {warm['worker_wall_s']:.1f} s wall", flush=True)
 
     rows = []
     hdr = f"{'case':<26} {'method':<9} {'path':<6} {'time s':>7} {'wall s':>7} {'PSNR':>7} {'SSIM':>6} {'TRE mm':>7} {'peak MB':>8} {'load':>5}"
@@ -98,13 +94,13 @@ def main(argv=None) -> int:
     for cdir in cases:
         for method in methods:
             for path in PATHS:
-                r = job(cdir, path, method, args.threads, args.resolution)
+                r = job(out, cdir, path, method, args.threads, args.resolution)
                 r.update(case=cdir.name, method_name=method, path=path, load=os.getloadavg()[0])
                 rows.append(r)
                 if r["status"] != "ok":
                     print(f"{cdir.name:<26} {method:<9} {path:<6} FAILED: {r['error']}", flush=True)
                     continue
-                print(f"{cdir.name:<26} {method:<9} {path:<6} {r['time_s']:7.1f} {r['wall_s']:7.1f} {r['psnr']:7.3f} "
+                print(f"{cdir.name:<26} {method:<9} {path:<6} {r['time_s']:7.1f} {r['worker_wall_s']:7.1f} {r['psnr']:7.3f} "
                       f"{r['ssim']:6.4f} {r['tre_median_mm']:7.3f} {r['peak_rss_mb']:8.0f} {r['load']:5.2f}", flush=True)
     print()
     for method in methods:

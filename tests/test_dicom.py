@@ -513,14 +513,20 @@ def test_reconstruct_from_dicom_folders_equals_reconstruct_from_nifti(sim, tmp_p
     assert not (tmp_path / "c.nii.gz").exists()
 
 
-def test_assess_reads_dicom_folders_and_picks_series(sim, tmp_path, capsys):
-    """``assess`` takes the same DICOM stack arguments as ``reconstruct``, --series-description included."""
-    both = tmp_path / "exam"
+def _exam(sim, folder: Path) -> Path:
+    """One folder holding the three simulated stacks as series "T2 0..2" (sub-folders s0..s2) and a
+    "LOCALIZER" series that --series-description 'T2*' must leave out."""
     for k in range(3):
         data, affine = _nifti(sim, k)
-        write_test_series(both / f"s{k}", data, affine, description=f"T2 {k}", number=k + 1, rng=np.random.default_rng(k))
+        write_test_series(folder / f"s{k}", data, affine, description=f"T2 {k}", number=k + 1, rng=np.random.default_rng(k))
     data, affine = _nifti(sim, 0)
-    write_test_series(both / "loc", data, affine, description="LOCALIZER", number=9, rng=np.random.default_rng(9))
+    write_test_series(folder / "loc", data, affine, description="LOCALIZER", number=9, rng=np.random.default_rng(9))
+    return folder
+
+
+def test_assess_reads_dicom_folders_and_picks_series(sim, tmp_path, capsys):
+    """``assess`` takes the same DICOM stack arguments as ``reconstruct``, --series-description included."""
+    both = _exam(sim, tmp_path / "exam")
     out = tmp_path / "assess.json"
     assert main(["assess", str(both), "--series-description", "T2*", "--json", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
@@ -531,12 +537,7 @@ def test_assess_reads_dicom_folders_and_picks_series(sim, tmp_path, capsys):
 
 def test_report_rebuilds_a_run_from_a_folder_of_several_series(sim, tmp_path):
     """``slice2vol report`` reloads each stack of a multi-series DICOM folder by its recorded SeriesInstanceUID."""
-    exam = tmp_path / "exam"
-    for k in range(3):
-        data, affine = _nifti(sim, k)
-        write_test_series(exam / f"s{k}", data, affine, description=f"T2 {k}", number=k + 1, rng=np.random.default_rng(k))
-    data, affine = _nifti(sim, 0)
-    write_test_series(exam / "loc", data, affine, description="LOCALIZER", number=9, rng=np.random.default_rng(9))
+    exam = _exam(sim, tmp_path / "exam")
     out = tmp_path / "run"
     out.mkdir()
     masks = [sim / "nifti" / f"mask_{k:02d}.nii.gz" for k in range(3)]
