@@ -487,12 +487,13 @@ def test_reconstruct_from_dicom_folders_equals_reconstruct_from_nifti(sim, tmp_p
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-5)
     va, vb = a.get_fdata(), b.get_fdata()
     # The DICOM geometry (decimal strings, float64) agrees with the NIfTI one (float32 sform) to ~1e-10 mm,
-    # one float32 ulp of the slice poses after preparation.  On this coarse case (3 mm grid, 2 mm pixels,
-    # one iteration) the fused CPU registration carries that ulp into ~0.2 mm of pose on the edge slices
-    # with few pixels (flat cost; the PyTorch path rounds it away), hence a tolerance of ~0.3 % RMS:
-    # any real geometry error (a voxel, a flip) changes the volume by tens of percent.
-    assert np.abs(va - vb).max() <= 0.05 * np.abs(va).max()
-    assert np.sqrt(np.mean((va - vb) ** 2)) <= 3e-3 * np.abs(va).max()
+    # one float32 ulp of the slice poses after preparation.  The registration accepts a step only when it
+    # lowers the cost by more than 1e-6 (relative), so that ulp cannot steer the slices whose cost is flat
+    # (the edge slices with few pixels of this coarse case): measured 0.5 % max / 0.03 % RMS on the fused
+    # path, 0 on the PyTorch path.  Any real geometry error (a voxel, a flip) changes the volume by tens of
+    # percent.
+    assert np.abs(va - vb).max() <= 0.02 * np.abs(va).max()
+    assert np.sqrt(np.mean((va - vb) ** 2)) <= 1e-3 * np.abs(va).max()
     # the DICOM output is the NIfTI output, on its grid, with the input's patient and study
     s = dicom.read_dicom_folder(tmp_path / "b_dicom")[0]
     got, got_aff = _canonical(s.data, s.affine)

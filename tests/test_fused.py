@@ -430,3 +430,55 @@ def test_cuda_operators_match_cpu():
     s_cpu, J_cpu = acq.forward_jacobian(ch.cpu(), *_args(c), centres.cpu())
     torch.testing.assert_close(s.cpu(), s_cpu, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(J.cpu(), J_cpu, rtol=1e-3, atol=1e-3)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_segment_ncc_matches_reference_with_degenerate_segments(dtype):
+    """per_slice_ncc's kernel: the same values as the scatter-add path, NaN where the torch path
+    gives NaN (an empty segment, a one-pixel segment, a constant segment)."""
+    from slice2vol.core.similarity import per_slice_ncc
+
+    g = torch.Generator().manual_seed(21)
+    P, S = 5000, 40
+    x = torch.randn(P, generator=g, dtype=dtype)
+    y = (0.3 * x + torch.randn(P, generator=g, dtype=dtype)).to(dtype)
+    seg = torch.randint(0, S - 3, (P,), generator=g)  # S-3..S-1 start empty
+    seg[0] = S - 2  # one pixel
+    seg[1:4] = S - 1
+    x[1:4] = 2.0  # constant: no variance
+    out = per_slice_ncc(x, y, seg, S)
+    with torch_path():
+        ref = per_slice_ncc(x, y, seg, S)
+    assert out.dtype == torch.float64 and out.shape == (S,)
+    assert torch.equal(out.isnan(), ref.isnan()) and bool(out[S - 3:].isnan().all())
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), rtol=0, atol=1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("fit_scale", [True, False])
+def test_registration_costs_kernel_matches_the_torch_formula(fit_scale):
+    g = torch.Generator().manual_seed(22)
+    P, M, G = 4000, 12, 5
+    s = torch.rand(P, generator=g) + 0.1
+    y = 1.7 * s + 0.05 * torch.randn(P, generator=g)
+    w = torch.rand(P, generator=g)
+    sid = torch.randint(0, M - 1, (P,), generator=g)  # slice M-1 has no pixel: scale 1
+    s[sid == 3] = 0.0  # a slice that simulates to 0: scale 1, not 0/0
+    y[sid == 4] *= 40.0  # an implausible scale: clipped to 5
+    group = torch.arange(M) % G
+    a, r, cost = fused.registration_costs(s, y, w, sid, group[sid], M, G, fit_scale)
+    if fit_scale:
+        num = torch.zeros(M, dtype=torch.float64).index_add_(0, sid, (w * s * y).double())
+        den = torch.zeros(M, dtype=torch.float64).index_add_(0, sid, (w * s * s).double())
+        a_ref = torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.ones_like(den)).clamp(0.2, 5.0).float()
+    else:
+        a_ref = torch.ones(M)
+    r_ref = a_ref[sid] * s - y
+    c = torch.zeros(G, dtype=torch.float64).index_add_(0, group[sid], (w * r_ref * r_ref).double())
+    n = torch.zeros(G, dtype=torch.float64).index_add_(0, group[sid], w.double())
+    assert a.dtype == r.dtype == cost.dtype == torch.float32
+    torch.testing.assert_close(a, a_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cost, (c / n).float(), rtol=1e-5, atol=0)
+    assert float(a[M - 1]) == 1.0 and float(a[3]) == 1.0 and (not fit_scale or float(a[4]) == 5.0)

@@ -483,3 +483,74 @@ def gradient_channels_kernel(vol, out):
             for k in range(1, Nk - 1):
                 out[i, j, k, 3] = (vol[i, j, k + 1] - vol[i, j, k - 1]) * 0.5
             out[i, j, Nk - 1, 3] = vol[i, j, Nk - 1] - vol[i, j, Nk - 2]
+
+
+@nb.njit(**_JIT)
+def segment_ncc_kernel(x, y, seg, out):
+    """``out[s]`` = Pearson correlation of ``x`` and ``y`` over the entries with ``seg == s``
+    (``x``, ``y``, ``seg`` ``(P,)``; ``out (S,)`` float64), NaN for segments with fewer than 2
+    entries or no variance.  Two passes in float64 (means, then centred sums), the same formula as
+    :func:`slice2vol.core.similarity.per_slice_ncc`'s PyTorch path, in pixel order (deterministic);
+    serial, because the segments' sums are tiny next to the forward pass that produced ``x``."""
+    S = out.shape[0]
+    n = np.zeros(S)
+    sx = np.zeros(S)
+    sy = np.zeros(S)
+    P = x.shape[0]
+    for p in range(P):
+        s = seg[p]
+        n[s] += 1.0
+        sx[s] += np.float64(x[p])
+        sy[s] += np.float64(y[p])
+    for s in range(S):
+        d = max(n[s], 1.0)
+        sx[s] /= d
+        sy[s] /= d
+    sxx = np.zeros(S)
+    syy = np.zeros(S)
+    sxy = np.zeros(S)
+    for p in range(P):
+        s = seg[p]
+        xc = np.float64(x[p]) - sx[s]
+        yc = np.float64(y[p]) - sy[s]
+        sxx[s] += xc * xc
+        syy[s] += yc * yc
+        sxy[s] += xc * yc
+    for s in range(S):
+        den = math.sqrt(sxx[s] * syy[s])
+        out[s] = sxy[s] / max(den, 1e-300) if (n[s] >= 2.0 and den > 0.0) else np.nan
+
+
+@nb.njit(**_JIT)
+def registration_costs_kernel(s, values, weights, slice_id, group, fit_scale, a, r, cost):
+    """The registration's per-iteration bookkeeping in two serial passes over the pixels.
+
+    ``a (M,)``: each slice's least-squares intensity scale ``sum w s y / sum w s^2`` (1 where the
+    denominator is <= 1e-12, clipped to [0.2, 5]; 1 without ``fit_scale``); ``r (P,) = a s - y``;
+    ``cost (G,)``: the weighted mean of ``r^2`` over each group's pixels.  Sums in float64 in pixel
+    order; ``a``, ``r`` and ``cost`` are written in the caller's dtype."""
+    M = a.shape[0]
+    G = cost.shape[0]
+    P = s.shape[0]
+    num = np.zeros(M)
+    den = np.zeros(M)
+    if fit_scale:
+        for p in range(P):
+            n = slice_id[p]
+            ws = np.float64(weights[p]) * np.float64(s[p])
+            num[n] += ws * np.float64(values[p])
+            den[n] += ws * np.float64(s[p])
+    for n in range(M):
+        an = num[n] / max(den[n], 1e-12) if den[n] > 1e-12 else 1.0
+        a[n] = min(max(an, 0.2), 5.0)
+    c = np.zeros(G)
+    wsum = np.zeros(G)
+    for p in range(P):
+        rp = a[slice_id[p]] * s[p] - values[p]  # in the caller's dtype, as the PyTorch path
+        r[p] = rp
+        g = group[p]
+        w = np.float64(weights[p])
+        c[g] += w * np.float64(rp) * np.float64(rp)
+        wsum[g] += w
+    for g in range(G):
+        cost[g] = c[g] / max(wsum[g], 1e-12)

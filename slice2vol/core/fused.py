@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ENV_DISABLE", "available", "reason_unavailable", "Geometry", "forward", "adjoint", "forward_jacobian",
-           "normal_equations", "gradient_channels"]
+           "normal_equations", "gradient_channels", "segment_ncc", "registration_costs"]
 
 log = logging.getLogger(__name__)
 
@@ -287,3 +287,30 @@ def gradient_channels(volume: Tensor) -> Tensor:
     out = torch.empty(tuple(vol.shape) + (4,), dtype=vol.dtype)
     _launch(k.gradient_channels_kernel, _np(vol), out.numpy())
     return out
+
+
+def segment_ncc(x: Tensor, y: Tensor, seg: Tensor, n_segments: int) -> Tensor:
+    """``(S,)`` float64 Pearson correlation of ``x`` and ``y`` (``(P,)``) within each segment
+    ``seg (P,)`` in ``0..S-1`` (NaN with < 2 entries or no variance), in one kernel instead of
+    six scatter-adds and their temporaries (:func:`slice2vol.core.similarity.per_slice_ncc`)."""
+    k = _kernels()
+    out = np.empty(n_segments)
+    with _LOCK:
+        k.segment_ncc_kernel(_np(x), _np(y), _np(seg, torch.int64), out)
+    return torch.from_numpy(out)
+
+
+def registration_costs(s: Tensor, values: Tensor, weights: Tensor, slice_id: Tensor, group: Tensor, n_slices: int,
+                       n_groups: int, fit_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One registration cost evaluation (:func:`slice2vol.core.registration.register`): the slice
+    scales ``a (M,)``, residuals ``r = a s - y (P,)`` and per-group weighted mean squared residual
+    ``cost (G,)``, in ``s``'s dtype, from two passes over the pixels (sums in float64)."""
+    k = _kernels()
+    dt = s.dtype
+    a = torch.empty(n_slices, dtype=dt)
+    r = torch.empty(s.shape[0], dtype=dt)
+    cost = torch.empty(n_groups, dtype=dt)
+    with _LOCK:
+        k.registration_costs_kernel(_np(s), _np(values, dt), _np(weights, dt), _np(slice_id, torch.int64),
+                                    _np(group, torch.int64), bool(fit_scale), a.numpy(), r.numpy(), cost.numpy())
+    return a, r, cost

@@ -10,7 +10,13 @@ __all__ = ["per_slice_ncc"]
 
 def per_slice_ncc(x: Tensor, y: Tensor, slice_id: Tensor, n_slices: int) -> Tensor:
     """``(M,)`` Pearson correlation of ``x`` and ``y`` (``(P,)`` pixel values) within each slice;
-    NaN for slices with < 2 pixels or no variance."""
+    NaN for slices with < 2 pixels or no variance.  On the CPU with the fused operators
+    (:mod:`slice2vol.core.fused`) one kernel computes the same two-pass float64 sums."""
+    from slice2vol.core import fused
+
+    if (x.device.type == "cpu" and y.device.type == "cpu" and fused.available()
+            and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
+        return fused.segment_ncc(x, y, slice_id, n_slices)
     x, y = x.double(), y.double()
 
     def ssum(v: Tensor) -> Tensor:
