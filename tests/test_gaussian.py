@@ -31,9 +31,9 @@ def _model(J=25, dtype=torch.float64, seed=0, spread=12.0):
 def kernel(request, monkeypatch):
     """Run a test with the PyTorch path and with the compiled CPU kernel (skipped if unavailable)."""
     if request.param == "pytorch":
-        monkeypatch.setattr(splat_mod, "cpu_extension", lambda: None)
-    elif splat_mod.cpu_extension() is None:
-        pytest.skip("compiled CPU kernel unavailable (no C++ compiler?)")
+        monkeypatch.setattr(splat_mod, "compiled_kernels", lambda: None)
+    elif splat_mod.compiled_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable (numba missing or disabled)")
     return request.param
 
 
@@ -67,14 +67,15 @@ def test_three_sigma_box_truncation_is_small():
     assert float((V3 - V6).detach().abs().max()) > 0  # and the box really truncates
 
 
-def test_compiled_kernel_agrees_with_pytorch_path(monkeypatch):
-    if splat_mod.cpu_extension() is None:
-        pytest.skip("compiled CPU kernel unavailable")
-    m = _model(J=60, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_kernel_agrees_with_pytorch_path(monkeypatch, dtype):
+    if splat_mod.compiled_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    m = _model(J=600, dtype=dtype)  # > 256 per thread: the private output copies are used
     A, shape = _grid()
     V1 = voxelise(m, A, shape)
     g1 = torch.autograd.grad(V1.square().sum(), list(m.parameters()))
-    monkeypatch.setattr(splat_mod, "cpu_extension", lambda: None)
+    monkeypatch.setattr(splat_mod, "compiled_kernels", lambda: None)
     V2 = voxelise(m, A, shape)
     g2 = torch.autograd.grad(V2.square().sum(), list(m.parameters()))
     assert torch.allclose(V1, V2, atol=1e-5)
@@ -280,3 +281,53 @@ def test_small_synthetic_case_converges(atlas_lowres):
         assert torch.isfinite(res.volume.data).all()
         assert res.poses.shape == (prep.slices.n_slices, 4, 4)
         assert len(res.gaussians) > 0
+
+
+def test_splat_kernels_follow_the_fused_operators_switch(monkeypatch):
+    """``SLICE2VOL_NO_NUMBA=1`` (the acquisition operators' switch) selects the PyTorch splat too."""
+    monkeypatch.setenv("SLICE2VOL_NO_NUMBA", "1")
+    assert splat_mod.compiled_kernels() is None
+    m = _model(J=30, dtype=torch.float32)
+    A, shape = _grid()
+    assert voxelise(m, A, shape).shape == shape  # and it still renders
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_splat_kernels_match_pytorch_on_both_lattices(monkeypatch, dims, dtype):
+    """splat() itself, volume (dims 3) and slice-plane (dims 2) lattices, mixed box radii, values
+    and all three gradients: compiled kernels against the PyTorch path."""
+    if splat_mod.compiled_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    g = torch.Generator().manual_seed(5)
+    J, r_max = 700, 3
+    shape = (12, 11, 10) if dims == 3 else (15, 14, 1)
+    pad = [n + 2 * r_max for n in shape] if dims == 3 else [shape[0] + 2 * r_max, shape[1] + 2 * r_max, 1]
+    strides = torch.tensor([pad[1] * pad[2], pad[2], 1])
+    lo = torch.tensor([r_max, r_max, 0 if dims == 2 else r_max], dtype=dtype)
+    hi = torch.tensor([shape[0], shape[1], 1.0 if dims == 2 else shape[2]], dtype=dtype) - 1
+    centre = lo + torch.rand(J, 3, generator=g, dtype=dtype) * hi
+    if dims == 2:
+        centre[:, 2] = torch.randn(J, generator=g, dtype=dtype)  # distance from the plane
+    L = torch.randn(J, 3, 3, generator=g, dtype=dtype) * 0.4
+    prec = L @ L.transpose(1, 2) + 0.3 * torch.eye(3, dtype=dtype)
+    amp = torch.randn(J, generator=g, dtype=dtype)
+    rad = torch.randint(1, r_max + 1, (J,), generator=g)
+    rc = torch.round(centre)
+    if dims == 2:
+        rc[:, 2] = 0
+    base = (rc.long() * strides).sum(1)
+    size = int(np.prod(pad))
+    w = torch.randn(size, generator=g, dtype=dtype)
+
+    def run():
+        c, p, a = (t.clone().requires_grad_(True) for t in (centre, prec, amp))
+        out = splat_mod.splat(c, p, a, rad, base, strides.expand(J, 3), size, dims=dims)
+        return (out.detach(),) + torch.autograd.grad((out * w).sum(), (c, p, a))
+
+    fast = run()
+    monkeypatch.setattr(splat_mod, "compiled_kernels", lambda: None)
+    ref = run()
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    for x, y in zip(fast, ref):
+        assert float((x - y).abs().max()) <= tol * float(y.abs().max())

@@ -1,0 +1,192 @@
+"""numba kernels of the truncated-Gaussian splat (imported lazily by :mod:`.splat`).
+
+The same sums and gradients as the PyTorch path of :mod:`.splat` (the mathematics is written
+there): one Gaussian's box per loop iteration, each box visited once by the forward and once by
+the backward pass in the same point order, so both read the same lattice points.
+
+Forward: the Gaussians are cut into one contiguous block per thread, each thread adds into its
+own copy of the output and the copies are summed in thread order afterwards.  No atomics, and
+for a given thread count the sums are the same on every run (the block boundaries are fixed).
+The copies cost ``threads x size`` floats.  Backward: one Gaussian per iteration, no shared
+writes, float64 moments.
+
+Compiled by numba at first use and cached on disk beside this module (``cache=True``), as the
+acquisition kernels (:mod:`slice2vol.core._fused_numba`); a wheel, no C++ compiler.
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+from slice2vol.core._fused_numba import _real
+
+# as the acquisition kernels: contraction and reassociation of a point's quadratic form are fine,
+# NaN/inf semantics are kept.  Offsets, quadratic forms and exponentials are computed in the
+# input's dtype (``_real``; float32 like the C++ kernel this replaces, so the loop vectorises),
+# the backward moments in float64.
+_JIT = dict(cache=True, fastmath={"contract", "afn", "reassoc", "nsz", "arcp"}, error_model="numpy")
+
+
+@nb.njit(inline="always")
+def _frac(c, j, dims):
+    """Fractional centre offsets ``(f0, f1, f2)`` of Gaussian ``j`` (2D: ``f2`` is the plane distance)."""
+    f0 = c[j, 0] - np.rint(c[j, 0])
+    f1 = c[j, 1] - np.rint(c[j, 1])
+    f2 = c[j, 2] - np.rint(c[j, 2]) if dims == 3 else c[j, 2]
+    return f0, f1, f2
+
+
+@nb.njit(inline="always")
+def _add_box(c, p, a, base, st, rad, j, dims, out):
+    r = rad[j]
+    rk = r if dims == 3 else 0
+    f0, f1, f2 = _frac(c, j, dims)
+    P00, P01, P02, P11, P12, P22 = p[j, 0, 0], p[j, 0, 1], p[j, 0, 2], p[j, 1, 1], p[j, 1, 2], p[j, 2, 2]
+    aj = a[j]
+    two, mhalf = _real(2.0, c), _real(-0.5, c)
+    b0 = base[j]
+    s0, s1, s2 = st[j, 0], st[j, 1], st[j, 2]
+    for oi in range(-r, r + 1):
+        di = _real(oi, c) - f0
+        for oj in range(-r, r + 1):
+            dj = _real(oj, c) - f1
+            qij = P00 * di * di + P11 * dj * dj + two * P01 * di * dj
+            lin = two * (P02 * di + P12 * dj)
+            idx = b0 + oi * s0 + oj * s1
+            for ok in range(-rk, rk + 1):
+                dk = _real(ok, c) - f2
+                q = qij + P22 * dk * dk + lin * dk
+                out[idx + ok * s2] += aj * math.exp(mhalf * q)
+
+
+@nb.njit(parallel=True, **_JIT)
+def splat_forward_kernel(c, p, a, base, st, rad, dims, out, priv):
+    """``out (size,) += sum_j a_j exp(-q_j / 2)`` over every Gaussian's box.
+
+    ``c (J, 3)``, ``p (J, 3, 3)``, ``a (J,)`` in the output dtype; ``base (J,)``, ``st (J, 3)``,
+    ``rad (J,)`` int64; ``priv (T - 1, size)`` zeroed scratch of the other ``T - 1`` threads
+    (``T = priv.shape[0] + 1`` blocks of Gaussians; thread 0 writes ``out`` directly)."""
+    J = c.shape[0]
+    T = priv.shape[0] + 1
+    per = (J + T - 1) // T
+    for t in prange(T):
+        lo = t * per
+        hi = min(J, lo + per)
+        if t == 0:
+            for j in range(lo, hi):
+                _add_box(c, p, a, base, st, rad, j, dims, out)
+        else:
+            dst = priv[t - 1]
+            for j in range(lo, hi):
+                _add_box(c, p, a, base, st, rad, j, dims, dst)
+    size = out.shape[0]
+    if T > 1:
+        for i in prange(size):
+            acc = out[i]
+            for t in range(T - 1):
+                acc += priv[t, i]
+            out[i] = acc
+
+
+@nb.njit(parallel=True, **_JIT)
+def splat_backward_kernel(g, c, p, a, base, st, rad, dims, gc, gp, ga):
+    """Gradients of ``sum_i g_i out_i`` with respect to ``c``, ``p``, ``a`` (``(J, 3)``,
+    ``(J, 3, 3)``, ``(J,)``, written, not accumulated): ``ga_j = sum e g``,
+    ``gc_j = a_j P_j sum e g d`` and ``gp_j = -1/2 a_j sum e g d d^T`` over the box.
+
+    The ten moments are separable along the box's last axis (``k`` in 3D; ``j`` on the single plane
+    of a 2D lattice): the inner loop accumulates only ``sum w``, ``sum w d_last`` and
+    ``sum w d_last^2`` of its row (in the input dtype, so it vectorises; at most ``2 r + 1``
+    terms), and each row's sums enter the float64 moments with the row's constant offsets."""
+    J = c.shape[0]
+    for j in prange(J):
+        r = rad[j]
+        f0, f1, f2 = _frac(c, j, dims)
+        P00, P01, P02, P11, P12, P22 = p[j, 0, 0], p[j, 0, 1], p[j, 0, 2], p[j, 1, 1], p[j, 1, 2], p[j, 2, 2]
+        two, mhalf = _real(2.0, c), _real(-0.5, c)
+        zero = _real(0.0, c)
+        b0 = base[j]
+        s0, s1, s2 = st[j, 0], st[j, 1], st[j, 2]
+        sa = 0.0
+        m0 = 0.0
+        m1 = 0.0
+        m2 = 0.0
+        s00 = 0.0
+        s11 = 0.0
+        s22 = 0.0
+        s01 = 0.0
+        s02 = 0.0
+        s12 = 0.0
+        for oi in range(-r, r + 1):
+            di = _real(oi, c) - f0
+            if dims == 3:
+                for oj in range(-r, r + 1):
+                    dj = _real(oj, c) - f1
+                    qij = P00 * di * di + P11 * dj * dj + two * P01 * di * dj
+                    lin = two * (P02 * di + P12 * dj)
+                    idx = b0 + oi * s0 + oj * s1
+                    r0, r1, r2 = zero, zero, zero
+                    for ok in range(-r, r + 1):
+                        dk = _real(ok, c) - f2
+                        ge = g[idx + ok * s2] * math.exp(mhalf * (qij + P22 * dk * dk + lin * dk))
+                        r0 += ge
+                        r1 += ge * dk
+                        r2 += ge * dk * dk
+                    R0, R1, R2 = np.float64(r0), np.float64(r1), np.float64(r2)
+                    fi, fj = np.float64(di), np.float64(dj)
+                    sa += R0
+                    m0 += fi * R0
+                    m1 += fj * R0
+                    m2 += R1
+                    s00 += fi * fi * R0
+                    s11 += fj * fj * R0
+                    s22 += R2
+                    s01 += fi * fj * R0
+                    s02 += fi * R1
+                    s12 += fj * R1
+            else:  # one plane at d_k = -c_k: the row runs along j
+                dk = zero - f2  # ok = 0: d_k = 0 - c_k
+                qik = P00 * di * di + P22 * dk * dk + two * P02 * di * dk
+                lin = two * (P01 * di + P12 * dk)
+                idx = b0 + oi * s0
+                r0, r1, r2 = zero, zero, zero
+                for oj in range(-r, r + 1):
+                    dj = _real(oj, c) - f1
+                    ge = g[idx + oj * s1] * math.exp(mhalf * (qik + P11 * dj * dj + lin * dj))
+                    r0 += ge
+                    r1 += ge * dj
+                    r2 += ge * dj * dj
+                R0, R1, R2 = np.float64(r0), np.float64(r1), np.float64(r2)
+                fi, fk = np.float64(di), np.float64(dk)
+                sa += R0
+                m0 += fi * R0
+                m1 += R1
+                m2 += fk * R0
+                s00 += fi * fi * R0
+                s11 += R2
+                s22 += fk * fk * R0
+                s01 += fi * R1
+                s02 += fi * fk * R0
+                s12 += fk * R1
+        aj = np.float64(a[j])
+        ga[j] = sa
+        m0 *= aj
+        m1 *= aj
+        m2 *= aj
+        # d = o - f, so d d / d c = -I (also for the 2D plane offset d_k = -c_k)
+        gc[j, 0] = p[j, 0, 0] * m0 + p[j, 0, 1] * m1 + p[j, 0, 2] * m2
+        gc[j, 1] = p[j, 1, 0] * m0 + p[j, 1, 1] * m1 + p[j, 1, 2] * m2
+        gc[j, 2] = p[j, 2, 0] * m0 + p[j, 2, 1] * m1 + p[j, 2, 2] * m2
+        h = -0.5 * aj
+        gp[j, 0, 0] = h * s00
+        gp[j, 0, 1] = h * s01
+        gp[j, 0, 2] = h * s02
+        gp[j, 1, 0] = h * s01
+        gp[j, 1, 1] = h * s11
+        gp[j, 1, 2] = h * s12
+        gp[j, 2, 0] = h * s02
+        gp[j, 2, 1] = h * s12
+        gp[j, 2, 2] = h * s22
