@@ -277,7 +277,7 @@ def print_table(r: dict) -> None:
     print("Throughput is from the best call (median beside it). '16^3 vol' rows read the same samples from a "
           "16 KB volume that stays in cache: if the full-size rows match them, memory is not the bottleneck. "
           "'register' is one registration level (no smoothing) of 4 Levenberg-Marquardt iterations, "
-          "5 forward_jacobian calls plus the normal equations.")
+          "the first evaluation and 3 trial steps by forward_jacobian, the last trial by forward alone (its Jacobian is never used), plus the costs and normal equations.")
 
 
 def main(argv=None) -> int:

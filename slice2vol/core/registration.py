@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from slice2vol.core import fused
-from slice2vol.core.acquisition import DEFAULT_CHUNK, PSF, backend, forward_jacobian, psf_kernel
+from slice2vol.core.acquisition import DEFAULT_CHUNK, PSF, backend, forward, forward_jacobian, psf_kernel
 from slice2vol.core.geometry import slice_to_world
 from slice2vol.core.resample import gaussian_blur
 from slice2vol.core.stages import timed
@@ -189,11 +189,12 @@ def register(
     a = ones_M
     eye6 = torch.eye(6, device=device, dtype=dtype)
     for sigma in sigmas:
-        channels, _ = gradient_channels(smooth(volume, sigma, spacing), affine)
+        smoothed = smooth(volume, sigma, spacing)
+        channels, _ = gradient_channels(smoothed, affine)
         centres_sl = centres[group]
         s, J = forward_jacobian(channels, affine, current_poses(params), coords, slice_id, psf, centres_sl, chunk)
         cost, r, a = costs(s)
-        for _ in range(iterations):
+        for it in range(iterations):
             H, b = _normal_equations(J, a[slice_id], weights, r, pix_group, n_groups)
             diag = torch.diagonal(H, dim1=-2, dim2=-1)
             A = H + lam[:, None, None] * torch.diag_embed(diag) + 1e-9 * (diag.mean(-1, keepdim=True)[..., None] + 1e-12) * eye6
@@ -206,7 +207,12 @@ def register(
             delta = delta * shrink
             # compose the increment with the current correction (both about the same centre)
             trial = _compose_params(delta, params, centres)
-            s_new, J_new = forward_jacobian(channels, affine, current_poses(trial), coords, slice_id, psf, centres_sl, chunk)
+            last = it == iterations - 1  # its Jacobian would never be used: the level ends
+            if last:
+                s_new, J_new = forward(smoothed, affine, current_poses(trial), coords, slice_id, psf, chunk=chunk), None
+            else:
+                s_new, J_new = forward_jacobian(channels, affine, current_poses(trial), coords, slice_id, psf,
+                                                centres_sl, chunk)
             cost_new, r_new, a_new = costs(s_new)
             # a step must lower the cost by more than float32 can resolve: accepting ties let the
             # rounding of one run (or one float32 ulp of the input geometry) steer the slices
@@ -214,15 +220,17 @@ def register(
             accept = cost_new <= cost * (1 - MIN_DECREASE)
             params = torch.where(accept[:, None], trial, params)
             lam = torch.where(accept, (lam / 3).clamp_min(1e-6), (lam * 8).clamp_max(1e6))
-            acc_px = accept[pix_group]
-            acc_sl = accept[group]
-            s = torch.where(acc_px, s_new, s)
-            J = torch.where(acc_px[:, None], J_new, J)
-            r = torch.where(acc_px, r_new, r)
-            a = torch.where(acc_sl, a_new, a)
-            cost = torch.where(accept, cost_new, cost)
             if not bool(accept.any()):
                 break
+            if bool(accept.all()):  # the common case: no per-pixel selection
+                s, J, r, a, cost = s_new, J_new, r_new, a_new, cost_new
+            else:
+                acc_px = accept[pix_group]
+                s = torch.where(acc_px, s_new, s)
+                J = None if last else torch.where(acc_px[:, None], J_new, J)
+                r = torch.where(acc_px, r_new, r)
+                a = torch.where(accept[group], a_new, a)
+                cost = torch.where(accept, cost_new, cost)
         lam = torch.full_like(lam, 1e-3)
     D = rotation_about(params, centres)
     return RegistrationResult(poses=D[group] @ poses, corrections=D, cost=cost, scales=a)
