@@ -336,6 +336,57 @@ def test_corrupt_dicom_file_is_refused(sim, tmp_path):
         io.load_stack(folder)
 
 
+def _compress_series(folder: Path, syntax) -> None:
+    """Re-encode every image of a series folder with ``syntax`` (pydicom's encoders)."""
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            ds = pydicom.dcmread(f)
+            ds.compress(syntax)
+            ds.save_as(f, enforce_file_format=True)
+
+
+def _have_j2k_codec() -> bool:
+    try:
+        import openjpeg  # noqa: F401  (pylibjpeg-openjpeg: encodes and decodes JPEG 2000)
+        import pylibjpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_compressed_series_read_to_the_same_stack(sim, tmp_path, syntax):
+    """RLE (pydicom itself) and JPEG 2000 lossless (the dicom-compressed extra's openjpeg plugin):
+    the same voxels and geometry as the uncompressed series."""
+    if syntax == "JPEG2000Lossless" and not _have_j2k_codec():
+        pytest.skip("pylibjpeg-openjpeg not installed (pip install 'slice2vol[dicom-compressed]')")
+    data, affine = _nifti(sim, 1)
+    if min(data.shape[:2]) < 40:  # JPEG 2000's 6 wavelet levels need at least 32 pixels a side
+        data = np.repeat(np.repeat(data, 3, 0), 3, 1)
+        affine = affine @ np.diag([1 / 3, 1 / 3, 1.0, 1.0])
+    plain = io.load_stack(_series(tmp_path, data, affine, name="plain"))
+    folder = _series(tmp_path, data, affine, name="packed")
+    _compress_series(folder, getattr(pydicom.uid, syntax))
+    assert pydicom.dcmread(next(f for f in folder.iterdir())).file_meta.TransferSyntaxUID.is_compressed
+    st = io.load_stack(folder)
+    np.testing.assert_array_equal(st.slices.numpy(), plain.slices.numpy())
+    np.testing.assert_array_equal(st.affine, plain.affine)
+    assert st.thickness == plain.thickness
+
+
+def test_compressed_series_without_a_decoder_names_the_syntax_and_the_extra(sim, tmp_path, monkeypatch):
+    data, affine = _nifti(sim, 1)
+    folder = _series(tmp_path, data, affine, names=[f"im{k:03d}" for k in range(data.shape[2])])
+    _compress_series(folder, pydicom.uid.RLELossless)
+
+    def no_decoder(self):
+        raise RuntimeError("Unable to decode the pixel data: no pixel data decoders are available")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoder))
+    with pytest.raises(Slice2VolError, match=r"im000 is compressed \(RLE Lossless\).*slice2vol\[dicom-compressed\]"):
+        io.load_stack(folder)
+
+
 # ------------------------------------------------------------------------- several series
 
 

@@ -17,7 +17,10 @@ Reading
       image) and the first image's position; it is turned to RAS (nibabel's world) by negating
       its first two rows.  It is right-handed by construction, so no axis is ever flipped;
     * intensities are ``RescaleSlope * stored + RescaleIntercept`` (pydicom's modality LUT),
-      float32;
+      float32; compressed transfer syntaxes are decoded by pydicom's pixel handlers: RLE Lossless
+      and deflate always, JPEG (baseline, extended, lossless, JPEG-LS) and JPEG 2000 with the
+      optional decoders of ``pip install "slice2vol[dicom-compressed]"`` (pylibjpeg); without
+      them such a series is refused with a line that names its syntax and that command;
     * the thickness is ``SliceThickness``, else ``SpacingBetweenSlices``, else the spacing of
       the positions.
 
@@ -115,6 +118,24 @@ def _pydicom():
     except ImportError:  # pragma: no cover - a dependency of slice2vol
         raise Slice2VolError("DICOM input/output needs pydicom (pip install pydicom)") from None
     return pydicom
+
+
+#: The optional decoders for compressed transfer syntaxes (``pip install "slice2vol[dicom-compressed]"``):
+#: pylibjpeg with its libjpeg (JPEG baseline, extended, lossless, JPEG-LS) and openjpeg (JPEG 2000)
+#: plugins.  pydicom itself decodes RLE Lossless and deflated files.
+COMPRESSED_EXTRA = "dicom-compressed"
+
+
+def _pixel_error(where: str, path: Path, ds, exc: Exception) -> str:
+    """One line for pixel data that cannot be read; for a compressed transfer syntax with no
+    installed decoder it names the syntax and what to install."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) if ds is not None else None
+    if ts is not None and getattr(ts, "is_compressed", False):
+        return (f"{where}: {path.name} is compressed ({ts.name}) and no installed decoder could read it "
+                f"({_one_line(exc)[:120]}); install the optional decoders with "
+                f"pip install \"slice2vol[{COMPRESSED_EXTRA}]\", or decompress the series first "
+                f"(e.g. gdcmconv --raw or dcmdjpeg)")
+    return f"{where}: cannot read the pixel data of {path.name} ({_one_line(exc)[:160]})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -453,12 +474,13 @@ def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
     files = []
     for k, idx in enumerate(order):
         p = ref.files[idx][0]
+        ds = None
         try:
             ds = pydicom.dcmread(p)
             pixels = ds.pixel_array
             values = apply_modality_lut(pixels, ds)
         except Exception as exc:  # compressed without a decoder, truncated pixel data, ...
-            raise Slice2VolError(f"{where}: cannot read the pixel data of {p.name} ({_one_line(exc)[:160]})") from None
+            raise Slice2VolError(_pixel_error(where, p, ds, exc)) from None
         if values.shape != (rows, cols):
             raise Slice2VolError(f"{where}: {p.name} holds pixel data of shape {values.shape}, not {rows} x {cols}")
         data[:, :, k] = np.asarray(values, dtype=np.float64).T
