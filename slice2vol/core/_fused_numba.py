@@ -554,3 +554,43 @@ def registration_costs_kernel(s, values, weights, slice_id, group, fit_scale, a,
         wsum[g] += w
     for g in range(G):
         cost[g] = c[g] / max(wsum[g], 1e-12)
+
+
+@nb.njit(parallel=True, **_JIT)
+def blur_axis_kernel(x, w, axis, out):
+    """``out = x`` convolved along ``axis`` (0, 1 or 2) with the odd-length kernel ``w (K,)``,
+    edges replicated (the index clamped), as ``F.pad(..., mode="replicate")`` then ``conv1d``
+    (:func:`slice2vol.core.resample._blur_axis`) but without their copies: ``conv1d`` on CPU
+    unfolds its input into a ``K``-times larger temporary (measured: +100 MB peaks at 0.8 mm).
+    ``x`` and ``out`` are C-contiguous ``(Ni, Nj, Nk)`` of one dtype; taps are added in order."""
+    Ni, Nj, Nk = x.shape
+    K = w.shape[0]
+    h = K // 2
+    zero = _real(0.0, x)
+    for i in prange(Ni):
+        if axis == 0:
+            for j in range(Nj):
+                for k in range(Nk):
+                    out[i, j, k] = zero
+                for t in range(K):
+                    ii = min(max(i + t - h, 0), Ni - 1)
+                    wt = _real(w[t], x)
+                    for k in range(Nk):
+                        out[i, j, k] += wt * x[ii, j, k]
+        elif axis == 1:
+            for j in range(Nj):
+                for k in range(Nk):
+                    out[i, j, k] = zero
+                for t in range(K):
+                    jj = min(max(j + t - h, 0), Nj - 1)
+                    wt = _real(w[t], x)
+                    for k in range(Nk):
+                        out[i, j, k] += wt * x[i, jj, k]
+        else:
+            for j in range(Nj):
+                for k in range(Nk):
+                    acc = zero
+                    for t in range(K):
+                        kk = min(max(k + t - h, 0), Nk - 1)
+                        acc += _real(w[t], x) * x[i, j, kk]
+                    out[i, j, k] = acc

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["ENV_DISABLE", "available", "reason_unavailable", "Geometry", "forward", "adjoint", "forward_jacobian",
-           "normal_equations", "gradient_channels", "segment_ncc", "registration_costs"]
+           "normal_equations", "gradient_channels", "segment_ncc", "registration_costs",
+           "blur_axis"]
 
 log = logging.getLogger(__name__)
 
@@ -314,3 +315,14 @@ def registration_costs(s: Tensor, values: Tensor, weights: Tensor, slice_id: Ten
         k.registration_costs_kernel(_np(s), _np(values, dt), _np(weights, dt), _np(slice_id, torch.int64),
                                     _np(group, torch.int64), bool(fit_scale), a.numpy(), r.numpy(), cost.numpy())
     return a, r, cost
+
+
+def blur_axis(volume: Tensor, axis: int, kernel: Tensor) -> Tensor:
+    """``volume (Ni, Nj, Nk)`` convolved along ``axis`` with the odd-length 1D ``kernel``, edges
+    replicated, C-contiguous, in ``volume``'s dtype (:func:`slice2vol.core.resample.gaussian_blur`'s
+    axis pass without ``conv1d``'s ``K``-fold temporary); not differentiable."""
+    k = _kernels()
+    v = _np(volume)
+    out = torch.empty(tuple(volume.shape), dtype=volume.dtype)
+    _launch(k.blur_axis_kernel, v, _np(kernel, torch.float64), int(axis), out.numpy())
+    return out

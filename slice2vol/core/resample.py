@@ -107,7 +107,18 @@ def _kernel_1d(sigma_vox: float, truncate: float, dtype, device) -> Tensor:
 
 
 def _blur_axis(x: Tensor, axis: int, kernel: Tensor) -> Tensor:
-    """Convolve ``x`` along ``axis`` with a symmetric 1D kernel, edges replicated."""
+    """Convolve ``x`` along ``axis`` with a symmetric 1D kernel, edges replicated.
+
+    On the CPU with the fused kernels (and no autograd through ``x``), one numba pass per 3D
+    volume (:func:`slice2vol.core.fused.blur_axis`): ``conv1d`` unfolds its input into a copy
+    as many times larger as the kernel is long, the peak memory of a 0.8 mm SVR run."""
+    from slice2vol.core import fused
+
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() in (3, 4)
+            and not (torch.is_grad_enabled() and x.requires_grad) and fused.available()):
+        if x.dim() == 3:
+            return fused.blur_axis(x, axis, kernel)
+        return torch.stack([fused.blur_axis(c, axis - 1, kernel) for c in x])
     moved = x.movedim(axis, -1)
     shape = moved.shape
     flat = moved.reshape(-1, 1, shape[-1])
