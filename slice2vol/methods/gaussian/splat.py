@@ -27,9 +27,10 @@ with the acquisition operators' rule (:mod:`slice2vol.core.fused`): numba is a w
 needs a compiler on the user's machine; they are compiled at first use and cached on disk;
 ``SLICE2VOL_NO_NUMBA=1`` (or ``SLICE2VOL_NO_EXTENSIONS=1``), or numba missing, runs the PyTorch
 path above instead.  ``benchmarks/bench_splat.py`` (sizes and box radii of the default STA29 run,
-2 threads) measured them at 1.5x the PyTorch path on the voxel grid and 2.8x on the slice planes:
-the PyTorch path's separable evaluation is already efficient, and numba has no vectorised ``exp``
-(llvmlite from PyPI is built without SVML), probably what their inner loops wait on.  They replace
+2 threads) measured them at 2.3-3.8x the PyTorch path on the voxel grid and 3.4-4.6x on the slice
+planes (two runs on a noisy machine), with float32's ``exp`` evaluated inline
+(``_splat_numba._exp_neg``): PyPI's llvmlite has no SVML, and with the libm call they were only
+1.5x and 2.8x.  They replace
 a C++ kernel that ``torch.utils.cpp_extension`` built at first use, which needed a compiler and
 the Python headers on the user's machine and took about 40 s to build; on small boxes
 (60,000 Gaussians, half-widths 1-3) the numba kernels were as fast or faster than it (forward 92
