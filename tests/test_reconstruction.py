@@ -133,6 +133,32 @@ def test_cg_without_regularisation_decreases_the_residual_monotonically(acquired
     assert res[-1] < 0.05 * res[0]
 
 
+def test_preconditioned_cg_gets_closer_to_the_solution_in_fewer_iterations(acquired):
+    """The same regularised problem (float64, edge weights from the same start; the truth offset
+    by +500 so the final clamp never acts) solved to convergence, then with 2, 4 and 6 iterations:
+    the diagonal preconditioner's iterate is nearer the solution than plain CG's at each count
+    (coverage varies a lot between the stacks' overlap and the edges of the field of view)."""
+    vol, ss, psf = acquired
+    psf64 = acq.PSF(psf.offsets.double(), psf.weights.double())
+    poses, coords, sid = ss.poses.double(), ss.coords.double(), ss.slice_id
+    truth = vol.data.double() + 500
+    g = torch.Generator().manual_seed(1)
+    y = acq.forward(truth, vol.affine, poses, coords, sid, psf64) + 5 * torch.randn(ss.n_pixels, generator=g, dtype=D)
+    V0 = psf_average(y, torch.ones_like(y), vol.shape, vol.affine, poses, coords, sid, psf64)
+    mask = vol.mask
+
+    def solve(it, pre):
+        return super_resolve(V0, vol.affine, poses, coords, sid, y, psf64, mask=mask, delta=50.0, iterations=it,
+                             tol=0.0, precondition=pre)
+
+    x_star = solve(300, True)
+    torch.testing.assert_close(x_star, solve(300, False), rtol=0, atol=1e-3 * float(x_star.abs().max()))
+    for it in (2, 4, 6):
+        err_cg = float((solve(it, False) - x_star)[mask].norm())
+        err_pcg = float((solve(it, True) - x_star)[mask].norm())
+        assert err_pcg < 0.8 * err_cg, (it, err_pcg, err_cg)
+
+
 def _tiny_case(seed: int = 0):
     """A 5x5x5 volume (1 mm, oblique affine) seen by 3 stacks x 7 slices of 8x8 1-mm pixels,
     1.5 mm thick, with random orientations: ~600 equations for 125 unknowns, full column rank."""
@@ -163,9 +189,11 @@ def _tiny_case(seed: int = 0):
     return shape, A, poses, coords, sid, psf, mat.numpy(), g
 
 
-def test_zero_regularisation_reaches_the_weighted_least_squares_solution():
+@pytest.mark.parametrize("precondition", [False, True])
+def test_zero_regularisation_reaches_the_weighted_least_squares_solution(precondition):
     """lam = 0, many CG iterations: the result is argmin sum_p w_p (a_n (A x)_p - y_p)^2 computed
-    with numpy's lstsq from the explicit matrix of A (weights and slice scales included)."""
+    with numpy's lstsq from the explicit matrix of A (weights and slice scales included), with and
+    without the diagonal preconditioner (which changes the path, not the solution)."""
     shape, A, poses, coords, sid, psf, mat, g = _tiny_case()
     assert np.linalg.matrix_rank(mat) == 125
     truth = 50 + 100 * torch.rand(shape, generator=g, dtype=D)
@@ -179,7 +207,7 @@ def test_zero_regularisation_reaches_the_weighted_least_squares_solution():
     assert x_ls.min() > 0  # so the final clamp at 0 does not act
     assert np.abs(x_ls - truth.numpy()).max() > 1e-3  # noise: the LS solution is not the truth
     x = super_resolve(torch.zeros(shape, dtype=D), A, poses, coords, sid, y, psf, weights=w, scales=scales,
-                      lam=0.0, iterations=400, tol=1e-12)
+                      lam=0.0, iterations=400, tol=1e-12, precondition=precondition)
     np.testing.assert_allclose(x.numpy(), x_ls, rtol=1e-6, atol=1e-6 * np.abs(x_ls).max())
 
 

@@ -75,7 +75,7 @@ from slice2vol.core.registration import register
 from slice2vol.core.resample import max_filter, resample, sample_at
 from slice2vol.core.robust import RobustState, em_weights, fit_scales
 
-__all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "coarse_grid"]
+__all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "dilated_roi", "coarse_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class SVRConfig:
     coarse_sr_subsample: int = 2
     cg_iterations: int = 8
     final_cg_iterations: int = 20
+    cg_precondition: bool = False
     lam: float = 0.02
     delta: float | None = None
     register_slices: bool = True
@@ -113,6 +114,7 @@ class SVRConfig:
     search_shifts: tuple[float, ...] = (0.0, -4.0, 4.0, -8.0, 8.0)
     search_reach: int = 4
     search_subsample: int = 4
+    search_sr_subsample: int = 1
     search_min_moved: float = 0.02
     progress: bool = True
 
@@ -135,11 +137,21 @@ class SVRResult:
     history: list[dict] = field(default_factory=list)
 
 
-def roi_weights(roi: Tensor, affine: np.ndarray, ss, poses: Tensor, dilate_vox: int = 2) -> Tensor:
-    """``(P,)`` 1 for pixels whose centre lies inside the (dilated) region of interest, else 0."""
+ROI_DILATE_VOX = 2
+
+
+def dilated_roi(roi: Tensor, dilate_vox: int = ROI_DILATE_VOX) -> Tensor:
+    """``roi`` as float, dilated by ``dilate_vox`` voxels: what :func:`roi_weights` tests pixels against
+    (computed once per grid by the loops that call it for every new pose set)."""
     m = roi.float()
-    if dilate_vox:
-        m = max_filter(m, dilate_vox)
+    return max_filter(m, dilate_vox) if dilate_vox else m
+
+
+def roi_weights(roi: Tensor, affine: np.ndarray, ss, poses: Tensor, dilate_vox: int = ROI_DILATE_VOX) -> Tensor:
+    """``(P,)`` 1 for pixels whose centre lies inside the (dilated) region of interest, else 0.
+
+    ``roi`` may already be dilated (:func:`dilated_roi`; pass ``dilate_vox=0``)."""
+    m = dilated_roi(roi, dilate_vox)
     v = sample_at(m, affine, slice_to_world(poses, ss.coords, ss.slice_id), mode="nearest")
     return (v > 0.5).to(ss.values.dtype)
 
@@ -204,6 +216,7 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
     psf = acq.psf_kernel(ss.spacing, ss.thickness, vres)
     thin = acq.psf_kernel(ss.spacing, ss.thickness, vres, quality="thin")
     sub = _subset(ss.n_pixels, cfg.search_subsample, y.device)
+    srs = _subset(ss.n_pixels, cfg.search_sr_subsample, y.device)
     pivot = slice_to_world(ss.poses, coords[sub], sid[sub]).mean(0)
     roi_f = roi.to(y.dtype)
     trust = torch.ones(M, device=y.device, dtype=y.dtype)
@@ -222,12 +235,13 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
         groups["half"] = package_groups(idx, pk, halves=True).to(y.device)
         levels += ["package", "half"]
     levels += ["slice"] * cfg.search_rounds
+    roi_d = dilated_roi(roi)
     for r, level in enumerate(levels):
-        inside = roi_weights(roi, affine, ss, poses)
+        inside = roi_weights(roi_d, affine, ss, poses, dilate_vox=0)
         w = inside * trust[sid]
         V = psf_average(y, w, shape, affine, poses, coords, sid, psf) * roi_f
-        V = super_resolve(V, affine, poses, coords, sid, y, psf, weights=w, mask=roi, lam=cfg.lam, delta=cfg.delta,
-                          iterations=cfg.cg_iterations)
+        V = super_resolve(V, affine, poses, coords[srs], sid[srs], y[srs], psf, weights=w[srs], mask=roi, lam=cfg.lam,
+                          delta=cfg.delta, iterations=cfg.cg_iterations, precondition=cfg.cg_precondition)
         if level in groups:  # one rigid correction per stack / package / half-package
             kw = {"group": groups[level]}
         else:  # single slices, also offered their stack neighbours' motion
@@ -301,7 +315,8 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
         # On the coarse grid there are several pixels per voxel in-plane; half of them suffice.
         srs = _subset(ss.n_pixels, sr_subsample, dev)
         roi_f = roi.to(y.dtype)
-        inside = roi_weights(roi, affine, ss, poses)
+        roi_d = dilated_roi(roi)
+        inside = roi_weights(roi_d, affine, ss, poses, dilate_vox=0)
         w = inside if state is None else inside * state.combined(sid)
         if V is None:
             V = psf_average(y, w, shape, affine, poses, coords, sid, psf) * roi_f
@@ -309,7 +324,8 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
             V = resample(V, prev_affine, affine, shape) * roi_f
         for _ in range(n_iter):
             V = super_resolve(V, affine, poses, coords[srs], sid[srs], y[srs], psf, weights=w[srs], scales=scales,
-                              mask=roi, lam=cfg.lam, delta=cfg.delta, iterations=cfg.cg_iterations)
+                              mask=roi, lam=cfg.lam, delta=cfg.delta, iterations=cfg.cg_iterations,
+                              precondition=cfg.cg_precondition)
             moved = 0.0
             if cfg.register_slices:
                 sigmas = (2.0, 1.0, 0.0) if it == 0 else (1.0, 0.0)
@@ -319,7 +335,7 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
                 new = _plausible(r.poses, poses, stack_poses, cfg.max_deviation)
                 moved = _median_motion(poses, new, ss, sub)
                 poses = new
-                inside = roi_weights(roi, affine, ss, poses)
+                inside = roi_weights(roi_d, affine, ss, poses, dilate_vox=0)
             s = acq.forward(V, affine, poses, coords, sid, psf)
             scales = fit_scales(s, y, sid, M, inside if state is None else inside * state.combined(sid))
             if cfg.robust and name == "fine":
@@ -339,7 +355,7 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
     bar.close()
     psf = acq.psf_kernel(ss.spacing, ss.thickness, res)
     V = super_resolve(V, prep.affine, poses, coords, sid, y, psf, weights=w, scales=scales, mask=prep.roi,
-                      lam=cfg.lam, delta=cfg.delta, iterations=cfg.final_cg_iterations)
+                      lam=cfg.lam, delta=cfg.delta, iterations=cfg.final_cg_iterations, precondition=cfg.cg_precondition)
     simulated = acq.forward(V, prep.affine, poses, coords, sid, psf) * scales[sid]
     slice_w = state.slice if state is not None else torch.ones(M, device=dev)
     pix_w = state.pixel if state is not None else torch.ones_like(y)

@@ -51,7 +51,7 @@ from slice2vol.core.reconstruction import psf_average, super_resolve
 from slice2vol.core.similarity import per_slice_ncc
 from slice2vol.core.transforms import kabsch
 from slice2vol.errors import Slice2VolError
-from slice2vol.methods.svr import SVRConfig, SVRResult, coarse_grid, reconstruct_svr, roi_weights
+from slice2vol.methods.svr import SVRConfig, SVRResult, coarse_grid, dilated_roi, reconstruct_svr, roi_weights
 
 __all__ = ["CSVRMethodConfig", "START_CHOICES", "network_poses", "start_scores", "reconstruct_csvr"]
 
@@ -118,7 +118,7 @@ def network_poses(prep: Prepared, weights: str | Path | None = None, model=None)
 
 @torch.no_grad()
 def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 2.0, cg_iterations: int = 8,
-                 lam: float = 0.02) -> dict[str, float]:
+                 lam: float = 0.02, sr_subsample: int = 1, precondition: bool = False) -> dict[str, float]:
     """How well each pose set explains the slices: mean over slices of the NCC between the acquired
     slice and the slice simulated from a quick reconstruction made with that pose set.
 
@@ -137,11 +137,14 @@ def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 
     vres = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
     psf = acq.psf_kernel(ss.spacing, ss.thickness, vres)
     y, c, sid = ss.values, ss.coords, ss.slice_id
+    srs = torch.arange(ss.n_pixels, device=y.device) % max(1, sr_subsample) == 0
     out = {}
+    roi_d = dilated_roi(roi)
     for name, P in candidates.items():
-        w = roi_weights(roi, affine, ss, P)
+        w = roi_weights(roi_d, affine, ss, P, dilate_vox=0)
         V = psf_average(y, w, shape, affine, P, c, sid, psf) * roi.to(y.dtype)
-        V = super_resolve(V, affine, P, c, sid, y, psf, weights=w, mask=roi, lam=lam, iterations=cg_iterations)
+        V = super_resolve(V, affine, P, c[srs], sid[srs], y[srs], psf, weights=w[srs], mask=roi, lam=lam,
+                          iterations=cg_iterations, precondition=precondition)
         r = per_slice_ncc(acq.forward(V, affine, P, c, sid, psf), y, sid, ss.n_slices)
         out[name] = float(r[~torch.isnan(r)].mean()) if bool((~torch.isnan(r)).any()) else float("nan")
     return out
