@@ -556,6 +556,29 @@ def registration_costs_kernel(s, values, weights, slice_id, group, fit_scale, a,
         cost[g] = c[g] / max(wsum[g], 1e-12)
 
 
+@nb.njit(inline="always")
+def _tap_index(n, shift, size, blurred):
+    """Index a tap reads along one axis: ``n + shift`` clamped to ``[0, size - 1]`` (replicated
+    edges) on the blurred axis, ``n`` on the other."""
+    return min(max(n + shift, 0), size - 1) if blurred else n
+
+
+@nb.njit(inline="always")
+def _blur_rows(x, w, i, on_i, on_j, Ni, Nj, Nk, K, h, zero, out):
+    """Plane ``i`` of :func:`blur_axis_kernel` along axis 0 (``on_i, on_j = True, False``) or 1
+    (``False, True``): whole rows along ``k``, ``x[ii, jj, :]`` added into ``out[i, j, :]`` tap by
+    tap.  Called with literal flags: each axis gets its own loop after inlining, the same machine
+    code as one written per axis (choosing the index per tap at run time cost 10-30 % on float32)."""
+    for j in range(Nj):
+        for k in range(Nk):
+            out[i, j, k] = zero
+        for t in range(K):
+            ii, jj = _tap_index(i, t - h, Ni, on_i), _tap_index(j, t - h, Nj, on_j)
+            wt = _real(w[t], x)
+            for k in range(Nk):
+                out[i, j, k] += wt * x[ii, jj, k]
+
+
 @nb.njit(parallel=True, **_JIT)
 def blur_axis_kernel(x, w, axis, out):
     """``out = x`` convolved along ``axis`` (0, 1 or 2) with the odd-length kernel ``w (K,)``,
@@ -569,23 +592,9 @@ def blur_axis_kernel(x, w, axis, out):
     zero = _real(0.0, x)
     for i in prange(Ni):
         if axis == 0:
-            for j in range(Nj):
-                for k in range(Nk):
-                    out[i, j, k] = zero
-                for t in range(K):
-                    ii = min(max(i + t - h, 0), Ni - 1)
-                    wt = _real(w[t], x)
-                    for k in range(Nk):
-                        out[i, j, k] += wt * x[ii, j, k]
+            _blur_rows(x, w, i, True, False, Ni, Nj, Nk, K, h, zero, out)
         elif axis == 1:
-            for j in range(Nj):
-                for k in range(Nk):
-                    out[i, j, k] = zero
-                for t in range(K):
-                    jj = min(max(j + t - h, 0), Nj - 1)
-                    wt = _real(w[t], x)
-                    for k in range(Nk):
-                        out[i, j, k] += wt * x[i, jj, k]
+            _blur_rows(x, w, i, False, True, Ni, Nj, Nk, K, h, zero, out)
         else:
             for j in range(Nj):
                 for k in range(Nk):

@@ -127,7 +127,10 @@ def splat_backward_kernel(g, c, p, a, base, st, rad, dims, gc, gp, ga):
     The ten moments are separable along the box's last axis (``k`` in 3D; ``j`` on the single plane
     of a 2D lattice): the inner loop accumulates only ``sum w``, ``sum w d_last`` and
     ``sum w d_last^2`` of its row (in the input dtype, so it vectorises; at most ``2 r + 1``
-    terms), and each row's sums enter the float64 moments with the row's constant offsets."""
+    terms), and each row's sums enter the float64 moments with the row's constant offsets.  One
+    loop for both lattices, over fixed axes ``a, b`` and the row axis: ``(i, j, k)`` in 3D,
+    ``(i, k, j)`` in 2D with ``b`` the plane (one offset); the moments are mapped back to
+    ``(i, j, k)`` after it."""
     J = c.shape[0]
     for j in prange(J):
         r = rad[j]
@@ -136,68 +139,60 @@ def splat_backward_kernel(g, c, p, a, base, st, rad, dims, gc, gp, ga):
         two, mhalf = _real(2.0, c), _real(-0.5, c)
         zero = _real(0.0, c)
         b0 = base[j]
-        s0, s1, s2 = st[j, 0], st[j, 1], st[j, 2]
-        sa = 0.0
-        m0 = 0.0
-        m1 = 0.0
-        m2 = 0.0
-        s00 = 0.0
-        s11 = 0.0
-        s22 = 0.0
-        s01 = 0.0
-        s02 = 0.0
-        s12 = 0.0
-        for oi in range(-r, r + 1):
-            di = _real(oi, c) - f0
-            if dims == 3:
-                for oj in range(-r, r + 1):
-                    dj = _real(oj, c) - f1
-                    qij = P00 * di * di + P11 * dj * dj + two * P01 * di * dj
-                    lin = two * (P02 * di + P12 * dj)
-                    idx = b0 + oi * s0 + oj * s1
-                    r0, r1, r2 = zero, zero, zero
-                    for ok in range(-r, r + 1):
-                        dk = _real(ok, c) - f2
-                        ge = g[idx + ok * s2] * _exp_neg(mhalf * (qij + P22 * dk * dk + lin * dk), c)
-                        r0 += ge
-                        r1 += ge * dk
-                        r2 += ge * dk * dk
-                    R0, R1, R2 = np.float64(r0), np.float64(r1), np.float64(r2)
-                    fi, fj = np.float64(di), np.float64(dj)
-                    sa += R0
-                    m0 += fi * R0
-                    m1 += fj * R0
-                    m2 += R1
-                    s00 += fi * fi * R0
-                    s11 += fj * fj * R0
-                    s22 += R2
-                    s01 += fi * fj * R0
-                    s02 += fi * R1
-                    s12 += fj * R1
-            else:  # one plane at d_k = -c_k: the row runs along j
-                dk = zero - f2  # ok = 0: d_k = 0 - c_k
-                qik = P00 * di * di + P22 * dk * dk + two * P02 * di * dk
-                lin = two * (P01 * di + P12 * dk)
-                idx = b0 + oi * s0
+        # fixed axes a, b and the row axis: 3D (i, j, k); 2D (i, k, j), b the single plane
+        # o_k = 0 (d_k = -c_k); P** the precision's entries in that order
+        if dims == 3:
+            rb = r
+            fa, fb, fr = f0, f1, f2
+            Paa, Pbb, Prr, Pab, Par, Pbr = P00, P11, P22, P01, P02, P12
+            st_a, st_b, st_r = st[j, 0], st[j, 1], st[j, 2]
+        else:
+            rb = 0
+            fa, fb, fr = f0, f2, f1
+            Paa, Pbb, Prr, Pab, Par, Pbr = P00, P22, P11, P02, P01, P12
+            st_a, st_b, st_r = st[j, 0], st[j, 2], st[j, 1]
+        sa = 0.0  # sum e g, then its products with d_a, d_b, d_r (m*) and with their pairs (s**)
+        ma = 0.0
+        mb = 0.0
+        mr = 0.0
+        saa = 0.0
+        sbb = 0.0
+        srr = 0.0
+        sab = 0.0
+        sar = 0.0
+        sbr = 0.0
+        for oa in range(-r, r + 1):
+            da = _real(oa, c) - fa
+            for ob in range(-rb, rb + 1):
+                db = _real(ob, c) - fb
+                qab = Paa * da * da + Pbb * db * db + two * Pab * da * db
+                lin = two * (Par * da + Pbr * db)
+                idx = b0 + oa * st_a + ob * st_b
                 r0, r1, r2 = zero, zero, zero
-                for oj in range(-r, r + 1):
-                    dj = _real(oj, c) - f1
-                    ge = g[idx + oj * s1] * _exp_neg(mhalf * (qik + P11 * dj * dj + lin * dj), c)
+                for orow in range(-r, r + 1):
+                    dr = _real(orow, c) - fr
+                    ge = g[idx + orow * st_r] * _exp_neg(mhalf * (qab + Prr * dr * dr + lin * dr), c)
                     r0 += ge
-                    r1 += ge * dj
-                    r2 += ge * dj * dj
+                    r1 += ge * dr
+                    r2 += ge * dr * dr
                 R0, R1, R2 = np.float64(r0), np.float64(r1), np.float64(r2)
-                fi, fk = np.float64(di), np.float64(dk)
+                Fa, Fb = np.float64(da), np.float64(db)
                 sa += R0
-                m0 += fi * R0
-                m1 += R1
-                m2 += fk * R0
-                s00 += fi * fi * R0
-                s11 += R2
-                s22 += fk * fk * R0
-                s01 += fi * R1
-                s02 += fi * fk * R0
-                s12 += fk * R1
+                ma += Fa * R0
+                mb += Fb * R0
+                mr += R1
+                saa += Fa * Fa * R0
+                sbb += Fb * Fb * R0
+                srr += R2
+                sab += Fa * Fb * R0
+                sar += Fa * R1
+                sbr += Fb * R1
+        # back to (i, j, k): a = i in both; 2D swaps b and the row (k, j)
+        m0, s00, s12 = ma, saa, sbr
+        if dims == 3:
+            m1, m2, s11, s22, s01, s02 = mb, mr, sbb, srr, sab, sar
+        else:
+            m1, m2, s11, s22, s01, s02 = mr, mb, srr, sbb, sar, sab
         aj = np.float64(a[j])
         ga[j] = sa
         m0 *= aj
