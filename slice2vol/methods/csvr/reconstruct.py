@@ -117,14 +117,15 @@ def network_poses(prep: Prepared, weights: str | Path | None = None, model=None)
 
 
 @torch.no_grad()
-def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 2.0, cg_iterations: int = 8,
-                 lam: float = 0.02, sr_subsample: int = 1, precondition: bool = False) -> dict[str, float]:
+def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 2.0, cg_iterations: int = 4,
+                 lam: float = 0.02, sr_subsample: int = 2, precondition: bool = True) -> dict[str, float]:
     """How well each pose set explains the slices: mean over slices of the NCC between the acquired
     slice and the slice simulated from a quick reconstruction made with that pose set.
 
-    Each reconstruction is a PSF-weighted average refined by ``cg_iterations`` of CG
-    super-resolution on SVR's coarse grid (``factor`` x the output voxel), the same step SVR starts
-    with.  Slices without pixel variance are left out of the mean.
+    Each reconstruction is a PSF-weighted average refined by ``cg_iterations`` of (by default
+    preconditioned) CG super-resolution on SVR's coarse grid (``factor`` x the output voxel) from
+    every ``sr_subsample``-th pixel, the same step SVR starts with; every pixel is scored.  Slices
+    without pixel variance are left out of the mean.
 
     Args:
         prep: prepared data (its slices' values, coordinates and output grid are used).
