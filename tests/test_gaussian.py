@@ -58,6 +58,35 @@ def test_voxeliser_matches_dense_evaluation_values_and_gradients(kernel):
         assert torch.allclose(a, b, atol=1e-6 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_splat_support_is_the_ellipsoid_inside_the_box(kernel, dims):
+    """With ``cut`` a Gaussian reaches exactly the lattice points of its box with
+    ``d^T P d <= cut`` (brute force over the box, float64), and the values there are unchanged."""
+    g = torch.Generator().manual_seed(3)
+    r, n = 6, 13
+    L = torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.3
+    P = L @ L.T + torch.diag(torch.tensor([0.15, 0.6, 0.3], dtype=torch.float64))  # anisotropic, oblique
+    centre = torch.tensor([[r + 0.3, r - 0.2, (r + 0.1) if dims == 3 else 0.4]], dtype=torch.float64)
+    shape = (n, n, n if dims == 3 else 1)
+    strides = torch.tensor([shape[1] * shape[2], shape[2], 1])
+    rc = torch.round(centre)
+    if dims == 2:
+        rc[:, 2] = 0
+    base = (rc.long() * strides).sum(1)
+    size = int(np.prod(shape))
+    args = (centre, P[None], torch.ones(1, dtype=torch.float64), torch.tensor([r]), base, strides[None], size)
+    box = splat_mod.splat(*args, dims=dims).reshape(shape)
+    ell = splat_mod.splat(*args, dims=dims, cut=9.0).reshape(shape)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(k, dtype=torch.float64) for k in shape], indexing="ij"), -1)
+    d = idx - centre[0] if dims == 3 else torch.cat([idx[..., :2] - centre[0, :2], -centre[0, 2].expand(shape + (1,))], -1)
+    q = torch.einsum("...a,ab,...b->...", d, P, d)
+    inside = q <= 9.0
+    assert 0 < int(inside.sum()) < 0.6 * int((box > 0).sum())  # the cut removes most of the box's corners
+    assert bool((ell[~inside] == 0).all())
+    torch.testing.assert_close(ell[inside], box[inside], rtol=1e-12, atol=0)
+    torch.testing.assert_close(ell[inside], torch.exp(-0.5 * q[inside]), rtol=1e-12, atol=0)
+
+
 def test_three_sigma_box_truncation_is_small():
     m = _model()
     A, shape = _grid()
@@ -116,7 +145,12 @@ def test_analytic_slices_match_brute_force_psf_integral(kernel):
         pts = (P[lo:lo + 128, None, :3, :3] @ local[..., None])[..., 0] + P[lo:lo + 128, None, :3, 3]
         b.append((dense_gaussians(m, pts.reshape(-1, 3)).reshape(pts.shape[:2]) * w).sum(1).detach())
     b = torch.cat(b)
-    assert float((a - b).abs().max()) < 2e-3 * float(b.max())  # the 3-sigma box and the +-4 sigma quadrature
+    # the formula (5-sigma support: what is left is the +-4 sigma quadrature of the reference)
+    a5 = render_slices(m, ss.poses.double(), lat, truncate=5.0)[lat.pixel_index].detach()
+    assert float((a5 - b).abs().max()) < 2e-3 * float(b.max())
+    # the default 3-sigma ellipsoid cuts at most exp(-4.5) = 1.1% of the Gaussian's peak, and does cut
+    err = float((a - b).abs().max())
+    assert 3e-3 * float(b.max()) < err < 0.012 * float(b.max())
 
 
 def test_analytic_and_sampled_agree_on_one_gaussian():
@@ -292,11 +326,14 @@ def test_splat_kernels_follow_the_fused_operators_switch(monkeypatch):
     assert voxelise(m, A, shape).shape == shape  # and it still renders
 
 
+@pytest.mark.parametrize("cut", [float("inf"), 4.0])
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_splat_kernels_match_pytorch_on_both_lattices(monkeypatch, dims, dtype):
+def test_splat_kernels_match_pytorch_on_both_lattices(monkeypatch, dims, dtype, cut):
     """splat() itself, volume (dims 3) and slice-plane (dims 2) lattices, mixed box radii, values
-    and all three gradients: compiled kernels against the PyTorch path."""
+    and all three gradients: compiled kernels against the PyTorch path, on whole boxes and on
+    ellipsoids (``cut``: the compiled kernels find each row's range from the quadratic's roots,
+    the PyTorch path masks every point)."""
     if splat_mod.compiled_kernels() is None:
         pytest.skip("compiled CPU kernels unavailable")
     g = torch.Generator().manual_seed(5)
@@ -322,7 +359,7 @@ def test_splat_kernels_match_pytorch_on_both_lattices(monkeypatch, dims, dtype):
 
     def run():
         c, p, a = (t.clone().requires_grad_(True) for t in (centre, prec, amp))
-        out = splat_mod.splat(c, p, a, rad, base, strides.expand(J, 3), size, dims=dims)
+        out = splat_mod.splat(c, p, a, rad, base, strides.expand(J, 3), size, dims=dims, cut=cut)
         return (out.detach(),) + torch.autograd.grad((out * w).sum(), (c, p, a))
 
     fast = run()

@@ -67,7 +67,51 @@ def _frac(c, j, dims):
 
 
 @nb.njit(inline="always")
-def _add_box(c, p, a, base, st, rad, j, dims, out):
+def _q_at(qab, lin, prr, o, fr, c):
+    """float64 ``q`` of the row point at offset ``o`` (``d = o - fr`` rounded in ``c``'s dtype)."""
+    d = np.float64(_real(o, c) - fr)
+    return qab + lin * d + prr * d * d
+
+
+@nb.njit(inline="always")
+def _row_range(qab, lin, prr, fr, o_lo, o_hi, cut, c):
+    """Offsets ``lo..hi`` (inclusive, empty when ``lo > hi``) of a box row within ``o_lo..o_hi``
+    whose points are inside the ellipsoid, ``q = qab + lin d + prr d^2 <= cut`` in float64 (the
+    row's fixed axes' terms ``qab``, ``lin`` are float64 too).  The quadratic's roots give the
+    range, and the end points are then settled by the test itself, so the support is exactly the
+    points that pass it (what the PyTorch path masks), whatever the roots' rounding."""
+    if not (cut < np.inf) or not (prr > 0.0):
+        return o_lo, o_hi
+    disc = lin * lin - 4.0 * prr * (qab - cut)
+    if disc < 0.0:
+        return o_hi + 1, o_hi
+    s = math.sqrt(disc)
+    f = np.float64(fr)
+    x_lo = (-lin - s) / (2.0 * prr) + f
+    x_hi = (-lin + s) / (2.0 * prr) + f
+    lo = o_lo if x_lo <= o_lo else (o_hi + 1 if x_lo > o_hi else int(math.ceil(x_lo)))
+    hi = o_hi if x_hi >= o_hi else (o_lo - 1 if x_hi < o_lo else int(math.floor(x_hi)))
+    while lo <= hi and _q_at(qab, lin, prr, lo, fr, c) > cut:
+        lo += 1
+    while lo > o_lo and _q_at(qab, lin, prr, lo - 1, fr, c) <= cut:
+        lo -= 1
+    while hi >= lo and _q_at(qab, lin, prr, hi, fr, c) > cut:
+        hi -= 1
+    while hi < o_hi and _q_at(qab, lin, prr, hi + 1, fr, c) <= cut:
+        hi += 1
+    return lo, hi
+
+
+@nb.njit(inline="always")
+def _fixed_terms(paa, pbb, pab, par, pbr, da, db):
+    """float64 ``q`` terms of a row's fixed offsets: ``d_a^T P d_a``-part and the linear coefficient."""
+    Da, Db = np.float64(da), np.float64(db)
+    qab = np.float64(paa) * Da * Da + np.float64(pbb) * Db * Db + 2.0 * np.float64(pab) * Da * Db
+    return qab, 2.0 * (np.float64(par) * Da + np.float64(pbr) * Db)
+
+
+@nb.njit(inline="always")
+def _add_box(c, p, a, base, st, rad, j, dims, cut, out):
     r = rad[j]
     rk = r if dims == 3 else 0
     f0, f1, f2 = _frac(c, j, dims)
@@ -76,22 +120,26 @@ def _add_box(c, p, a, base, st, rad, j, dims, out):
     two, mhalf = _real(2.0, c), _real(-0.5, c)
     b0 = base[j]
     s0, s1, s2 = st[j, 0], st[j, 1], st[j, 2]
+    p22 = np.float64(P22)
     for oi in range(-r, r + 1):
         di = _real(oi, c) - f0
         for oj in range(-r, r + 1):
             dj = _real(oj, c) - f1
+            q64, lin64 = _fixed_terms(P00, P11, P01, P02, P12, di, dj)
+            lo, hi = _row_range(q64, lin64, p22, f2, -rk, rk, cut, c)
             qij = P00 * di * di + P11 * dj * dj + two * P01 * di * dj
             lin = two * (P02 * di + P12 * dj)
             idx = b0 + oi * s0 + oj * s1
-            for ok in range(-rk, rk + 1):
+            for ok in range(lo, hi + 1):
                 dk = _real(ok, c) - f2
                 q = qij + P22 * dk * dk + lin * dk
                 out[idx + ok * s2] += aj * _exp_neg(mhalf * q, c)
 
 
 @nb.njit(parallel=True, **_JIT)
-def splat_forward_kernel(c, p, a, base, st, rad, dims, out, priv):
-    """``out (size,) += sum_j a_j exp(-q_j / 2)`` over every Gaussian's box.
+def splat_forward_kernel(c, p, a, base, st, rad, dims, cut, out, priv):
+    """``out (size,) += sum_j a_j exp(-q_j / 2)`` over every Gaussian's box, at the points with
+    ``q_j <= cut`` (``inf``: the whole box).
 
     ``c (J, 3)``, ``p (J, 3, 3)``, ``a (J,)`` in the output dtype; ``base (J,)``, ``st (J, 3)``,
     ``rad (J,)`` int64; ``priv (T - 1, size)`` zeroed scratch of the other ``T - 1`` threads
@@ -104,11 +152,11 @@ def splat_forward_kernel(c, p, a, base, st, rad, dims, out, priv):
         hi = min(J, lo + per)
         if t == 0:
             for j in range(lo, hi):
-                _add_box(c, p, a, base, st, rad, j, dims, out)
+                _add_box(c, p, a, base, st, rad, j, dims, cut, out)
         else:
             dst = priv[t - 1]
             for j in range(lo, hi):
-                _add_box(c, p, a, base, st, rad, j, dims, dst)
+                _add_box(c, p, a, base, st, rad, j, dims, cut, dst)
     size = out.shape[0]
     if T > 1:
         for i in prange(size):
@@ -119,10 +167,11 @@ def splat_forward_kernel(c, p, a, base, st, rad, dims, out, priv):
 
 
 @nb.njit(parallel=True, **_JIT)
-def splat_backward_kernel(g, c, p, a, base, st, rad, dims, gc, gp, ga):
+def splat_backward_kernel(g, c, p, a, base, st, rad, dims, cut, gc, gp, ga):
     """Gradients of ``sum_i g_i out_i`` with respect to ``c``, ``p``, ``a`` (``(J, 3)``,
     ``(J, 3, 3)``, ``(J,)``, written, not accumulated): ``ga_j = sum e g``,
-    ``gc_j = a_j P_j sum e g d`` and ``gp_j = -1/2 a_j sum e g d d^T`` over the box.
+    ``gc_j = a_j P_j sum e g d`` and ``gp_j = -1/2 a_j sum e g d d^T`` over the forward's support
+    (the box's points with ``q <= cut``).
 
     The ten moments are separable along the box's last axis (``k`` in 3D; ``j`` on the single plane
     of a 2D lattice): the inner loop accumulates only ``sum w``, ``sum w d_last`` and
@@ -161,15 +210,20 @@ def splat_backward_kernel(g, c, p, a, base, st, rad, dims, gc, gp, ga):
         sab = 0.0
         sar = 0.0
         sbr = 0.0
+        prr = np.float64(Prr)
         for oa in range(-r, r + 1):
             da = _real(oa, c) - fa
             for ob in range(-rb, rb + 1):
                 db = _real(ob, c) - fb
+                q64, lin64 = _fixed_terms(Paa, Pbb, Pab, Par, Pbr, da, db)
+                lo, hi = _row_range(q64, lin64, prr, fr, -r, r, cut, c)
+                if lo > hi:
+                    continue
                 qab = Paa * da * da + Pbb * db * db + two * Pab * da * db
                 lin = two * (Par * da + Pbr * db)
                 idx = b0 + oa * st_a + ob * st_b
                 r0, r1, r2 = zero, zero, zero
-                for orow in range(-r, r + 1):
+                for orow in range(lo, hi + 1):
                     dr = _real(orow, c) - fr
                     ge = g[idx + orow * st_r] * _exp_neg(mhalf * (qab + Prr * dr * dr + lin * dr), c)
                     r0 += ge

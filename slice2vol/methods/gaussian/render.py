@@ -4,8 +4,12 @@ Both use :func:`.splat.splat`, so both are memory-bounded and differentiable in 
 parameter; the slice renderer is also differentiable in the slice poses.
 
 **Voxeliser** (GaussianSVR): ``V(x_v) = sum_j I_j exp(-1/2 (x_v - mu_j)^T Sigma_j^-1 (x_v - mu_j))`` at
-the voxel centres ``x_v`` of a grid, each Gaussian inside the axis-aligned box spanning
-``truncate`` (3) standard deviations of its marginals.  Slices are then simulated from ``V`` by
+the voxel centres ``x_v`` of a grid, each Gaussian inside its ellipsoid of Mahalanobis radius
+``truncate`` (3): the voxels with ``(x_v - mu_j)^T Sigma_j^-1 (x_v - mu_j) <= 9``, visited row by
+row inside the axis-aligned box spanning 3 standard deviations of its marginals (3D Gaussian
+splatting's 3-sigma cut; the cube alone would evaluate about twice as many voxels, most of them
+beyond 3 sigma, and clipped the tails unevenly: at 3 sigma along the widest axis, much further
+along the others).  Slices are then simulated from ``V`` by
 the shared acquisition model (:mod:`slice2vol.core.acquisition`): this is ``--psf sampled``.
 
 **Analytic slices** (Dannecker et al., MIDL 2026): a Gaussian blurred by a Gaussian PSF is a
@@ -17,7 +21,8 @@ Gaussian, so the PSF-integrated value of pixel ``c`` of slice ``n`` is, in the s
 with ``Sigma_PSF = diag(sx^2, sy^2, sz^2)`` the same PSF as the acquisition model (in-plane FWHM
 1.2 x pixel spacing, through-plane FWHM = slice thickness) and ``c = (u, v, 0)``.  A Gaussian
 contributes to slice ``n`` only if the plane lies within ``truncate`` standard deviations of it
-(``|m_w| <= 3 sqrt(C_ww)``), and then only to the pixels of its in-plane 3-sigma box.  No voxel
+(``|m_w| <= 3 sqrt(C_ww)``), and then only to the pixels inside its 3-sigma ellipsoid (in-plane
+box, points with ``q <= 9``, the plane's offset included).  No voxel
 grid and no PSF quadrature is involved.  The sampled path additionally blurs by trilinear
 interpolation of the voxel grid (about a third of a voxel in standard deviation), so the two agree
 only to that extent (``tests/test_gaussian.py`` checks a single Gaussian).
@@ -49,7 +54,7 @@ def voxelise(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[int, 
         model: a :class:`GaussianModel` (or a dict with its four tensors).
         affine: ``(4, 4)`` voxel-to-world of the grid (mm).
         shape: grid shape ``(Ni, Nj, Nk)``.
-        truncate: box half-width in standard deviations.
+        truncate: support radius in standard deviations (Mahalanobis; the box is its bounding box).
         max_radius: cap on the box half-width in voxels (larger Gaussians are truncated; density
             control prunes them before they matter).
     Returns:
@@ -78,7 +83,7 @@ def voxelise(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[int, 
     c = centre[idx]
     base = ((torch.round(c.detach()).long() + P2) * st).sum(-1)
     out = splat(c, prec[idx], inten[idx], radius[idx], base, st.expand(idx.shape[0], 3), pn[0] * pn[1] * pn[2],
-                dims=3, chunk=chunk)
+                dims=3, chunk=chunk, cut=truncate * truncate)
     return out.reshape(pn)[P2:P2 + Ni, P2:P2 + Nj, P2:P2 + Nk]
 
 
@@ -166,7 +171,8 @@ def render_slices(model: GaussianModel | dict, poses: Tensor, lattice: SliceLatt
     rc = torch.round(c.detach()).long()
     base = lattice.offset[sl] + (rc[:, 0] + lattice.pad) * row + rc[:, 1] + lattice.pad
     strides = torch.stack([row, torch.ones_like(row), torch.zeros_like(row)], -1)
-    return splat(c, prec[keep], amp[keep], rad[keep], base, strides, lattice.size, dims=2, chunk=chunk)
+    return splat(c, prec[keep], amp[keep], rad[keep], base, strides, lattice.size, dims=2, chunk=chunk,
+                 cut=truncate * truncate)
 
 
 def dense_gaussians(model: GaussianModel | dict, points: Tensor) -> Tensor:
