@@ -6,10 +6,13 @@ method uses, sized like the default run on the STA29 moderate-motion case (recor
 60,000 Gaussians on its 107 x 128 x 111 voxel grid (the fit to the initial volume), and 300,000
 Gaussian-slice pairs on the pixel planes of 86 slices of 115 x 99 pixels (the analytic-PSF
 renderer), with the box half-widths of that run (3 to 8 voxels, mostly 4 and 5).  Prints the best
-of ``--repeat`` calls per path and the ratio.  Issue 13 item 2: the kernels
+of ``--repeat`` calls per path and the ratio, for the support the renderers use (cut 9:
+each Gaussian's 3-sigma ellipsoid inside its box) and, as a reference, for the whole box
+(``inf``, what the kernels evaluated before 2026-12-03 evening); ``--cuts 9`` times only the
+first.  Issue 13 item 2: the kernels
 must run without a compiler on the user's machine (numba) and fall back to PyTorch.
 
-    python benchmarks/bench_splat.py [--threads 2] [--repeat 3]
+    python benchmarks/bench_splat.py [--threads 2] [--repeat 3] [--cuts 9 inf]
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def lattice_case(dims: int, seed: int = 0):
     return centre, prec, amp, rad, base, strides.expand(J, 3).contiguous(), int(np.prod(pad))
 
 
-def time_path(case, dims: int, compiled: bool, repeat: int) -> tuple[float, float]:
+def time_path(case, dims: int, compiled: bool, repeat: int, cut: float) -> tuple[float, float]:
     centre, prec, amp, rad, base, strides, size = case
     saved = splat_mod.compiled_kernels
     if not compiled:
@@ -63,7 +66,7 @@ def time_path(case, dims: int, compiled: bool, repeat: int) -> tuple[float, floa
         for _ in range(repeat + 1):  # the first call loads numba's cache (or compiles)
             c, p, a = (t.clone().requires_grad_(True) for t in (centre, prec, amp))
             t0 = time.perf_counter()
-            out = splat_mod.splat(c, p, a, rad, base, strides, size, dims=dims)
+            out = splat_mod.splat(c, p, a, rad, base, strides, size, dims=dims, cut=cut)
             t1 = time.perf_counter()
             torch.autograd.grad((out * w).sum(), (c, p, a))
             t2 = time.perf_counter()
@@ -78,20 +81,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cuts", type=float, nargs="+", default=[9.0, float("inf")],
+                    help="supports q <= cut to time (default: 9, the renderers' 3-sigma ellipsoid, and inf, the whole box)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"slice2vol splat kernel benchmark: {args.threads} thread(s), torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; compiled kernels: "
           f"{'numba' if splat_mod.compiled_kernels() is not None else 'unavailable'}")
-    print(f"{'lattice':<28} {'path':<8} {'forward ms':>11} {'backward ms':>12} {'total x':>8}")
+    print(f"{'lattice':<28} {'support':<10} {'path':<8} {'forward ms':>11} {'backward ms':>12} {'total x':>8}")
     for dims, label in ((3, "volume 107x128x111, 60k G"), (2, "86 slices 115x99, 300k G")):
         case = lattice_case(dims)
-        ref = time_path(case, dims, False, args.repeat)
-        rows = [("pytorch", ref)]
-        if splat_mod.compiled_kernels() is not None:
-            rows.append(("numba", time_path(case, dims, True, args.repeat)))
-        for name, (f, b) in rows:
-            print(f"{label:<28} {name:<8} {1e3 * f:11.1f} {1e3 * b:12.1f} {sum(ref) / (f + b):8.1f}")
+        for cut in args.cuts:
+            support = "box" if cut == float("inf") else f"q <= {cut:g}"
+            ref = time_path(case, dims, False, args.repeat, cut)
+            rows = [("pytorch", ref)]
+            if splat_mod.compiled_kernels() is not None:
+                rows.append(("numba", time_path(case, dims, True, args.repeat, cut)))
+            for name, (f, b) in rows:
+                print(f"{label:<28} {support:<10} {name:<8} {1e3 * f:11.1f} {1e3 * b:12.1f} {sum(ref) / (f + b):8.1f}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
