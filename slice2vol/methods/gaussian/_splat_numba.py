@@ -111,29 +111,39 @@ def _fixed_terms(paa, pbb, pab, par, pbr, da, db):
 
 
 @nb.njit(inline="always")
-def _add_box(c, p, a, base, st, rad, j, dims, cut, out):
-    r = rad[j]
-    rk = r if dims == 3 else 0
+def _box_axes(c, p, st, j, dims):
+    """Gaussian ``j``'s box as two fixed axes ``a, b`` and a row axis (the backward's order too):
+    3D ``(i, j, k)``; 2D ``(i, k, j)``, ``b`` the single plane (``o_k = 0``, ``d_k = -c_k``), so a
+    row always runs along a lattice axis with ``2 r + 1`` points.  Returns the half-width of ``b``,
+    the fractional offsets, the precision entries and the strides in that order."""
     f0, f1, f2 = _frac(c, j, dims)
     P00, P01, P02, P11, P12, P22 = p[j, 0, 0], p[j, 0, 1], p[j, 0, 2], p[j, 1, 1], p[j, 1, 2], p[j, 2, 2]
+    if dims == 3:
+        return (1, f0, f1, f2, P00, P11, P22, P01, P02, P12, st[j, 0], st[j, 1], st[j, 2])
+    return (0, f0, f2, f1, P00, P22, P11, P02, P01, P12, st[j, 0], st[j, 2], st[j, 1])
+
+
+@nb.njit(inline="always")
+def _add_box(c, p, a, base, st, rad, j, dims, cut, out):
+    r = rad[j]
+    has_b, fa, fb, fr, Paa, Pbb, Prr, Pab, Par, Pbr, st_a, st_b, st_r = _box_axes(c, p, st, j, dims)
+    rb = r * has_b
     aj = a[j]
     two, mhalf = _real(2.0, c), _real(-0.5, c)
     b0 = base[j]
-    s0, s1, s2 = st[j, 0], st[j, 1], st[j, 2]
-    p22 = np.float64(P22)
-    for oi in range(-r, r + 1):
-        di = _real(oi, c) - f0
-        for oj in range(-r, r + 1):
-            dj = _real(oj, c) - f1
-            q64, lin64 = _fixed_terms(P00, P11, P01, P02, P12, di, dj)
-            lo, hi = _row_range(q64, lin64, p22, f2, -rk, rk, cut, c)
-            qij = P00 * di * di + P11 * dj * dj + two * P01 * di * dj
-            lin = two * (P02 * di + P12 * dj)
-            idx = b0 + oi * s0 + oj * s1
-            for ok in range(lo, hi + 1):
-                dk = _real(ok, c) - f2
-                q = qij + P22 * dk * dk + lin * dk
-                out[idx + ok * s2] += aj * _exp_neg(mhalf * q, c)
+    prr = np.float64(Prr)
+    for oa in range(-r, r + 1):
+        da = _real(oa, c) - fa
+        for ob in range(-rb, rb + 1):
+            db = _real(ob, c) - fb
+            q64, lin64 = _fixed_terms(Paa, Pbb, Pab, Par, Pbr, da, db)
+            lo, hi = _row_range(q64, lin64, prr, fr, -r, r, cut, c)
+            qab = Paa * da * da + Pbb * db * db + two * Pab * da * db
+            lin = two * (Par * da + Pbr * db)
+            idx = b0 + oa * st_a + ob * st_b
+            for orow in range(lo, hi + 1):
+                dr = _real(orow, c) - fr
+                out[idx + orow * st_r] += aj * _exp_neg(mhalf * (qab + Prr * dr * dr + lin * dr), c)
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -183,23 +193,11 @@ def splat_backward_kernel(g, c, p, a, base, st, rad, dims, cut, gc, gp, ga):
     J = c.shape[0]
     for j in prange(J):
         r = rad[j]
-        f0, f1, f2 = _frac(c, j, dims)
-        P00, P01, P02, P11, P12, P22 = p[j, 0, 0], p[j, 0, 1], p[j, 0, 2], p[j, 1, 1], p[j, 1, 2], p[j, 2, 2]
+        has_b, fa, fb, fr, Paa, Pbb, Prr, Pab, Par, Pbr, st_a, st_b, st_r = _box_axes(c, p, st, j, dims)
+        rb = r * has_b
         two, mhalf = _real(2.0, c), _real(-0.5, c)
         zero = _real(0.0, c)
         b0 = base[j]
-        # fixed axes a, b and the row axis: 3D (i, j, k); 2D (i, k, j), b the single plane
-        # o_k = 0 (d_k = -c_k); P** the precision's entries in that order
-        if dims == 3:
-            rb = r
-            fa, fb, fr = f0, f1, f2
-            Paa, Pbb, Prr, Pab, Par, Pbr = P00, P11, P22, P01, P02, P12
-            st_a, st_b, st_r = st[j, 0], st[j, 1], st[j, 2]
-        else:
-            rb = 0
-            fa, fb, fr = f0, f2, f1
-            Paa, Pbb, Prr, Pab, Par, Pbr = P00, P22, P11, P02, P01, P12
-            st_a, st_b, st_r = st[j, 0], st[j, 2], st[j, 1]
         sa = 0.0  # sum e g, then its products with d_a, d_b, d_r (m*) and with their pairs (s**)
         ma = 0.0
         mb = 0.0

@@ -30,10 +30,11 @@ with the acquisition operators' rule (:mod:`slice2vol.core.fused`): numba is a w
 needs a compiler on the user's machine; they are compiled at first use and cached on disk;
 ``SLICE2VOL_NO_NUMBA=1`` (or ``SLICE2VOL_NO_EXTENSIONS=1``), or numba missing, runs the PyTorch
 path above instead.  ``benchmarks/bench_splat.py`` (sizes and box radii of the default STA29 run,
-2 threads) measured them on whole boxes at 2.3-3.8x the PyTorch path on the voxel grid and 3.4-4.6x
-on the slice planes (three runs on a noisy machine), and on the renderers' 3-sigma ellipsoids at
-3.9x and 5.8x (numba forward on the voxel grid 336 -> 179 ms with the ellipsoid, backward unchanged
-at 188 ms: there the per-row work dominates), with float32's ``exp`` evaluated inline
+2 threads, best of 7) measured them on the renderers' 3-sigma ellipsoids at 4.8x the PyTorch path on
+the voxel grid and 6.0x on the slice planes; against the whole box (2.6x and 3.1x, what they
+evaluated before) the ellipsoid takes the voxel grid's forward from 349 to 176 ms and its
+backward from 203 to 147 ms, the slice planes' from 186 / 149 to 148 / 114 ms (single runs move
+by 20-30 % on this shared machine), with float32's ``exp`` evaluated inline
 (``_splat_numba._exp_neg``): PyPI's llvmlite has no SVML, and with the libm call they were only
 1.5x and 2.8x.  They replace
 a C++ kernel that ``torch.utils.cpp_extension`` built at first use, which needed a compiler and
