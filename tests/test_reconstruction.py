@@ -112,17 +112,24 @@ def test_super_resolve_reduces_residual_and_beats_psf_average(acquired, capsys):
     assert rmse[4] < 0.85 * rmse[0] and rmse[5] < 0.85 * rmse[0]
 
 
-def test_cg_without_regularisation_decreases_the_residual_monotonically(acquired):
-    """With lam = 0, k CG iterations on the normal equations (CGNR) minimise ||A x - y|| over a
-    growing Krylov space, so the residual cannot increase with k (float64; the truth is offset
-    by +500 so the final clamp at 0 never acts and the property is exact)."""
+def _offset_case(acquired, seed: int):
+    """The phantom's slices in float64 from the truth offset by +500 (so the final clamp at 0 never
+    acts), with noise of sd 5: ``(vol, psf64, poses, coords, slice_id, y, psf_average start)``."""
     vol, ss, psf = acquired
     psf64 = acq.PSF(psf.offsets.double(), psf.weights.double())
     poses, coords, sid = ss.poses.double(), ss.coords.double(), ss.slice_id
     truth = vol.data.double() + 500
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     y = acq.forward(truth, vol.affine, poses, coords, sid, psf64) + 5 * torch.randn(ss.n_pixels, generator=g, dtype=D)
     V0 = psf_average(y, torch.ones_like(y), vol.shape, vol.affine, poses, coords, sid, psf64)
+    return vol, psf64, poses, coords, sid, y, V0
+
+
+def test_cg_without_regularisation_decreases_the_residual_monotonically(acquired):
+    """With lam = 0, k CG iterations on the normal equations (CGNR) minimise ||A x - y|| over a
+    growing Krylov space, so the residual cannot increase with k (float64; the truth is offset
+    by +500 so the final clamp at 0 never acts and the property is exact)."""
+    vol, psf64, poses, coords, sid, y, V0 = _offset_case(acquired, seed=0)
     proj = acq.Projector(vol.shape, vol.affine, poses, coords, sid, psf64)
     res = []
     for it in (0, 1, 2, 4, 8, 16):
@@ -138,13 +145,7 @@ def test_preconditioned_cg_gets_closer_to_the_solution_in_fewer_iterations(acqui
     by +500 so the final clamp never acts) solved to convergence, then with 2, 4 and 6 iterations:
     the diagonal preconditioner's iterate is nearer the solution than plain CG's at each count
     (coverage varies a lot between the stacks' overlap and the edges of the field of view)."""
-    vol, ss, psf = acquired
-    psf64 = acq.PSF(psf.offsets.double(), psf.weights.double())
-    poses, coords, sid = ss.poses.double(), ss.coords.double(), ss.slice_id
-    truth = vol.data.double() + 500
-    g = torch.Generator().manual_seed(1)
-    y = acq.forward(truth, vol.affine, poses, coords, sid, psf64) + 5 * torch.randn(ss.n_pixels, generator=g, dtype=D)
-    V0 = psf_average(y, torch.ones_like(y), vol.shape, vol.affine, poses, coords, sid, psf64)
+    vol, psf64, poses, coords, sid, y, V0 = _offset_case(acquired, seed=1)
     mask = vol.mask
 
     def solve(it, pre):

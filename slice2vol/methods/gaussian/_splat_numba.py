@@ -111,6 +111,16 @@ def _fixed_terms(paa, pbb, pab, par, pbr, da, db):
 
 
 @nb.njit(inline="always")
+def _row(Paa, Pbb, Prr, Pab, Par, Pbr, da, db, fr, r, cut, c):
+    """One row of a box at fixed offsets ``da, db``: its support ``lo..hi`` (:func:`_row_range`) and
+    the row's constant quadratic term and linear coefficient in ``c``'s dtype (for the values)."""
+    q64, lin64 = _fixed_terms(Paa, Pbb, Pab, Par, Pbr, da, db)
+    lo, hi = _row_range(q64, lin64, np.float64(Prr), fr, -r, r, cut, c)
+    two = _real(2.0, c)
+    return lo, hi, Paa * da * da + Pbb * db * db + two * Pab * da * db, two * (Par * da + Pbr * db)
+
+
+@nb.njit(inline="always")
 def _box_axes(c, p, st, j, dims):
     """Gaussian ``j``'s box as two fixed axes ``a, b`` and a row axis (the backward's order too):
     3D ``(i, j, k)``; 2D ``(i, k, j)``, ``b`` the single plane (``o_k = 0``, ``d_k = -c_k``), so a
@@ -129,17 +139,13 @@ def _add_box(c, p, a, base, st, rad, j, dims, cut, out):
     has_b, fa, fb, fr, Paa, Pbb, Prr, Pab, Par, Pbr, st_a, st_b, st_r = _box_axes(c, p, st, j, dims)
     rb = r * has_b
     aj = a[j]
-    two, mhalf = _real(2.0, c), _real(-0.5, c)
+    mhalf = _real(-0.5, c)
     b0 = base[j]
-    prr = np.float64(Prr)
     for oa in range(-r, r + 1):
         da = _real(oa, c) - fa
         for ob in range(-rb, rb + 1):
             db = _real(ob, c) - fb
-            q64, lin64 = _fixed_terms(Paa, Pbb, Pab, Par, Pbr, da, db)
-            lo, hi = _row_range(q64, lin64, prr, fr, -r, r, cut, c)
-            qab = Paa * da * da + Pbb * db * db + two * Pab * da * db
-            lin = two * (Par * da + Pbr * db)
+            lo, hi, qab, lin = _row(Paa, Pbb, Prr, Pab, Par, Pbr, da, db, fr, r, cut, c)
             idx = b0 + oa * st_a + ob * st_b
             for orow in range(lo, hi + 1):
                 dr = _real(orow, c) - fr
@@ -195,7 +201,7 @@ def splat_backward_kernel(g, c, p, a, base, st, rad, dims, cut, gc, gp, ga):
         r = rad[j]
         has_b, fa, fb, fr, Paa, Pbb, Prr, Pab, Par, Pbr, st_a, st_b, st_r = _box_axes(c, p, st, j, dims)
         rb = r * has_b
-        two, mhalf = _real(2.0, c), _real(-0.5, c)
+        mhalf = _real(-0.5, c)
         zero = _real(0.0, c)
         b0 = base[j]
         sa = 0.0  # sum e g, then its products with d_a, d_b, d_r (m*) and with their pairs (s**)
@@ -208,17 +214,13 @@ def splat_backward_kernel(g, c, p, a, base, st, rad, dims, cut, gc, gp, ga):
         sab = 0.0
         sar = 0.0
         sbr = 0.0
-        prr = np.float64(Prr)
         for oa in range(-r, r + 1):
             da = _real(oa, c) - fa
             for ob in range(-rb, rb + 1):
                 db = _real(ob, c) - fb
-                q64, lin64 = _fixed_terms(Paa, Pbb, Pab, Par, Pbr, da, db)
-                lo, hi = _row_range(q64, lin64, prr, fr, -r, r, cut, c)
+                lo, hi, qab, lin = _row(Paa, Pbb, Prr, Pab, Par, Pbr, da, db, fr, r, cut, c)
                 if lo > hi:
                     continue
-                qab = Paa * da * da + Pbb * db * db + two * Pab * da * db
-                lin = two * (Par * da + Pbr * db)
                 idx = b0 + oa * st_a + ob * st_b
                 r0, r1, r2 = zero, zero, zero
                 for orow in range(lo, hi + 1):
