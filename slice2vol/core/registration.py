@@ -194,8 +194,8 @@ def register(
         centres_sl = centres[group]
         s, J = forward_jacobian(channels, affine, current_poses(params), coords, slice_id, psf, centres_sl, chunk)
         cost, r, a = costs(s)
+        H, b = _normal_equations(J, a[slice_id], weights, r, pix_group, n_groups)
         for it in range(iterations):
-            H, b = _normal_equations(J, a[slice_id], weights, r, pix_group, n_groups)
             diag = torch.diagonal(H, dim1=-2, dim2=-1)
             A = H + lam[:, None, None] * torch.diag_embed(diag) + 1e-9 * (diag.mean(-1, keepdim=True)[..., None] + 1e-12) * eye6
             delta = -torch.linalg.solve(A, b[..., None])[..., 0]
@@ -222,15 +222,14 @@ def register(
             lam = torch.where(accept, (lam / 3).clamp_min(1e-6), (lam * 8).clamp_max(1e6))
             if not bool(accept.any()):
                 break
-            if bool(accept.all()):  # the common case: no per-pixel selection
-                s, J, r, a, cost = s_new, J_new, r_new, a_new, cost_new
-            else:
-                acc_px = accept[pix_group]
-                s = torch.where(acc_px, s_new, s)
-                J = None if last else torch.where(acc_px[:, None], J_new, J)
-                r = torch.where(acc_px, r_new, r)
-                a = torch.where(accept[group], a_new, a)
-                cost = torch.where(accept, cost_new, cost)
+            # each group's normal equations are sums over its own pixels, so the trial's are selected
+            # per group: no per-pixel selection of the Jacobian, residuals and simulated values
+            if not last:
+                H_new, b_new = _normal_equations(J_new, a_new[slice_id], weights, r_new, pix_group, n_groups)
+                H = torch.where(accept[:, None, None], H_new, H)
+                b = torch.where(accept[:, None], b_new, b)
+            a = torch.where(accept[group], a_new, a)
+            cost = torch.where(accept, cost_new, cost)
         lam = torch.full_like(lam, 1e-3)
     D = rotation_about(params, centres)
     return RegistrationResult(poses=D[group] @ poses, corrections=D, cost=cost, scales=a)
