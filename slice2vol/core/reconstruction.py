@@ -61,6 +61,17 @@ def _regulariser(v: Tensor, edge: list[Tensor]) -> Tensor:
     return out
 
 
+def _regulariser_diag(v: Tensor, edge: list[Tensor]) -> Tensor:
+    """Diagonal of the (halved) regulariser's operator :func:`_regulariser`: ``sum_d b_d`` over the
+    pairs each voxel belongs to."""
+    out = torch.zeros_like(v)
+    for d, b in zip(DIRECTIONS, edge):
+        src, dst = _regions(v.shape, d)
+        out[src] += b
+        out[dst] += b
+    return out
+
+
 @timed("reconstruction")
 def psf_average(values, weights, shape, affine, poses, coords, slice_id, psf: PSF, eps: float = 1e-6) -> Tensor:
     """PSF-weighted average of slices in a volume (cSVR eq. 2), ``(Ni, Nj, Nk)``.
@@ -142,12 +153,7 @@ def super_resolve(
     if precondition:
         # row sums of the normal operator: data term (``diag``, already A^T W A m) plus the
         # regulariser's diagonal; floored so voxels no slice reaches stay well scaled
-        reg_diag = torch.zeros_like(volume)
-        for d, b in zip(DIRECTIONS, edge):
-            src, dst = _regions(volume.shape, d)
-            reg_diag[src] += b
-            reg_diag[dst] += b
-        rows = diag + lam_eff * reg_diag * m
+        rows = diag + lam_eff * _regulariser_diag(volume, edge) * m
         floor = 1e-3 * float(rows[m > 0].mean()) if bool((m > 0).any()) else 1.0
         inv = torch.where(m > 0, 1.0 / rows.clamp_min(max(floor, 1e-30)), torch.zeros_like(rows))
     else:

@@ -51,7 +51,8 @@ from slice2vol.core.reconstruction import psf_average, super_resolve
 from slice2vol.core.similarity import per_slice_ncc
 from slice2vol.core.transforms import kabsch
 from slice2vol.errors import Slice2VolError
-from slice2vol.methods.svr import SVRConfig, SVRResult, coarse_grid, dilated_roi, reconstruct_svr, roi_weights
+from slice2vol.methods.svr import (SVRConfig, SVRResult, _subset, coarse_grid, dilated_roi, reconstruct_svr,
+                                   roi_weights)
 
 __all__ = ["CSVRMethodConfig", "START_CHOICES", "network_poses", "start_scores", "reconstruct_csvr"]
 
@@ -138,7 +139,7 @@ def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 
     vres = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
     psf = acq.psf_kernel(ss.spacing, ss.thickness, vres)
     y, c, sid = ss.values, ss.coords, ss.slice_id
-    srs = torch.arange(ss.n_pixels, device=y.device) % max(1, sr_subsample) == 0
+    srs = _subset(ss.n_pixels, sr_subsample, y.device)
     out = {}
     roi_d = dilated_roi(roi)
     for name, P in candidates.items():

@@ -11,8 +11,8 @@ centre ``c_j``, precision ``P_j`` (inverse covariance in lattice units) and ampl
 extent), and with ``cut`` only its points with ``(x - c_j)^T P_j (x - c_j) <= cut`` count: the
 renderers pass ``cut = 9``, the 3-sigma ellipsoid, which holds about half of the cube's points or
 fewer (elongated Gaussians), so the kernels do half the work or less.  The test is done in
-float64 by both paths, so they agree on the support.  The caller lays the lattice out *padded* by at least ``r`` on every side, so no bounds
-test is needed per point, and crops afterwards.
+float64 by both paths, so they agree on the support.  The caller lays the lattice out *padded* by
+at least ``r`` on every side, so no bounds test is needed per point, and crops afterwards.
 
 Cost is what matters on a CPU, so the box is evaluated separably: with ``d = o - f`` per axis
 (``o`` the integer offset, ``f = c - round(c)``), ``d^T P d`` splits into three two-axis terms
@@ -58,6 +58,16 @@ __all__ = ["splat", "compiled_kernels", "DEFAULT_CHUNK"]
 DEFAULT_CHUNK = 1 << 21  # lattice evaluations per chunk (tens of MB of temporaries)
 
 
+def _quadratic(di: Tensor, dj: Tensor, dk: Tensor, p: Tensor) -> Tensor:
+    """``q = d^T P d`` over a box, ``(J, n, n, m)``, from the per-axis offsets ``di, dj (J, n)``,
+    ``dk (J, m)`` and ``P (J, 3, 3)``, as three two-axis terms broadcast to the box."""
+    x_ij = (p[:, 0, 0, None, None] * (di * di)[:, :, None] + p[:, 1, 1, None, None] * (dj * dj)[:, None, :]
+            + 2 * p[:, 0, 1, None, None] * di[:, :, None] * dj[:, None, :])  # (J, n, n)
+    y_ik = 2 * p[:, 0, 2, None, None] * di[:, :, None] * dk[:, None, :] + p[:, 2, 2, None, None] * (dk * dk)[:, None, :]
+    z_jk = 2 * p[:, 1, 2, None, None] * dj[:, :, None] * dk[:, None, :]  # (J, n, m)
+    return x_ij[..., None] + y_ik[:, :, None, :] + z_jk[:, None, :, :]
+
+
 def _box(centre: Tensor, prec: Tensor, base: Tensor, strides: Tensor, r: int, dims: int, cut: float = math.inf):
     """Box of a chunk: ``e (J, n, n, m)`` exponentials (0 where ``q > cut``, ``q`` evaluated in
     float64), ``flat (J, n, n, m)`` indices, and the per-axis offsets ``d (J, 3, n)`` (axis 2 has
@@ -67,22 +77,9 @@ def _box(centre: Tensor, prec: Tensor, base: Tensor, strides: Tensor, r: int, di
     di = o[None] - f[:, 0:1]  # (J, n)
     dj = o[None] - f[:, 1:2]
     dk = (o[None] - f[:, 2:3]) if dims == 3 else -centre[:, 2:3]  # (J, m); 2D: the plane at w = 0
-    p = prec
-    x_ij = (p[:, 0, 0, None, None] * (di * di)[:, :, None] + p[:, 1, 1, None, None] * (dj * dj)[:, None, :]
-            + 2 * p[:, 0, 1, None, None] * di[:, :, None] * dj[:, None, :])  # (J, n, n)
-    y_ik = 2 * p[:, 0, 2, None, None] * di[:, :, None] * dk[:, None, :] + p[:, 2, 2, None, None] * (dk * dk)[:, None, :]
-    z_jk = 2 * p[:, 1, 2, None, None] * dj[:, :, None] * dk[:, None, :]  # (J, n, m)
-    q = x_ij[..., None] + y_ik[:, :, None, :] + z_jk[:, None, :, :]
-    e = torch.exp(q.mul_(-0.5))
+    e = torch.exp(_quadratic(di, dj, dk, prec).mul_(-0.5))
     if cut < math.inf:  # the ellipsoid: the support is decided in float64, as the numba kernels do
-        a, b, w = di.detach().double(), dj.detach().double(), dk.detach().double()
-        p64 = prec.detach().double()
-        q64 = (p64[:, 0, 0, None, None, None] * (a * a)[:, :, None, None]
-               + p64[:, 1, 1, None, None, None] * (b * b)[:, None, :, None]
-               + p64[:, 2, 2, None, None, None] * (w * w)[:, None, None, :]
-               + 2 * p64[:, 0, 1, None, None, None] * (a[:, :, None] * b[:, None, :])[..., None]
-               + 2 * p64[:, 0, 2, None, None, None] * (a[:, :, None] * w[:, None, :])[:, :, None, :]
-               + 2 * p64[:, 1, 2, None, None, None] * (b[:, :, None] * w[:, None, :])[:, None, :, :])
+        q64 = _quadratic(di.detach().double(), dj.detach().double(), dk.detach().double(), prec.detach().double())
         e = torch.where(q64 <= cut, e, torch.zeros((), dtype=e.dtype, device=e.device))
     oi = torch.arange(-r, r + 1, device=centre.device)
     ok = oi if dims == 3 else oi[:1] * 0
