@@ -416,10 +416,13 @@ def _fit_to_volume(model: GaussianModel, V0: Tensor, prep: Prepared, cfg: Gaussi
         {"params": [model.log_scales], "lr": 0.02},
         {"params": [model.quats], "lr": 0.004},
     ], eps=1e-15)
-    roi = prep.roi
+    # the mean over the ROI as a masked sum: boolean indexing gathers and, in backward, scatters the
+    # 1.5 M-voxel grid every step (18 ms of 21 per step on STA29)
+    roi_f = prep.roi.to(V0.dtype)
+    n_roi = roi_f.sum().clamp_min(1)
     for _ in range(cfg.fit_iterations):
         V = voxelise(model, prep.affine, prep.shape)
-        loss = (V - V0)[roi].abs().mean()
+        loss = ((V - V0).abs() * roi_f).sum() / n_roi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
