@@ -105,13 +105,14 @@ def _set_threads() -> int:
     return n
 
 
-def _launch(kernel, *args) -> None:
+def _launch(kernel, *args):
     """Run a parallel kernel with torch's thread count, leaving torch's count as it was (a
-    user-chosen OpenMP layer, ``NUMBA_THREADING_LAYER=omp``, can change it)."""
+    user-chosen OpenMP layer, ``NUMBA_THREADING_LAYER=omp``, can change it); returns the kernel's
+    result."""
     with _LOCK:
         n = _set_threads()
         try:
-            kernel(*args)
+            return kernel(*args)
         finally:
             if torch.get_num_threads() != n:
                 torch.set_num_threads(n)

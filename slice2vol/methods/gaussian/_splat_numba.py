@@ -152,6 +152,15 @@ def _add_box(c, p, a, base, st, rad, j, dims, cut, out):
                 out[idx + orow * st_r] += aj * _exp_neg(mhalf * (qab + Prr * dr * dr + lin * dr), c)
 
 
+@nb.njit(inline="always")
+def _add_block(c, p, a, base, st, rad, dims, cut, dst, t, T):
+    """Thread block ``t`` of ``T``: the Gaussians ``t * per .. (t + 1) * per`` added into ``dst``."""
+    J = c.shape[0]
+    per = (J + T - 1) // T
+    for j in range(t * per, min(J, (t + 1) * per)):
+        _add_box(c, p, a, base, st, rad, j, dims, cut, dst)
+
+
 @nb.njit(parallel=True, **_JIT)
 def splat_forward_kernel(c, p, a, base, st, rad, dims, cut, out, priv):
     """``out (size,) += sum_j a_j exp(-q_j / 2)`` over every Gaussian's box, at the points with
@@ -160,19 +169,9 @@ def splat_forward_kernel(c, p, a, base, st, rad, dims, cut, out, priv):
     ``c (J, 3)``, ``p (J, 3, 3)``, ``a (J,)`` in the output dtype; ``base (J,)``, ``st (J, 3)``,
     ``rad (J,)`` int64; ``priv (T - 1, size)`` zeroed scratch of the other ``T - 1`` threads
     (``T = priv.shape[0] + 1`` blocks of Gaussians; thread 0 writes ``out`` directly)."""
-    J = c.shape[0]
     T = priv.shape[0] + 1
-    per = (J + T - 1) // T
     for t in prange(T):
-        lo = t * per
-        hi = min(J, lo + per)
-        if t == 0:
-            for j in range(lo, hi):
-                _add_box(c, p, a, base, st, rad, j, dims, cut, out)
-        else:
-            dst = priv[t - 1]
-            for j in range(lo, hi):
-                _add_box(c, p, a, base, st, rad, j, dims, cut, dst)
+        _add_block(c, p, a, base, st, rad, dims, cut, out if t == 0 else priv[t - 1], t, T)
     size = out.shape[0]
     if T > 1:
         for i in prange(size):
@@ -180,6 +179,33 @@ def splat_forward_kernel(c, p, a, base, st, rad, dims, cut, out, priv):
             for t in range(T - 1):
                 acc += priv[t, i]
             out[i] = acc
+
+
+@nb.njit(parallel=True, **_JIT)
+def splat_l1_kernel(c, p, a, base, st, rad, dims, cut, target, weight, out, priv):
+    """The forward splat and a weighted L1 loss in one call: returns ``sum_i w_i |v_i - t_i|``
+    (float64) for ``v`` the splat (:func:`splat_forward_kernel`, same sums in the same order) and
+    leaves the loss's gradient ``w_i sign(v_i - t_i)`` in ``out``, ready for
+    :func:`splat_backward_kernel`.  ``target``, ``weight``, ``out (size,)``; ``out`` and ``priv``
+    are scratch of any content (zeroed here, in parallel)."""
+    T = priv.shape[0] + 1
+    size = out.shape[0]
+    for i in prange(size):
+        out[i] = 0
+        for t in range(T - 1):
+            priv[t, i] = 0
+    for t in prange(T):
+        _add_block(c, p, a, base, st, rad, dims, cut, out if t == 0 else priv[t - 1], t, T)
+    loss = 0.0
+    for i in prange(size):
+        v = out[i]
+        for t in range(T - 1):
+            v += priv[t, i]
+        d = v - target[i]
+        w = weight[i]
+        loss += np.float64(w) * abs(np.float64(d))
+        out[i] = w * np.sign(d)
+    return loss
 
 
 @nb.njit(parallel=True, **_JIT)

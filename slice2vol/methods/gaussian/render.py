@@ -35,9 +35,9 @@ from torch import Tensor
 
 from slice2vol.core import acquisition as acq
 from slice2vol.methods.gaussian.model import GaussianModel, covariance, precision
-from slice2vol.methods.gaussian.splat import DEFAULT_CHUNK, splat
+from slice2vol.methods.gaussian.splat import DEFAULT_CHUNK, splat, splat_l1
 
-__all__ = ["voxelise", "render_slices", "SliceLattice", "psf_sigmas", "dense_gaussians"]
+__all__ = ["voxelise", "VoxelL1", "render_slices", "SliceLattice", "psf_sigmas", "dense_gaussians"]
 
 
 def psf_sigmas(spacing: Tensor, thickness: Tensor, inplane_fwhm: float = 1.2) -> Tensor:
@@ -46,20 +46,11 @@ def psf_sigmas(spacing: Tensor, thickness: Tensor, inplane_fwhm: float = 1.2) ->
                         thickness * acq.FWHM_TO_SIGMA], -1)
 
 
-def voxelise(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[int, int, int], truncate: float = 3.0,
-             max_radius: int = 10, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Evaluate the Gaussians at the voxel centres of a grid.
-
-    Args:
-        model: a :class:`GaussianModel` (or a dict with its four tensors).
-        affine: ``(4, 4)`` voxel-to-world of the grid (mm).
-        shape: grid shape ``(Ni, Nj, Nk)``.
-        truncate: support radius in standard deviations (Mahalanobis; the box is its bounding box).
-        max_radius: cap on the box half-width in voxels (larger Gaussians are truncated; density
-            control prunes them before they matter).
-    Returns:
-        ``(Ni, Nj, Nk)`` volume, differentiable in the model's parameters.
-    """
+def _voxel_boxes(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[int, int, int], truncate: float,
+                 max_radius: int):
+    """The splat arguments of :func:`voxelise`: the Gaussians whose box reaches the grid, their
+    voxel-space centres ``(K, 3)``, precisions ``(K, 3, 3)``, intensities, radii, flat base indices
+    and strides on the grid padded by ``P2`` voxels on every side (shape ``pn``)."""
     t = model.tensors() if isinstance(model, GaussianModel) else model
     mu, ls, q, inten = t["means"], t["log_scales"], t["quats"], t["intensities"]
     dev, dt = mu.device, mu.dtype
@@ -82,9 +73,74 @@ def voxelise(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[int, 
     st = torch.tensor([pn[1] * pn[2], pn[2], 1], device=dev)
     c = centre[idx]
     base = ((torch.round(c.detach()).long() + P2) * st).sum(-1)
-    out = splat(c, prec[idx], inten[idx], radius[idx], base, st.expand(idx.shape[0], 3), pn[0] * pn[1] * pn[2],
-                dims=3, chunk=chunk, cut=truncate * truncate)
+    return c, prec[idx], inten[idx], radius[idx], base, st.expand(idx.shape[0], 3), pn, P2
+
+
+def voxelise(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[int, int, int], truncate: float = 3.0,
+             max_radius: int = 10, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Evaluate the Gaussians at the voxel centres of a grid.
+
+    Args:
+        model: a :class:`GaussianModel` (or a dict with its four tensors).
+        affine: ``(4, 4)`` voxel-to-world of the grid (mm).
+        shape: grid shape ``(Ni, Nj, Nk)``.
+        truncate: support radius in standard deviations (Mahalanobis; the box is its bounding box).
+        max_radius: cap on the box half-width in voxels (larger Gaussians are truncated; density
+            control prunes them before they matter).
+    Returns:
+        ``(Ni, Nj, Nk)`` volume, differentiable in the model's parameters.
+    """
+    c, prec, inten, radius, base, st, pn, P2 = _voxel_boxes(model, affine, shape, truncate, max_radius)
+    Ni, Nj, Nk = shape
+    out = splat(c, prec, inten, radius, base, st, pn[0] * pn[1] * pn[2], dims=3, chunk=chunk, cut=truncate * truncate)
     return out.reshape(pn)[P2:P2 + Ni, P2:P2 + Nj, P2:P2 + Nk]
+
+
+class VoxelL1:
+    """Mean absolute difference between the voxelised Gaussians and a target volume inside a mask,
+    ``sum_mask |voxelise(model) - target| / |mask|``, differentiable in the model's parameters:
+    :func:`voxelise` and the loss in one step, for a fit that evaluates it many times on one grid.
+
+    The target and the mask's weights are laid out on the voxeliser's padded grid once per padding
+    (it changes only when the largest box does), and the fused path (:func:`.splat.splat_l1`)
+    keeps its lattice-sized scratch between calls.  The gradients equal those of
+    ``((voxelise(model) - target).abs() * mask).sum() / mask.sum()`` (bitwise on the numba path,
+    tested); the loss value is summed in float64 there.
+
+    Args:
+        target: ``(Ni, Nj, Nk)`` volume.
+        mask: ``(Ni, Nj, Nk)`` bool or 0/1 voxels that count.
+        affine: ``(4, 4)`` voxel-to-world of the grid (mm).
+    """
+
+    def __init__(self, target: Tensor, mask: Tensor, affine: np.ndarray, truncate: float = 3.0,
+                 max_radius: int = 10) -> None:
+        self.target = target.detach()
+        m = mask.to(target.dtype)
+        # the weight as autograd forms the gradient of ``(|d| * m).sum() / m.sum()``: m * (1 / n)
+        self.weight = m * (torch.ones((), dtype=target.dtype) / m.sum().clamp_min(1))
+        self.affine, self.shape = affine, tuple(target.shape)
+        self.truncate, self.max_radius = truncate, max_radius
+        self._padded: dict[int, tuple[Tensor, Tensor]] = {}
+        self._scratch: dict = {}
+
+    def _pad(self, P2: int, pn: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        if P2 not in self._padded:
+            Ni, Nj, Nk = self.shape
+            out = []
+            for v in (self.target, self.weight):
+                p = torch.zeros(pn, dtype=v.dtype, device=v.device)
+                p[P2:P2 + Ni, P2:P2 + Nj, P2:P2 + Nk] = v
+                out.append(p.reshape(-1))
+            self._padded = {P2: (out[0], out[1])}  # one padding at a time
+        return self._padded[P2]
+
+    def __call__(self, model: GaussianModel | dict) -> Tensor:
+        c, prec, inten, radius, base, st, pn, P2 = _voxel_boxes(model, self.affine, self.shape, self.truncate,
+                                                               self.max_radius)
+        t, w = self._pad(P2, pn)
+        return splat_l1(c, prec, inten, radius, base, st, t, w, dims=3, cut=self.truncate * self.truncate,
+                        scratch=self._scratch)
 
 
 class SliceLattice:

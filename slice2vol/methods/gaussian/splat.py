@@ -53,7 +53,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["splat", "compiled_kernels", "DEFAULT_CHUNK"]
+__all__ = ["splat", "splat_l1", "compiled_kernels", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 1 << 21  # lattice evaluations per chunk (tens of MB of temporaries)
 
@@ -193,6 +193,59 @@ class _SplatNumba(torch.autograd.Function):
         return gc, gp, ga, None, None, None, None, None, None
 
 
+class _SplatL1(torch.autograd.Function):
+    """The weighted L1 loss of a splat against a target, its gradient computed with it: the loss is
+    a scalar, so the splat's backward can run in the forward call, on the loss's own gradient, and
+    no lattice-sized tensor passes through autograd (the voxel-grid fit's per-step cost was as much
+    in the autograd engine, fresh lattice-sized allocations and their page faults as in the kernels)."""
+
+    @staticmethod
+    def forward(ctx, centre, prec, amp, base, strides, radius, target, weight, dims, cut, scratch):
+        from slice2vol.core import fused
+
+        k = compiled_kernels()
+        c, p, a, b, st, rad = (t.detach().contiguous().numpy() for t in (centre, prec, amp, base, strides, radius))
+        size = target.shape[0]
+        T = _threads(c.shape[0])
+        buf = scratch.get("buf") if scratch is not None else None
+        if buf is None or buf.shape != (T, size) or buf.dtype != c.dtype:
+            buf = np.empty((T, size), dtype=c.dtype)  # row 0: the output, then the gradient; others: threads' copies
+            if scratch is not None:
+                scratch["buf"] = buf
+        loss = fused._launch(k.splat_l1_kernel, c, p, a, b, st, rad, dims, float(cut), target, weight, buf[0], buf[1:])
+        gc, gp, ga = np.empty_like(c), np.empty_like(p), np.empty_like(a)
+        fused._launch(k.splat_backward_kernel, buf[0], c, p, a, b, st, rad, dims, float(cut), gc, gp, ga)
+        ctx.save_for_backward(torch.from_numpy(gc), torch.from_numpy(gp), torch.from_numpy(ga))
+        return torch.tensor(loss, dtype=centre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gc, gp, ga = ctx.saved_tensors
+        return gc * grad_loss, gp * grad_loss, ga * grad_loss, None, None, None, None, None, None, None, None
+
+
+def splat_l1(centre: Tensor, prec: Tensor, amp: Tensor, radius: Tensor, base: Tensor, strides: Tensor,
+             target: Tensor, weight: Tensor, dims: int = 3, cut: float = math.inf, use_extension: bool = True,
+             scratch: dict | None = None) -> Tensor:
+    """``sum_i weight_i |splat(...)_i - target_i|``: a splat's weighted L1 distance to a target on
+    the same (padded) lattice, differentiable in ``centre``, ``prec``, ``amp`` (arguments as
+    :func:`splat`; ``target``, ``weight (size,)``, zero weight on the padding).
+
+    The numba path computes the splat, the loss and the gradients in two kernel calls
+    (:class:`_SplatL1`); its gradients are those of the PyTorch expression, bitwise where the loss
+    has the form ``|v - t| * m / n``: ``sign(v - t) * w``.  ``scratch``: a dict the caller keeps
+    between calls, so the lattice-sized buffers are reused.  The loss itself is summed in float64
+    (the PyTorch path: in the input dtype)."""
+    if (use_extension and centre.device.type == "cpu" and centre.dtype in (torch.float32, torch.float64)
+            and compiled_kernels() is not None and centre.shape[0] > 0):
+        t = target.detach().to(centre.dtype).contiguous().numpy()
+        w = weight.detach().to(centre.dtype).contiguous().numpy()
+        return _SplatL1.apply(centre, prec, amp, base.long(), strides.long(), radius.long(), t, w, dims, cut,
+                              scratch)
+    v = splat(centre, prec, amp, radius, base, strides, target.shape[0], dims=dims, use_extension=False, cut=cut)
+    return ((v - target).abs() * weight).sum()
+
+
 def splat(centre: Tensor, prec: Tensor, amp: Tensor, radius: Tensor, base: Tensor, strides: Tensor, size: int,
           dims: int = 3, chunk: int = DEFAULT_CHUNK, use_extension: bool = True, cut: float = math.inf) -> Tensor:
     """Sum of truncated Gaussians on a padded lattice, differentiable in ``centre``, ``prec``, ``amp``.
@@ -215,12 +268,12 @@ def splat(centre: Tensor, prec: Tensor, amp: Tensor, radius: Tensor, base: Tenso
     Returns:
         ``(size,)`` tensor.
     """
-    out = torch.zeros(size, dtype=centre.dtype, device=centre.device)
     if centre.shape[0] == 0:
-        return out + 0 * amp.sum()
+        return torch.zeros(size, dtype=centre.dtype, device=centre.device) + 0 * amp.sum()
     if (use_extension and centre.device.type == "cpu" and centre.dtype in (torch.float32, torch.float64)
             and compiled_kernels() is not None):
         return _SplatNumba.apply(centre, prec, amp, base.long(), strides.long(), radius.long(), size, dims, cut)
+    out = torch.zeros(size, dtype=centre.dtype, device=centre.device)
     for r in torch.unique(radius).tolist():
         idx = torch.nonzero(radius == r, as_tuple=False).squeeze(1)
         out = out + _Splat.apply(centre[idx], prec[idx], amp[idx], base[idx], strides[idx], size, int(r), dims, chunk,
