@@ -68,7 +68,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=None, help=f"shared data (default: {shared_data_dir()})")
     ap.add_argument("--output", type=Path, default=Path("bench_out/fused_reconstruct"))
     ap.add_argument("--json", type=Path, help="also write every job's figures here")
+    ap.add_argument("--paths", default="torch,numba",
+                    help="operator paths to time, comma-separated (default: both; the paired summary needs both)")
     args = ap.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    if not paths or any(p not in PATHS for p in paths):
+        ap.error(f"--paths: choose from {','.join(PATHS)}")
 
     out = args.output.resolve()
     cfg = BenchmarkConfig(output=out, data=args.data or shared_data_dir(), atlases=args.atlases, motion=[args.motion],
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
     print(hdr + "\n" + "-" * len(hdr), flush=True)
     for cdir in cases:
         for method in methods:
-            for path in PATHS:
+            for path in paths:
                 r = job(out, cdir, path, method, args.threads, args.resolution)
                 r.update(case=cdir.name, method_name=method, path=path, load=os.getloadavg()[0])
                 rows.append(r)
@@ -108,6 +113,10 @@ def main(argv=None) -> int:
               for p in PATHS}
         common = sorted(set(ok["torch"]) & set(ok["numba"]))
         if not common:
+            for p in paths:
+                if ok[p]:
+                    print(f"{method} ({p}): {len(ok[p])} case(s); median reconstruction time "
+                          f"{statistics.median(r['time_s'] for r in ok[p].values()):.1f} s")
             continue
         med = {p: statistics.median(ok[p][c]["time_s"] for c in common) for p in PATHS}
         dpsnr = [ok["numba"][c]["psnr"] - ok["torch"][c]["psnr"] for c in common]
