@@ -292,3 +292,160 @@ def splat_backward_kernel(g, c, p, a, base, st, rad, dims, cut, gc, gp, ga):
         gp[j, 2, 0] = h * s02
         gp[j, 2, 1] = h * s12
         gp[j, 2, 2] = h * s22
+
+
+# ------------------------------------------------------------------ analytic renderer: slice-Gaussian pairs
+
+
+@nb.njit(inline="always")
+def _pair_c(R, cov, sig, b, j, C):
+    """``C = R_b^T Sigma_j R_b + diag(sig_b^2)`` (slice frame, mm^2) into ``C (3, 3)`` float64;
+    returns its determinant."""
+    for i in range(3):
+        for k in range(i, 3):
+            s = 0.0
+            for a in range(3):
+                t = 0.0
+                for c in range(3):
+                    t += np.float64(cov[j, a, c]) * np.float64(R[b, c, k])
+                s += np.float64(R[b, a, i]) * t
+            C[i, k] = s
+            C[k, i] = s
+    for i in range(3):
+        C[i, i] += np.float64(sig[b, i]) * np.float64(sig[b, i])
+    return (C[0, 0] * (C[1, 1] * C[2, 2] - C[1, 2] * C[2, 1]) - C[0, 1] * (C[1, 0] * C[2, 2] - C[1, 2] * C[2, 0])
+            + C[0, 2] * (C[1, 0] * C[2, 1] - C[1, 1] * C[2, 0]))
+
+
+@nb.njit(inline="always")
+def _pair_cinv(C, det, Ci):
+    """``Ci = C^-1`` (symmetric ``C``) by its adjugate, float64."""
+    inv = 1.0 / det
+    Ci[0, 0] = (C[1, 1] * C[2, 2] - C[1, 2] * C[2, 1]) * inv
+    Ci[0, 1] = (C[0, 2] * C[2, 1] - C[0, 1] * C[2, 2]) * inv
+    Ci[0, 2] = (C[0, 1] * C[1, 2] - C[0, 2] * C[1, 1]) * inv
+    Ci[1, 1] = (C[0, 0] * C[2, 2] - C[0, 2] * C[2, 0]) * inv
+    Ci[1, 2] = (C[0, 2] * C[1, 0] - C[0, 0] * C[1, 2]) * inv
+    Ci[2, 2] = (C[0, 0] * C[1, 1] - C[0, 1] * C[1, 0]) * inv
+    Ci[1, 0] = Ci[0, 1]
+    Ci[2, 0] = Ci[0, 2]
+    Ci[2, 1] = Ci[1, 2]
+
+
+@nb.njit(parallel=True, **_JIT)
+def pairs_forward_kernel(R, tr, mu, cov, s3, inten, b_idx, j_idx, sig, D, half, hw, truncate, max_rad,
+                         centre, prec, amp, rad, inside):
+    """The analytic renderer's per-pair algebra (:func:`..render.render_slices`), pair ``q`` of
+    slice ``b = b_idx[q]`` and Gaussian ``j = j_idx[q]``: the Gaussian's mean in the slice frame
+    ``m = R_b^T (mu_j - t_b)``, its PSF-convolved covariance ``C = R_b^T Sigma_j R_b + diag(sig_b^2)``,
+    and written out: ``centre (Q, 3)`` (lattice units ``m_a / D_a + half_a``, and ``m_w`` mm),
+    ``prec (Q, 3, 3) = D C^-1 D``, ``amp (Q,) = inten_j s3_j / sqrt(det C)`` (``s3 = prod
+    scales``), the box half-width ``rad (Q,)`` and whether the box meets the slice, ``inside (Q,)``.
+    Float64 inside, written in the outputs' dtype."""
+    Q = b_idx.shape[0]
+    for q in prange(Q):
+        b = b_idx[q]
+        j = j_idx[q]
+        C = np.empty((3, 3))
+        Ci = np.empty((3, 3))
+        det = _pair_c(R, cov, sig, b, j, C)
+        _pair_cinv(C, det, Ci)
+        for i in range(3):
+            m = 0.0
+            for a in range(3):
+                m += np.float64(R[b, a, i]) * (np.float64(mu[j, a]) - np.float64(tr[b, a]))
+            centre[q, i] = m / np.float64(D[b, i]) + (np.float64(half[b, i]) if i < 2 else 0.0)
+            for k in range(3):
+                prec[q, i, k] = np.float64(D[b, i]) * Ci[i, k] * np.float64(D[b, k])
+        amp[q] = np.float64(inten[j]) * np.float64(s3[j]) / math.sqrt(det) if det > 0.0 else 0.0
+        r = math.ceil(truncate * max(math.sqrt(C[0, 0]) / np.float64(D[b, 0]), math.sqrt(C[1, 1]) / np.float64(D[b, 1])))
+        r = min(max(r, 1.0), np.float64(max_rad))
+        rad[q] = np.int64(r)
+        c0 = np.float64(centre[q, 0])
+        c1 = np.float64(centre[q, 1])
+        inside[q] = (c0 >= -r) and (c0 <= hw[b, 0] - 1 + r) and (c1 >= -r) and (c1 <= hw[b, 1] - 1 + r)
+
+
+@nb.njit(parallel=True, **_JIT)
+def pairs_backward_kernel(R, tr, mu, cov, s3, inten, b_idx, j_idx, sig, D, g_centre, g_prec, g_amp,
+                          gR, gt, gmu, gcov, gs3, ginten, scratch):
+    """Gradients of :func:`pairs_forward_kernel`'s ``centre``, ``prec``, ``amp`` (given per pair,
+    ``g_*``) with respect to ``R (B, 3, 3)``, ``tr (B, 3)``, ``mu (J, 3)``, ``cov (J, 3, 3)``,
+    ``s3 (J,)``, ``inten (J,)``, written (not accumulated) into ``g*`` (same shapes).
+
+    Per pair, with ``G = D g_prec D`` and ``g_m = g_centre / D``: ``g_C = -C^-1 G C^-1 -
+    g_amp amp C^-1 / 2`` (``d det^-1/2 = -det^-1/2 C^-1 dC / 2``), ``g_Sigma = R g_C R^T``,
+    ``g_R = Sigma R (g_C + g_C^T) + (mu - t) g_m^T``, ``g_mu = -g_t = R g_m``.  The pairs' terms
+    go into ``scratch (Q, 23)`` (float64) in parallel, then are summed per slice and per Gaussian in pair
+    order (deterministic)."""
+    Q = b_idx.shape[0]
+    for q in prange(Q):
+        b = b_idx[q]
+        j = j_idx[q]
+        C = np.empty((3, 3))
+        Ci = np.empty((3, 3))
+        G = np.empty((3, 3))
+        T = np.empty((3, 3))
+        gC = np.empty((3, 3))
+        det = _pair_c(R, cov, sig, b, j, C)
+        if not (det > 0.0):
+            for k in range(23):
+                scratch[q, k] = 0.0
+            continue
+        _pair_cinv(C, det, Ci)
+        sq = 1.0 / math.sqrt(det)
+        a_q = np.float64(inten[j]) * np.float64(s3[j]) * sq
+        ga = np.float64(g_amp[q])
+        for i in range(3):
+            for k in range(3):
+                G[i, k] = np.float64(D[b, i]) * np.float64(g_prec[q, i, k]) * np.float64(D[b, k])
+        for i in range(3):  # T = G C^-1
+            for k in range(3):
+                T[i, k] = G[i, 0] * Ci[0, k] + G[i, 1] * Ci[1, k] + G[i, 2] * Ci[2, k]
+        for i in range(3):
+            for k in range(3):
+                gC[i, k] = -(Ci[i, 0] * T[0, k] + Ci[i, 1] * T[1, k] + Ci[i, 2] * T[2, k]) - 0.5 * ga * a_q * Ci[i, k]
+        # g_Sigma = R gC R^T
+        for a in range(3):
+            for c in range(3):
+                s = 0.0
+                for i in range(3):
+                    for k in range(3):
+                        s += np.float64(R[b, a, i]) * gC[i, k] * np.float64(R[b, c, k])
+                scratch[q, 3 * a + c] = s
+        # g_R = Sigma R (gC + gC^T) + d g_m^T
+        for a in range(3):  # T = Sigma R
+            for k in range(3):
+                T[a, k] = (np.float64(cov[j, a, 0]) * np.float64(R[b, 0, k]) + np.float64(cov[j, a, 1]) * np.float64(R[b, 1, k])
+                           + np.float64(cov[j, a, 2]) * np.float64(R[b, 2, k]))
+        gm0 = np.float64(g_centre[q, 0]) / np.float64(D[b, 0])
+        gm1 = np.float64(g_centre[q, 1]) / np.float64(D[b, 1])
+        gm2 = np.float64(g_centre[q, 2]) / np.float64(D[b, 2])
+        for a in range(3):
+            d_a = np.float64(mu[j, a]) - np.float64(tr[b, a])
+            for i in range(3):
+                s = 0.0
+                for k in range(3):
+                    s += T[a, k] * (gC[k, i] + gC[i, k])
+                gmi = gm0 if i == 0 else (gm1 if i == 1 else gm2)
+                scratch[q, 9 + 3 * a + i] = s + d_a * gmi
+            scratch[q, 18 + a] = np.float64(R[b, a, 0]) * gm0 + np.float64(R[b, a, 1]) * gm1 + np.float64(R[b, a, 2]) * gm2
+        scratch[q, 21] = ga * np.float64(inten[j]) * sq  # g s3
+        scratch[q, 22] = ga * np.float64(s3[j]) * sq  # g inten
+    gR[:] = 0
+    gt[:] = 0
+    gmu[:] = 0
+    gcov[:] = 0
+    gs3[:] = 0
+    ginten[:] = 0
+    for q in range(Q):  # in pair order: the same sums on every run
+        b = b_idx[q]
+        j = j_idx[q]
+        for a in range(3):
+            for c in range(3):
+                gcov[j, a, c] += scratch[q, 3 * a + c]
+                gR[b, a, c] += scratch[q, 9 + 3 * a + c]
+            gmu[j, a] += scratch[q, 18 + a]
+            gt[b, a] -= scratch[q, 18 + a]
+        gs3[j] += scratch[q, 21]
+        ginten[j] += scratch[q, 22]

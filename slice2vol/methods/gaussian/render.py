@@ -26,6 +26,11 @@ box, points with ``q <= 9``, the plane's offset included).  No voxel
 grid and no PSF quadrature is involved.  The sampled path additionally blurs by trilinear
 interpolation of the voxel grid (about a third of a voxel in standard deviation), so the two agree
 only to that extent (``tests/test_gaussian.py`` checks a single Gaussian).
+
+On the CPU with the numba kernels the per-pair quantities (``m_nj``, ``C_nj``, its inverse and
+determinant, the kept pairs) come from two kernels with a hand-written backward
+(:class:`_PairsNumba`, float64 inside); elsewhere (CUDA, ``SLICE2VOL_NO_NUMBA=1``) the same
+formulas run as PyTorch operations under autograd, the reference the kernels are tested against.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from torch import Tensor
 
 from slice2vol.core import acquisition as acq
 from slice2vol.methods.gaussian.model import GaussianModel, covariance, precision
+from slice2vol.methods.gaussian import splat as splat_mod
 from slice2vol.methods.gaussian.splat import DEFAULT_CHUNK, splat, splat_l1
 
 __all__ = ["voxelise", "VoxelL1", "render_slices", "SliceLattice", "psf_sigmas", "dense_gaussians"]
@@ -199,11 +205,22 @@ def render_slices(model: GaussianModel | dict, poses: Tensor, lattice: SliceLatt
     hw = lattice.hw[slices]
     sp = lattice.spacing[slices].to(dt)
     with torch.no_grad():
+        # |m_w| <= truncate sqrt(n^T Sigma n + sig_w^2), as two matrix products: the (B, J, 3)
+        # differences and the (B, J, 3, 3) contraction were a tenth of a render
         normal = R[:, :, 2]  # (B, 3) world direction of w
-        m_w = (mu[None] - tr[:, None]) @ normal[..., None]  # (B, J, 1)
-        c_ww = torch.einsum("ba,jac,bc->bj", normal, cov, normal) + sig[:, None, 2] ** 2
-        near = m_w[..., 0].abs() <= truncate * c_ww.sqrt()
+        m_w = mu @ normal.T - (tr * normal).sum(-1)  # (J, B)
+        nn = (normal[:, :, None] * normal[:, None, :]).reshape(-1, 9)  # (B, 9)
+        c_ww = cov.reshape(-1, 9) @ nn.T + sig[:, 2] ** 2  # (J, B)
+        near = (m_w.abs() <= truncate * c_ww.sqrt()).T
         b_idx, j_idx = torch.nonzero(near, as_tuple=True)
+    D = torch.stack([sp[:, 0], sp[:, 1], torch.ones_like(sp[:, 0])], -1)  # (B, 3) lattice unit -> mm
+    max_rad = min(max_radius, lattice.pad // 2)  # kept centres lie within rad of the slice: boxes reach 2 rad
+    if dev.type == "cpu" and dt in (torch.float32, torch.float64) and splat_mod.compiled_kernels() is not None:
+        half = torch.stack([(hw[:, 0] - 1).to(dt) / 2, (hw[:, 1] - 1).to(dt) / 2], -1)
+        c, prec, amp, keep, rad = _PairsNumba.apply(R, tr, mu, cov, torch.exp(ls.sum(-1)), inten, b_idx, j_idx,
+                                                     sig, D, half, hw, truncate, max_rad)
+        sl = slices[b_idx[keep]]
+        return _splat_pairs(lattice, sl, c, prec, amp, rad, truncate, chunk)
     Rb = R[b_idx]
     m = (Rb.transpose(-1, -2) @ (mu[j_idx] - tr[b_idx])[..., None])[..., 0]  # (Q, 3) slice frame mm
     C = Rb.transpose(-1, -2) @ cov[j_idx] @ Rb + torch.diag_embed(sig[b_idx] ** 2)
@@ -211,24 +228,71 @@ def render_slices(model: GaussianModel | dict, poses: Tensor, lattice: SliceLatt
     det_ratio = torch.exp(2 * ls[j_idx].sum(-1)) / torch.linalg.det(C)
     amp = inten[j_idx] * det_ratio.clamp_min(0).sqrt()
     H, W = hw[b_idx, 0], hw[b_idx, 1]
-    D = torch.stack([sp[b_idx, 0], sp[b_idx, 1], torch.ones_like(sp[b_idx, 0])], -1)  # lattice unit -> mm
+    D = D[b_idx]
     centre = torch.stack([m[:, 0] / D[:, 0] + (H - 1).to(dt) / 2, m[:, 1] / D[:, 1] + (W - 1).to(dt) / 2, m[:, 2]], -1)
     prec = D[:, :, None] * Cinv * D[:, None, :]
     with torch.no_grad():
         rad = torch.ceil(truncate * torch.maximum(C[:, 0, 0].sqrt() / D[:, 0], C[:, 1, 1].sqrt() / D[:, 1])).long()
-        # kept centres lie within rad of the slice, so boxes reach 2 rad beyond it
-        rad = rad.clamp(1, min(max_radius, lattice.pad // 2))
+        rad = rad.clamp(1, max_rad)
         inside = ((centre[:, 0] >= -rad) & (centre[:, 0] <= H - 1 + rad)
                   & (centre[:, 1] >= -rad) & (centre[:, 1] <= W - 1 + rad))
         keep = torch.nonzero(inside, as_tuple=False).squeeze(1)
     sl = slices[b_idx[keep]]
-    c = centre[keep]
+    return _splat_pairs(lattice, sl, centre[keep], prec[keep], amp[keep], rad[keep], truncate, chunk)
+
+
+def _splat_pairs(lattice: SliceLattice, sl: Tensor, c: Tensor, prec: Tensor, amp: Tensor, rad: Tensor,
+                 truncate: float, chunk: int) -> Tensor:
+    """The kept pairs' Gaussians (slice ``sl``, lattice centre ``c``, precision, amplitude, box
+    half-width) splatted on the slices' lattice, each inside its ``truncate``-sigma ellipsoid."""
     row = lattice.row[sl]
     rc = torch.round(c.detach()).long()
     base = lattice.offset[sl] + (rc[:, 0] + lattice.pad) * row + rc[:, 1] + lattice.pad
     strides = torch.stack([row, torch.ones_like(row), torch.zeros_like(row)], -1)
-    return splat(c, prec[keep], amp[keep], rad[keep], base, strides, lattice.size, dims=2, chunk=chunk,
-                 cut=truncate * truncate)
+    return splat(c, prec, amp, rad, base, strides, lattice.size, dims=2, chunk=chunk, cut=truncate * truncate)
+
+
+class _PairsNumba(torch.autograd.Function):
+    """The analytic renderer's slice-Gaussian pair algebra (the PyTorch lines of
+    :func:`render_slices` from ``Rb`` to ``keep``) as two numba kernels
+    (:func:`._splat_numba.pairs_forward_kernel`, ``pairs_backward_kernel``): closed-form 3x3
+    products, adjugate inverse and determinant in float64, no per-pair temporaries in autograd
+    (a render spent about two thirds of its time in batched 3x3 products, LU solves and their
+    backward).  Outputs the kept pairs only: ``centre (K, 3)``, ``prec (K, 3, 3)``, ``amp (K,)``,
+    and, not differentiable, their indices into the pairs ``keep (K,)`` and box half-widths."""
+
+    @staticmethod
+    def forward(ctx, R, tr, mu, cov, s3, inten, b_idx, j_idx, sig, D, half, hw, truncate, max_rad):
+        from slice2vol.core import fused
+
+        k = splat_mod.compiled_kernels()
+        dt = mu.dtype
+        ins = [x.detach().contiguous() for x in (R, tr, mu, cov, s3, inten)]
+        aux = [x.detach().contiguous() for x in (b_idx, j_idx, sig, D, half)] + [hw.contiguous()]
+        Q = b_idx.shape[0]
+        centre, prec, amp = torch.empty(Q, 3, dtype=dt), torch.empty(Q, 3, 3, dtype=dt), torch.empty(Q, dtype=dt)
+        rad, inside = np.empty(Q, dtype=np.int64), np.empty(Q, dtype=np.bool_)
+        if Q:
+            fused._launch(k.pairs_forward_kernel, *(x.numpy() for x in ins + aux), float(truncate), int(max_rad),
+                          centre.numpy(), prec.numpy(), amp.numpy(), rad, inside)
+        keep = torch.from_numpy(np.flatnonzero(inside))
+        ctx.save_for_backward(*ins, b_idx[keep].contiguous(), j_idx[keep].contiguous(), *aux[2:4])
+        ctx.mark_non_differentiable(keep)
+        return centre[keep], prec[keep], amp[keep], keep, torch.from_numpy(rad)[keep]
+
+    @staticmethod
+    def backward(ctx, g_centre, g_prec, g_amp, _keep, _rad):
+        from slice2vol.core import fused
+
+        R, tr, mu, cov, s3, inten, b_k, j_k, sig, D = ctx.saved_tensors
+        grads = [torch.empty_like(x) for x in (R, tr, mu, cov, s3, inten)]
+        K = b_k.shape[0]
+        gs = [torch.zeros(sh, dtype=mu.dtype) if g is None else g.detach().to(mu.dtype).contiguous()
+              for g, sh in ((g_centre, (K, 3)), (g_prec, (K, 3, 3)), (g_amp, (K,)))]
+        scratch = np.empty((K, 23))
+        fused._launch(splat_mod.compiled_kernels().pairs_backward_kernel, *(x.numpy() for x in (R, tr, mu, cov, s3, inten, b_k,
+                      j_k, sig, D)), *(g.numpy() for g in gs), *(g.numpy() for g in grads), scratch)
+        return (*grads,) + (None,) * 8
 
 
 def dense_gaussians(model: GaussianModel | dict, points: Tensor) -> Tensor:
