@@ -52,7 +52,10 @@ classical SVR gives 26.15 dB; one thread):
 * ``psf="analytic"`` by default (Dannecker et al.; an extension beyond GaussianSVR): on 6
   moderate-motion cases (STA23/29/35 x 2 seeds, ``benchmarks/bench_gaussian.py``) it gained
   +1.13 +- 0.29 dB PSNR over classical SVR against +0.52 +- 0.21 dB for the paper's sampled PSF,
-  in less time (no voxel grid in the loop).  ``fit_iterations`` 60: 20 lost 1.2 dB on STA29.
+  in less time (no voxel grid in the loop).  ``fit_iterations`` 60: 20 lost 1.2 dB on STA29; on the
+  three validation atlases (moderate motion, seed 0; 2026-12-06) 40 lost 0.16 dB mean PSNR, 40 at twice
+  the fit's learning rates 0.14 dB, 30 0.56 dB, and a cosine decay of the rates was worse still: the
+  fit is far from converged at 60, so its steps stay (they are about 40 % of a run's time).
 
 Ablations (paper Table 2): ``optimise_poses=False`` freezes the start poses;
 ``two_stage=True`` adds the coarse stage (2x2-averaged slices, 2x voxel grid) for
