@@ -332,6 +332,24 @@ def _pair_cinv(C, det, Ci):
     Ci[2, 1] = Ci[1, 2]
 
 
+@nb.njit(inline="always")
+def _pair_setup(R, cov, sig, b_idx, j_idx, q, C, Ci):
+    """Pair ``q``'s slice ``b``, Gaussian ``j``, ``C`` and ``Ci = C^-1`` (into the scratch
+    ``C, Ci (3, 3)``) and ``det C``; ``Ci = 0`` when ``det C <= 0`` (the pair then has no
+    amplitude and no gradient)."""
+    b = b_idx[q]
+    j = j_idx[q]
+    det = _pair_c(R, cov, sig, b, j, C)
+    if det > 0.0:
+        _pair_cinv(C, det, Ci)
+    else:
+        Ci[:, :] = 0.0
+    return b, j, det
+
+
+_PAIR_CHUNK = 1024  # pairs per parallel chunk: the 3x3 scratch is allocated once a chunk, not once a pair
+
+
 @nb.njit(parallel=True, **_JIT)
 def pairs_forward_kernel(R, tr, mu, cov, s3, inten, b_idx, j_idx, sig, D, half, hw, truncate, max_rad,
                          centre, prec, amp, rad, inside):
@@ -343,27 +361,25 @@ def pairs_forward_kernel(R, tr, mu, cov, s3, inten, b_idx, j_idx, sig, D, half, 
     scales``), the box half-width ``rad (Q,)`` and whether the box meets the slice, ``inside (Q,)``.
     Float64 inside, written in the outputs' dtype."""
     Q = b_idx.shape[0]
-    for q in prange(Q):
-        b = b_idx[q]
-        j = j_idx[q]
+    for ch in prange((Q + _PAIR_CHUNK - 1) // _PAIR_CHUNK):
         C = np.empty((3, 3))
         Ci = np.empty((3, 3))
-        det = _pair_c(R, cov, sig, b, j, C)
-        _pair_cinv(C, det, Ci)
-        for i in range(3):
-            m = 0.0
-            for a in range(3):
-                m += np.float64(R[b, a, i]) * (np.float64(mu[j, a]) - np.float64(tr[b, a]))
-            centre[q, i] = m / np.float64(D[b, i]) + (np.float64(half[b, i]) if i < 2 else 0.0)
-            for k in range(3):
-                prec[q, i, k] = np.float64(D[b, i]) * Ci[i, k] * np.float64(D[b, k])
-        amp[q] = np.float64(inten[j]) * np.float64(s3[j]) / math.sqrt(det) if det > 0.0 else 0.0
-        r = math.ceil(truncate * max(math.sqrt(C[0, 0]) / np.float64(D[b, 0]), math.sqrt(C[1, 1]) / np.float64(D[b, 1])))
-        r = min(max(r, 1.0), np.float64(max_rad))
-        rad[q] = np.int64(r)
-        c0 = np.float64(centre[q, 0])
-        c1 = np.float64(centre[q, 1])
-        inside[q] = (c0 >= -r) and (c0 <= hw[b, 0] - 1 + r) and (c1 >= -r) and (c1 <= hw[b, 1] - 1 + r)
+        for q in range(ch * _PAIR_CHUNK, min(Q, (ch + 1) * _PAIR_CHUNK)):
+            b, j, det = _pair_setup(R, cov, sig, b_idx, j_idx, q, C, Ci)
+            for i in range(3):
+                m = 0.0
+                for a in range(3):
+                    m += np.float64(R[b, a, i]) * (np.float64(mu[j, a]) - np.float64(tr[b, a]))
+                centre[q, i] = m / np.float64(D[b, i]) + (np.float64(half[b, i]) if i < 2 else 0.0)
+                for k in range(3):
+                    prec[q, i, k] = np.float64(D[b, i]) * Ci[i, k] * np.float64(D[b, k])
+            amp[q] = np.float64(inten[j]) * np.float64(s3[j]) / math.sqrt(det) if det > 0.0 else 0.0
+            r = math.ceil(truncate * max(math.sqrt(C[0, 0]) / np.float64(D[b, 0]), math.sqrt(C[1, 1]) / np.float64(D[b, 1])))
+            r = min(max(r, 1.0), np.float64(max_rad))
+            rad[q] = np.int64(r)
+            c0 = np.float64(centre[q, 0])
+            c1 = np.float64(centre[q, 1])
+            inside[q] = (c0 >= -r) and (c0 <= hw[b, 0] - 1 + r) and (c1 >= -r) and (c1 <= hw[b, 1] - 1 + r)
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -379,59 +395,57 @@ def pairs_backward_kernel(R, tr, mu, cov, s3, inten, b_idx, j_idx, sig, D, g_cen
     go into ``scratch (Q, 23)`` (float64) in parallel, then are summed per slice and per Gaussian in pair
     order (deterministic)."""
     Q = b_idx.shape[0]
-    for q in prange(Q):
-        b = b_idx[q]
-        j = j_idx[q]
+    for ch in prange((Q + _PAIR_CHUNK - 1) // _PAIR_CHUNK):
         C = np.empty((3, 3))
         Ci = np.empty((3, 3))
         G = np.empty((3, 3))
         T = np.empty((3, 3))
         gC = np.empty((3, 3))
-        det = _pair_c(R, cov, sig, b, j, C)
-        if not (det > 0.0):
-            for k in range(23):
-                scratch[q, k] = 0.0
-            continue
-        _pair_cinv(C, det, Ci)
-        sq = 1.0 / math.sqrt(det)
-        a_q = np.float64(inten[j]) * np.float64(s3[j]) * sq
-        ga = np.float64(g_amp[q])
-        for i in range(3):
-            for k in range(3):
-                G[i, k] = np.float64(D[b, i]) * np.float64(g_prec[q, i, k]) * np.float64(D[b, k])
-        for i in range(3):  # T = G C^-1
-            for k in range(3):
-                T[i, k] = G[i, 0] * Ci[0, k] + G[i, 1] * Ci[1, k] + G[i, 2] * Ci[2, k]
-        for i in range(3):
-            for k in range(3):
-                gC[i, k] = -(Ci[i, 0] * T[0, k] + Ci[i, 1] * T[1, k] + Ci[i, 2] * T[2, k]) - 0.5 * ga * a_q * Ci[i, k]
-        # g_Sigma = R gC R^T
-        for a in range(3):
-            for c in range(3):
-                s = 0.0
-                for i in range(3):
-                    for k in range(3):
-                        s += np.float64(R[b, a, i]) * gC[i, k] * np.float64(R[b, c, k])
-                scratch[q, 3 * a + c] = s
-        # g_R = Sigma R (gC + gC^T) + d g_m^T
-        for a in range(3):  # T = Sigma R
-            for k in range(3):
-                T[a, k] = (np.float64(cov[j, a, 0]) * np.float64(R[b, 0, k]) + np.float64(cov[j, a, 1]) * np.float64(R[b, 1, k])
-                           + np.float64(cov[j, a, 2]) * np.float64(R[b, 2, k]))
-        gm0 = np.float64(g_centre[q, 0]) / np.float64(D[b, 0])
-        gm1 = np.float64(g_centre[q, 1]) / np.float64(D[b, 1])
-        gm2 = np.float64(g_centre[q, 2]) / np.float64(D[b, 2])
-        for a in range(3):
-            d_a = np.float64(mu[j, a]) - np.float64(tr[b, a])
+        for q in range(ch * _PAIR_CHUNK, min(Q, (ch + 1) * _PAIR_CHUNK)):
+            b, j, det = _pair_setup(R, cov, sig, b_idx, j_idx, q, C, Ci)
+            if not (det > 0.0):
+                for k in range(23):
+                    scratch[q, k] = 0.0
+                continue
+            sq = 1.0 / math.sqrt(det)
+            a_q = np.float64(inten[j]) * np.float64(s3[j]) * sq
+            ga = np.float64(g_amp[q])
             for i in range(3):
-                s = 0.0
                 for k in range(3):
-                    s += T[a, k] * (gC[k, i] + gC[i, k])
-                gmi = gm0 if i == 0 else (gm1 if i == 1 else gm2)
-                scratch[q, 9 + 3 * a + i] = s + d_a * gmi
-            scratch[q, 18 + a] = np.float64(R[b, a, 0]) * gm0 + np.float64(R[b, a, 1]) * gm1 + np.float64(R[b, a, 2]) * gm2
-        scratch[q, 21] = ga * np.float64(inten[j]) * sq  # g s3
-        scratch[q, 22] = ga * np.float64(s3[j]) * sq  # g inten
+                    G[i, k] = np.float64(D[b, i]) * np.float64(g_prec[q, i, k]) * np.float64(D[b, k])
+            for i in range(3):  # T = G C^-1
+                for k in range(3):
+                    T[i, k] = G[i, 0] * Ci[0, k] + G[i, 1] * Ci[1, k] + G[i, 2] * Ci[2, k]
+            for i in range(3):
+                for k in range(3):
+                    gC[i, k] = -(Ci[i, 0] * T[0, k] + Ci[i, 1] * T[1, k] + Ci[i, 2] * T[2, k]) - 0.5 * ga * a_q * Ci[i, k]
+            # g_Sigma = R gC R^T
+            for a in range(3):
+                for c in range(3):
+                    s = 0.0
+                    for i in range(3):
+                        for k in range(3):
+                            s += np.float64(R[b, a, i]) * gC[i, k] * np.float64(R[b, c, k])
+                    scratch[q, 3 * a + c] = s
+            # g_R = Sigma R (gC + gC^T) + d g_m^T
+            for a in range(3):  # T = Sigma R
+                for k in range(3):
+                    T[a, k] = (np.float64(cov[j, a, 0]) * np.float64(R[b, 0, k]) + np.float64(cov[j, a, 1]) * np.float64(R[b, 1, k])
+                               + np.float64(cov[j, a, 2]) * np.float64(R[b, 2, k]))
+            gm0 = np.float64(g_centre[q, 0]) / np.float64(D[b, 0])
+            gm1 = np.float64(g_centre[q, 1]) / np.float64(D[b, 1])
+            gm2 = np.float64(g_centre[q, 2]) / np.float64(D[b, 2])
+            for a in range(3):
+                d_a = np.float64(mu[j, a]) - np.float64(tr[b, a])
+                for i in range(3):
+                    s = 0.0
+                    for k in range(3):
+                        s += T[a, k] * (gC[k, i] + gC[i, k])
+                    gmi = gm0 if i == 0 else (gm1 if i == 1 else gm2)
+                    scratch[q, 9 + 3 * a + i] = s + d_a * gmi
+                scratch[q, 18 + a] = np.float64(R[b, a, 0]) * gm0 + np.float64(R[b, a, 1]) * gm1 + np.float64(R[b, a, 2]) * gm2
+            scratch[q, 21] = ga * np.float64(inten[j]) * sq  # g s3
+            scratch[q, 22] = ga * np.float64(s3[j]) * sq  # g inten
     gR[:] = 0
     gt[:] = 0
     gmu[:] = 0
