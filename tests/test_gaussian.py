@@ -454,3 +454,21 @@ def test_fused_pair_algebra_matches_the_pytorch_renderer(dtype, monkeypatch):
     for name, a, b in zip(["means", "log_scales", "quats", "intensities", "poses"], fused_g, ref_g):
         assert float(b.abs().max()) > 0, name
         assert float((a - b).abs().max()) <= tol * float(b.abs().max()), name
+
+
+def test_renderer_with_no_gaussian_near_the_slices(kernel):
+    """Every Gaussian far from every slice: no pair survives, the slices are zero, and no gradient
+    is anything but zero (the fused pair kernels run on zero pairs and return zeros of the right
+    shape; the PyTorch path may leave a parameter disconnected)."""
+    m = _model(J=10, dtype=torch.float32, spread=5.0)
+    with torch.no_grad():
+        m.means += 500.0
+    ss = _one_stack()
+    lat = SliceLattice(ss)
+    poses = ss.poses.clone().requires_grad_(True)
+    out = render_slices(m, poses, lat)
+    grads = torch.autograd.grad(out.sum(), list(m.parameters()) + [poses], allow_unused=True)
+    assert out.shape == (lat.size,) and not out.detach().any()
+    for p, g in zip(list(m.parameters()) + [poses], grads):
+        if kernel == "compiled" or g is not None:
+            assert g is not None and g.shape == p.shape and not g.any()
