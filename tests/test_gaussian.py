@@ -472,3 +472,20 @@ def test_renderer_with_no_gaussian_near_the_slices(kernel):
     for p, g in zip(list(m.parameters()) + [poses], grads):
         if kernel == "compiled" or g is not None:
             assert g is not None and g.shape == p.shape and not g.any()
+
+
+def test_ssim_images_are_the_slices_as_acquired():
+    """The D-SSIM term's images (``_images``) are each batch slice's pixels in their own (H, W)
+    layout, read from the padded lattice: the target images equal the stack's slices, and a
+    prediction written at the pixels' lattice positions comes back in the same places."""
+    from slice2vol.methods.gaussian.optimise import _images, _Stage
+
+    ss = _one_stack(n=4, H=9, W=7)
+    stage = _Stage("fine", ss, None, np.eye(4), (4, 4, 4), torch.ones(4, 4, 4, dtype=torch.bool), 1)
+    buf = torch.zeros(stage.lattice.size)
+    buf[stage.lattice.pixel_index] = ss.values * 2
+    sel = torch.tensor([3, 1])
+    (pred, target, mask), = _images(stage, buf, sel)
+    want = ss.values.reshape(4, 1, 9, 7)[sel]
+    assert pred.shape == (2, 1, 9, 7) and bool(mask.all())
+    assert torch.equal(target, want) and torch.equal(pred, 2 * want)

@@ -217,7 +217,11 @@ def _images(stage: _Stage, buf: Tensor, slices: Tensor) -> list[tuple[Tensor, Te
         sel = slices[sid_stack == s]
         if sel.numel() == 0:
             continue
-        idx = (lat.offset[sel][:, None] + torch.arange(H * W, device=buf.device)[None]).reshape(-1)
+        # pixel (a, b) of a slice sits at offset + (a + pad) * row + b + pad of the padded lattice
+        a = torch.arange(H, device=buf.device)[:, None]
+        b = torch.arange(W, device=buf.device)[None, :]
+        inner = ((a + lat.pad) * lat.row[sel][:, None, None] + b + lat.pad).reshape(sel.shape[0], -1)
+        idx = (lat.offset[sel][:, None] + inner).reshape(-1)
         m = stage.mask[idx].reshape(-1, 1, H, W)
         out.append((buf[idx].reshape(-1, 1, H, W) * m, stage.target[idx].reshape(-1, 1, H, W), m))
     return out
