@@ -66,9 +66,11 @@ the sampled PSF on the 6 cases above: joint poses beat frozen ones by only +0.06
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -203,6 +205,24 @@ class _Stage:
         return poses if self.shift is None else shift_poses(poses, self.shift)
 
 
+@contextlib.contextmanager
+def _conv_backend(device: torch.device):
+    """On the CPU, PyTorch's native convolution (im2col and a matrix product) instead of oneDNN's
+    or NNPACK's for the loop: the D-SSIM term's Gaussian windows are one-channel 7-tap
+    convolutions, for which oneDNN's backward was a quarter of the slice-space loop's time; the
+    native path does forward + backward of a batch of slices >10x faster (1.5 vs 19 ms, 30 slices
+    of 115 x 99).  Forward and backward both run inside: the backend is chosen at each call."""
+    if device.type != "cpu":
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns once about oneDNN's TF32 flag
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.enter_context(torch.backends.nnpack.flags(enabled=False))
+        yield
+
+
 def _pose_matrices(base: Tensor, delta: Tensor) -> Tensor:
     """``base @ exp(delta)``: the update is in the slice frame, about the slice centre (mm, rad)."""
     return base @ params_to_matrix(delta)
@@ -315,84 +335,85 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
     t0 = time.perf_counter()
     it = 0
     B = max(1, int(round(cfg.batch_fraction * M)))
-    for stage in stages:
-        for _ in range(stage.iterations):
-            frac = it / max(1, total - 1)
-            for g in opt.param_groups:
-                if g["name"] == "means":
-                    g["lr"] = cfg.lr_means[0] * (cfg.lr_means[1] / cfg.lr_means[0]) ** frac
-            if pose_opt is not None:
-                w0, w1 = cfg.pose_warmup
-                ramp = 0.0 if it < w0 else min(1.0, (it - w0 + 1) / max(1, w1 - w0))
-                pose_opt.param_groups[0]["lr"] = ramp  # per-parameter rates applied to the gradient below
-            slices = torch.randperm(M, generator=gen)[:B].to(dev)
-            poses = _pose_matrices(base, delta)
-            sp = stage.poses(poses)
-            pix = torch.cat([stage.pix_by_slice[int(n)] for n in slices.tolist()])
-            st_ss = stage.ss
-            if cfg.psf == "sampled":
-                V = voxelise(model, stage.affine, stage.shape)
-                pred = acq.forward(V, stage.affine, sp, st_ss.coords[pix], st_ss.slice_id[pix], stage.psf)
-                tv_vol, tv_mask = V, stage.roi
-            else:
-                buf = render_slices(model, sp, stage.lattice, slices)
-                pred = buf[stage.lattice.pixel_index[pix]]
-                if cfg.lambda_tv > 0:  # the only voxel grid this mode forms: skip it when unused
-                    tv_vol = voxelise(model, tv_grid[0], tv_grid[1])
-                    tv_mask = tv_grid[2]
-            ps = st_ss.slice_id[pix]
-            with torch.no_grad():
-                w_pix = torch.ones_like(pred) if stage.name == "coarse" or state is None else \
-                    (state.pixel * state.slice[sid])[pix]
-                a_n = fit_scales(pred.detach(), st_ss.values[pix], ps, M, w_pix)
-                scales[slices] = a_n[slices]
-            pred = pred * a_n[ps]
-            l1 = (w_pix * (pred - st_ss.values[pix]).abs()).sum() / w_pix.sum().clamp_min(1)
-            loss = (1 - cfg.lambda_ssim) * l1
-            if cfg.lambda_ssim > 0:
-                full = torch.zeros(stage.lattice.size, device=dev, dtype=pred.dtype)
-                full = full.index_put((stage.lattice.pixel_index[pix],), pred)
-                ims = _images(stage, full, slices)
-                ds = sum(dssim_loss(p_, t_, cfg.ssim_window) * p_.shape[0] for p_, t_, _ in ims) / B
-                loss = loss + cfg.lambda_ssim * ds
-            if cfg.lambda_tv > 0:
-                loss = loss + cfg.lambda_tv * tv_loss(tv_vol, tv_mask)
-            opt.zero_grad(set_to_none=True)
-            if pose_opt is not None:
-                pose_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if pose_opt is not None and delta.grad is not None and pose_opt.param_groups[0]["lr"] > 0:
-                # Adam's step is ~lr per parameter whatever the gradient scale, so the warm-up ramp
-                # is the group lr and the per-parameter rates (rad, mm) scale the resulting step
-                before = delta.detach().clone()
-                pose_opt.step()
+    with _conv_backend(dev):  # the D-SSIM term's convolutions (module note)
+        for stage in stages:
+            for _ in range(stage.iterations):
+                frac = it / max(1, total - 1)
+                for g in opt.param_groups:
+                    if g["name"] == "means":
+                        g["lr"] = cfg.lr_means[0] * (cfg.lr_means[1] / cfg.lr_means[0]) ** frac
+                if pose_opt is not None:
+                    w0, w1 = cfg.pose_warmup
+                    ramp = 0.0 if it < w0 else min(1.0, (it - w0 + 1) / max(1, w1 - w0))
+                    pose_opt.param_groups[0]["lr"] = ramp  # per-parameter rates applied to the gradient below
+                slices = torch.randperm(M, generator=gen)[:B].to(dev)
+                poses = _pose_matrices(base, delta)
+                sp = stage.poses(poses)
+                pix = torch.cat([stage.pix_by_slice[int(n)] for n in slices.tolist()])
+                st_ss = stage.ss
+                if cfg.psf == "sampled":
+                    V = voxelise(model, stage.affine, stage.shape)
+                    pred = acq.forward(V, stage.affine, sp, st_ss.coords[pix], st_ss.slice_id[pix], stage.psf)
+                    tv_vol, tv_mask = V, stage.roi
+                else:
+                    buf = render_slices(model, sp, stage.lattice, slices)
+                    pred = buf[stage.lattice.pixel_index[pix]]
+                    if cfg.lambda_tv > 0:  # the only voxel grid this mode forms: skip it when unused
+                        tv_vol = voxelise(model, tv_grid[0], tv_grid[1])
+                        tv_mask = tv_grid[2]
+                ps = st_ss.slice_id[pix]
                 with torch.no_grad():
-                    delta.copy_(before + (delta - before) * lr_pose)
-            with torch.no_grad():
-                if model.means.grad is not None and d_from <= it < d_until:
-                    gn = model.means.grad.norm(dim=-1)
-                    grad_acc += gn
-                    grad_cnt += (gn > 0).float()
-                if d_from <= it < d_until and (it + 1 - d_from) % cfg.densify_every == 0:
-                    g = grad_acc / grad_cnt.clamp_min(1)
-                    thr = float(torch.quantile(g[:: max(1, g.numel() // 100000)], 1 - cfg.grow_fraction))
-                    info = model.densify_and_prune(grad_acc, grad_cnt, max(thr, 1e-12), split_scale=res,
-                                                   min_intensity=cfg.min_intensity,
-                                                   max_scale=cfg.max_scale_vox * res,
-                                                   max_gaussians=cfg.max_gaussians, optimizer=opt, generator=None)
-                    log.info("gaussian: density control at %d: %s", it + 1, info)
-                    grad_acc = torch.zeros(len(model), device=dev)
-                    grad_cnt = torch.zeros(len(model), device=dev)
-                if cfg.robust and stage.name == "fine" and (it + 1) % cfg.robust_every == 0:
-                    s_all, a_all = _simulate_all(model, _pose_matrices(base, delta), ss_n, prep, cfg, M)
-                    scales = a_all
-                    state = em_weights(y - a_all[sid] * s_all, sid, M, float(y.max() - y.min()), state)
-            history.append({"iteration": it, "stage": stage.name, "loss": float(loss.detach()), "l1": float(l1.detach()),
-                            "gaussians": len(model), "seconds": time.perf_counter() - t0})
-            bar.update(1)
-            bar.set_postfix(stage=stage.name, loss=f"{float(loss.detach()):.4f}", gaussians=len(model))
-            it += 1
+                    w_pix = torch.ones_like(pred) if stage.name == "coarse" or state is None else \
+                        (state.pixel * state.slice[sid])[pix]
+                    a_n = fit_scales(pred.detach(), st_ss.values[pix], ps, M, w_pix)
+                    scales[slices] = a_n[slices]
+                pred = pred * a_n[ps]
+                l1 = (w_pix * (pred - st_ss.values[pix]).abs()).sum() / w_pix.sum().clamp_min(1)
+                loss = (1 - cfg.lambda_ssim) * l1
+                if cfg.lambda_ssim > 0:
+                    full = torch.zeros(stage.lattice.size, device=dev, dtype=pred.dtype)
+                    full = full.index_put((stage.lattice.pixel_index[pix],), pred)
+                    ims = _images(stage, full, slices)
+                    ds = sum(dssim_loss(p_, t_, cfg.ssim_window) * p_.shape[0] for p_, t_, _ in ims) / B
+                    loss = loss + cfg.lambda_ssim * ds
+                if cfg.lambda_tv > 0:
+                    loss = loss + cfg.lambda_tv * tv_loss(tv_vol, tv_mask)
+                opt.zero_grad(set_to_none=True)
+                if pose_opt is not None:
+                    pose_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if pose_opt is not None and delta.grad is not None and pose_opt.param_groups[0]["lr"] > 0:
+                    # Adam's step is ~lr per parameter whatever the gradient scale, so the warm-up ramp
+                    # is the group lr and the per-parameter rates (rad, mm) scale the resulting step
+                    before = delta.detach().clone()
+                    pose_opt.step()
+                    with torch.no_grad():
+                        delta.copy_(before + (delta - before) * lr_pose)
+                with torch.no_grad():
+                    if model.means.grad is not None and d_from <= it < d_until:
+                        gn = model.means.grad.norm(dim=-1)
+                        grad_acc += gn
+                        grad_cnt += (gn > 0).float()
+                    if d_from <= it < d_until and (it + 1 - d_from) % cfg.densify_every == 0:
+                        g = grad_acc / grad_cnt.clamp_min(1)
+                        thr = float(torch.quantile(g[:: max(1, g.numel() // 100000)], 1 - cfg.grow_fraction))
+                        info = model.densify_and_prune(grad_acc, grad_cnt, max(thr, 1e-12), split_scale=res,
+                                                       min_intensity=cfg.min_intensity,
+                                                       max_scale=cfg.max_scale_vox * res,
+                                                       max_gaussians=cfg.max_gaussians, optimizer=opt, generator=None)
+                        log.info("gaussian: density control at %d: %s", it + 1, info)
+                        grad_acc = torch.zeros(len(model), device=dev)
+                        grad_cnt = torch.zeros(len(model), device=dev)
+                    if cfg.robust and stage.name == "fine" and (it + 1) % cfg.robust_every == 0:
+                        s_all, a_all = _simulate_all(model, _pose_matrices(base, delta), ss_n, prep, cfg, M)
+                        scales = a_all
+                        state = em_weights(y - a_all[sid] * s_all, sid, M, float(y.max() - y.min()), state)
+                history.append({"iteration": it, "stage": stage.name, "loss": float(loss.detach()), "l1": float(l1.detach()),
+                                "gaussians": len(model), "seconds": time.perf_counter() - t0})
+                bar.update(1)
+                bar.set_postfix(stage=stage.name, loss=f"{float(loss.detach()):.4f}", gaussians=len(model))
+                it += 1
     bar.close()
 
     with torch.no_grad():
