@@ -257,8 +257,8 @@ class _PairsNumba(torch.autograd.Function):
     :func:`render_slices` from ``Rb`` to ``keep``) as two numba kernels
     (:func:`._splat_numba.pairs_forward_kernel`, ``pairs_backward_kernel``): closed-form 3x3
     products, adjugate inverse and determinant in float64, no per-pair temporaries in autograd
-    (a render spent about two thirds of its time in batched 3x3 products, LU solves and their
-    backward).  Outputs the kept pairs only: ``centre (K, 3)``, ``prec (K, 3, 3)``, ``amp (K,)``,
+    (under autograd that algebra, its gathers and its backward were about two thirds of a render:
+    batched 3x3 products a quarter, LU solves a tenth).  Outputs the kept pairs only: ``centre (K, 3)``, ``prec (K, 3, 3)``, ``amp (K,)``,
     and, not differentiable, their indices into the pairs ``keep (K,)`` and box half-widths."""
 
     @staticmethod
