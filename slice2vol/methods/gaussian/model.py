@@ -37,16 +37,21 @@ def quat_to_matrix(q: Tensor) -> Tensor:
     ], -1).reshape(q.shape[:-1] + (3, 3))
 
 
+def scaled_outer(M: Tensor, d: Tensor) -> Tensor:
+    """``M diag(d) M^T`` for ``M (J, 3, 3)``, ``d (J, 3)``: one batched product (a product with
+    ``diag_embed(d)`` is a second one, and batched 3x3 products and their backward are most of
+    the cost for tens of thousands of Gaussians on the CPU)."""
+    return (M * d[:, None, :]) @ M.transpose(-1, -2)
+
+
 def covariance(log_scales: Tensor, quats: Tensor) -> Tensor:
     """``(J, 3, 3)`` world covariances (mm^2)."""
-    R = quat_to_matrix(quats)
-    return R @ torch.diag_embed(torch.exp(2 * log_scales)) @ R.transpose(-1, -2)
+    return scaled_outer(quat_to_matrix(quats), torch.exp(2 * log_scales))
 
 
 def precision(log_scales: Tensor, quats: Tensor) -> Tensor:
     """``(J, 3, 3)`` world precisions (mm^-2), built from the factors (no matrix inverse)."""
-    R = quat_to_matrix(quats)
-    return R @ torch.diag_embed(torch.exp(-2 * log_scales)) @ R.transpose(-1, -2)
+    return scaled_outer(quat_to_matrix(quats), torch.exp(-2 * log_scales))
 
 
 class GaussianModel(torch.nn.Module):

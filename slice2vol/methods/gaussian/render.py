@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from slice2vol.core import acquisition as acq
-from slice2vol.methods.gaussian.model import GaussianModel, covariance, precision
+from slice2vol.methods.gaussian.model import GaussianModel, covariance, precision, quat_to_matrix, scaled_outer
 from slice2vol.methods.gaussian import splat as splat_mod
 from slice2vol.methods.gaussian.splat import DEFAULT_CHUNK, splat, splat_l1
 
@@ -63,10 +63,13 @@ def _voxel_boxes(model: GaussianModel | dict, affine: np.ndarray, shape: tuple[i
     A = torch.as_tensor(affine, dtype=dt, device=dev)
     Ainv = torch.linalg.inv(A)
     centre = mu @ Ainv[:3, :3].T + Ainv[:3, 3]
-    prec = A[:3, :3].T @ precision(ls, q) @ A[:3, :3]
-    with torch.no_grad():
-        cov_v = Ainv[:3, :3] @ covariance(ls, q) @ Ainv[:3, :3].T
-        radius = torch.ceil(truncate * torch.diagonal(cov_v, dim1=-2, dim2=-1).amax(-1).sqrt()).long()
+    # voxel-space precision A^T R S^-2 R^T A; einsum with a fixed 3x3 runs as one matrix product
+    Rq = quat_to_matrix(q)
+    prec = scaled_outer(torch.einsum("ba,jbk->jak", A[:3, :3], Rq), torch.exp(-2 * ls))
+    with torch.no_grad():  # the diagonal of the voxel-space covariance A^-1 R S^2 R^T A^-T
+        N = torch.einsum("ab,jbk->jak", Ainv[:3, :3], Rq.detach())
+        var = (N * N * torch.exp(2 * ls.detach())[:, None, :]).sum(-1)
+        radius = torch.ceil(truncate * var.amax(-1).sqrt()).long()
         radius = radius.clamp(1, max_radius)
         n = torch.tensor(shape, device=dev, dtype=dt)
         keep = ((centre >= -radius[:, None]) & (centre <= n - 1 + radius[:, None])).all(1)
