@@ -335,7 +335,7 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
     t0 = time.perf_counter()
     it = 0
     B = max(1, int(round(cfg.batch_fraction * M)))
-    with _conv_backend(dev):  # the D-SSIM term's convolutions (module note)
+    with _conv_backend(dev):  # the D-SSIM term's convolutions (see _conv_backend)
         for stage in stages:
             for _ in range(stage.iterations):
                 frac = it / max(1, total - 1)
