@@ -370,6 +370,7 @@ def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w
     for shrink in (2, 1):
         f = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         f.SetNumberOfIterations(iterations)
+        f.SetNumberOfThreads(torch.get_num_threads())  # the thread budget the caller gave torch
         f.SetStandardDeviations(sigma_vox / shrink)
         fx, mv = (sitk.Shrink(fixed, [shrink] * 3), sitk.Shrink(moving, [shrink] * 3)) if shrink > 1 else (fixed, moving)
         if field is None:
