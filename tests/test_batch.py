@@ -174,3 +174,11 @@ def test_a_worker_killed_mid_task_loses_no_subject_and_leaves_nothing_partial(tm
         anat = out / f"sub-{label}" / "anat"
         assert json.loads((anat / f"sub-{label}_rec-svr_T2w.json").read_text())["quality"]
         nib.load(anat / f"sub-{label}_rec-svr_T2w.nii.gz").get_fdata()
+
+
+def test_default_workers_fill_the_cpus_but_share_no_gpu(monkeypatch):
+    from slice2vol.core import engine
+
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 16)
+    assert engine.default_workers(1) == 16 and engine.default_workers(4) == 4 and engine.default_workers(None) == 1
+    assert engine.default_workers(1, on_gpu=True) == 1  # every task would use the one card

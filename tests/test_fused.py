@@ -195,6 +195,20 @@ def test_projector_and_multichannel_match_reference():
     torch.testing.assert_close(acq.forward(two, *_args(c)), two_ref, rtol=1e-10, atol=1e-12)
 
 
+def test_projector_casts_inputs_to_its_dtype_on_both_paths():
+    """A float32 volume / values through a float64 Projector: the same numbers on the torch path (the
+    one CUDA runs) as on the fused path; the torch path used to raise on the dtype mismatch."""
+    c = _case(6)
+    v32, y32 = c["volume"].float(), c["y"].float()
+    with torch_path():
+        proj = acq.Projector(SHAPE, *_args(c), dtype=torch.float64)
+        assert proj.geom is None
+        f, a = proj.forward(v32), proj.adjoint(y32)
+    assert f.dtype == a.dtype == torch.float64
+    torch.testing.assert_close(f, acq.Projector(SHAPE, *_args(c)).forward(v32.double()), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a, acq.Projector(SHAPE, *_args(c)).adjoint(y32.double()), rtol=1e-10, atol=1e-12)
+
+
 @needs_numba
 def test_slices_outside_the_volume_and_empty_inputs():
     c = _case(5)
@@ -412,6 +426,24 @@ def test_stage_timer_counts_nested_stages_exclusively():
 
 
 # --------------------------------------------------------------------------- CUDA
+
+
+def test_choosing_cuda_turns_off_cudnn_tf32(monkeypatch):
+    """resolve_device('cuda'/'auto' on a GPU machine) keeps cuDNN's float32 convolutions in float32;
+    choosing the CPU leaves the flag alone.  (CUDA itself is faked: only the flag is under test.)"""
+    from slice2vol.core.runtime import resolve_device
+
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert resolve_device("cpu").type == "cpu" and torch.backends.cudnn.allow_tf32
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert resolve_device("auto").type == "cuda"
+        assert not torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+        assert resolve_device("cuda").type == "cuda" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

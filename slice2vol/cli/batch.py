@@ -245,7 +245,10 @@ def batch_command(args: argparse.Namespace) -> int:
                                     "CodeURL": "https://github.com/slice2vol/slice2vol"}],
                    "options": options, "method": rec.method}, root / "dataset_description.json")
     rows: list[dict] = []
-    with dask_client(args.scheduler, args.workers, args.threads_per_worker, args.verbose) as client:
+    import torch
+
+    on_gpu = getattr(rec, "device", "auto") != "cpu" and torch.cuda.is_available()  # the subjects' --device
+    with dask_client(args.scheduler, args.workers, args.threads_per_worker, args.verbose, on_gpu=on_gpu) as client:
         print(f"slice2vol batch: {len(subjects)} job(s) on {len(client.scheduler_info().get('workers', {}))} "
               f"dask worker(s); dashboard {client.dashboard_link}", flush=True)
         from dask.distributed import as_completed

@@ -307,7 +307,7 @@ class Projector:
         """``(Ni, Nj, Nk)`` -> ``(P,)``."""
         if self.geom is not None:
             return fused.forward(volume.to(self.dtype), self.geom)
-        vol = volume[None, None]
+        vol = volume.to(self.dtype)[None, None]
         out = [
             (F.grid_sample(vol, pts, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0, :, :, 0] * w).sum(-1)
             for pts, w in self.chunks
@@ -318,6 +318,7 @@ class Projector:
         """``(P,)`` -> ``(Ni, Nj, Nk)``."""
         if self.geom is not None:
             return fused.adjoint(values.to(self.dtype), self.geom)
+        values = values.to(self.dtype)
         vol = torch.zeros((1, 1) + self.shape, dtype=values.dtype, device=values.device)
         out = torch.zeros_like(vol)
         start = 0

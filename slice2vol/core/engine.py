@@ -21,18 +21,23 @@ __all__ = ["dask_client", "default_workers", "CONNECT_TIMEOUT"]
 CONNECT_TIMEOUT = "20s"
 
 
-def default_workers(threads_per_task: int | None) -> int:
+def default_workers(threads_per_task: int | None, on_gpu: bool = False) -> int:
     """Worker processes that fill this machine: cores / torch threads per task (at least 1).
 
     ``None`` (torch's default, every core) gives one worker, so tasks never oversubscribe the CPU.
+    ``on_gpu`` (the tasks run with ``--device cuda``/``auto`` on a machine with a GPU) gives one
+    worker: every task would use the same card, each checking only its own memory budget against
+    it, and the time figures would measure the contention (``--workers N`` still overrides).
     """
+    if on_gpu:
+        return 1
     cores = os.cpu_count() or 1
     return max(1, cores // (threads_per_task or cores))
 
 
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None, threads_per_task: int | None = None,
-                verbose: bool = False, processes: bool = True) -> Iterator:
+                verbose: bool = False, processes: bool = True, on_gpu: bool = False) -> Iterator:
     """A dask ``Client`` for the duration of the ``with`` block (the LocalCluster, if one was
     started here, is closed afterwards).
 
@@ -43,6 +48,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         verbose: keep dask's own INFO log lines.
         processes: ``False`` makes the LocalCluster's workers threads of this process (tests and
             debugging: whatever the caller patched in this process is what runs).
+        on_gpu: the tasks run on this machine's GPU: one worker by default (:func:`default_workers`).
 
     Raises:
         Slice2VolError: when the scheduler cannot be reached, or ``workers`` < 1.
@@ -61,7 +67,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         with client:
             yield client
         return
-    n = default_workers(threads_per_task) if workers is None else workers
+    n = default_workers(threads_per_task, on_gpu) if workers is None else workers
     if n < 1:
         raise Slice2VolError(f"--workers must be at least 1, got {n}")
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=":0",

@@ -311,8 +311,8 @@ def slice_tre(
     Returns:
         ``(M,)`` float64 TRE in mm (computed on the CPU in float64); NaN for a slice without pixels.
     """
-    est = torch.as_tensor(est_poses, dtype=torch.float64)
-    gt = torch.as_tensor(gt_poses, dtype=torch.float64)
+    est = torch.as_tensor(est_poses, dtype=torch.float64, device="cpu")
+    gt = torch.as_tensor(gt_poses, dtype=torch.float64, device="cpu")
     if est.shape != gt.shape or est.dim() != 3 or est.shape[1:] != (4, 4):
         raise Slice2VolError(
             f"estimated and ground-truth poses differ in shape: {tuple(est.shape)} vs {tuple(gt.shape)}")

@@ -221,7 +221,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> int:
     print(msg, flush=True)
     failed: list[dict] = []
     t_start = time.perf_counter()
-    with dask_client(cfg.scheduler, cfg.workers, cfg.threads, cfg.verbose, cfg.processes) as client:
+    with dask_client(cfg.scheduler, cfg.workers, cfg.threads, cfg.verbose, cfg.processes,
+                     on_gpu=device.startswith("cuda")) as client:
         from dask.distributed import as_completed
 
         n_workers = len(client.scheduler_info().get("workers", {}))
