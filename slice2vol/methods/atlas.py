@@ -64,7 +64,8 @@ dense correspondence has it too, so it is this anatomy against this reference); 
 the position, which the intensity fit put 1.1-1.6 mm off (1.0-1.5 mm inferior) on every
 validation atlas and the correction brings to 0.2-1.1 mm (the truth itself registered; on the
 validation reconstructions the brain centre 1.49 -> 0.37 mm median, orientation 2.31 -> 2.23
-deg, the atlas step 1.2 -> 3.1 s).
+deg, the atlas step 1.2 -> 3.1 s; with severe instead of mild motion 1.38 -> 0.56 mm, 2.48 -> 2.41 deg,
+the worst case, a poor reconstruction, 4.33 -> 4.37 mm).
 The week estimate leans young on such brains (smaller, masks without the extra-axial CSF).
 """
 from __future__ import annotations
