@@ -337,8 +337,8 @@ def _scores(moving: Tensor, affine: np.ndarray, fixed: _Fixed, poses: Tensor, si
     return _ncc(s.double(), fixed.values.double(), fixed.group, len(fixed.weeks))
 
 
-def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w: int, sigma_vox: float = 2.0,
-                 iterations: int = 50) -> Tensor:
+def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w: int, covered: Tensor | None = None,
+                 sigma_vox: float = 2.0, iterations: int = 50) -> Tensor:
     """The rigid part of a dense correspondence between atlas week ``w`` and the volume.
 
     ``work`` (the working volume on ``affine``) is sampled on the atlas grid through ``pose``
@@ -347,6 +347,17 @@ def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w
     then full atlas resolution, ``iterations`` each, displacement smoothed by ``sigma_vox`` voxels)
     gives every atlas brain voxel ``a`` its corresponding point ``a + u(a)``.  The least-squares
     rigid map of those pairs (:func:`~slice2vol.core.transforms.kabsch`, every brain voxel weighted alike) corrects the pose.
+
+    ``covered`` (bool on ``affine``'s grid, default everywhere) is where the volume has data at all
+    (a reconstruction's region of interest).  Outside it the moving image is given the atlas's own
+    intensities and its voxels leave the fit: a volume that does not cover the whole brain would
+    otherwise have the demons drag the uncovered part of the atlas into the void.  Validation truths
+    GA27 / GA32 with the top quarter of the brain cut off (the region of interest ending at the cut,
+    as at the edge of a field of view): brain centre 0.61 / 0.47 mm off, 0.72 / 0.80 mm without the
+    correction; with the region of interest 3 mm beyond the cut (3 mm of empty "brain"): 0.76 /
+    2.11 mm, against 1.85 / 3.16 mm before this fill and 0.71 / 1.44 mm without the correction.
+    (GA22 cut so came out upside down with or without it: the start search, step 2, needs the
+    whole brain.)
 
     Why: a rigid intensity fit of a brain that is not shaped like the atlas (enlarged ventricles,
     a small posterior fossa) trades the misfit of one region against another and drifts; the
@@ -364,8 +375,12 @@ def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w
     shape = tuple(atlas.t2.shape[1:])
     A = torch.as_tensor(atlas.affine, dtype=torch.float64)
     moving = resample(work, affine, (pose @ A).numpy(), shape).numpy().astype(np.float32)
-    fixed = sitk.GetImageFromArray(atlas.t2[w].numpy().astype(np.float32))
-    moving = sitk.HistogramMatching(sitk.GetImageFromArray(moving), fixed, 256, 7, True)
+    seen = np.ones(shape, dtype=bool) if covered is None else \
+        (resample(covered.float(), affine, (pose @ A).numpy(), shape) > 0.5).numpy()
+    fixed_np = atlas.t2[w].numpy().astype(np.float32)
+    fixed = sitk.GetImageFromArray(fixed_np)
+    moving = sitk.GetArrayFromImage(sitk.HistogramMatching(sitk.GetImageFromArray(moving), fixed, 256, 7, True))
+    moving = sitk.GetImageFromArray(np.where(seen, moving, fixed_np))  # no forces where there are no data
     # unit spacing: displacements and smoothing in atlas voxels (sitk's axes are numpy's reversed)
     field = None
     for shrink in (2, 1):
@@ -380,7 +395,9 @@ def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w
             init = sitk.Resample(field, fx, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
             field = f.Execute(fx, mv, init)
     u = sitk.GetArrayFromImage(field)[..., ::-1]  # (Ni, Nj, Nk, 3): displacement in voxels along (i, j, k)
-    m = atlas.mask[w].numpy()
+    m = atlas.mask[w].numpy() & seen
+    if m.sum() < 100:  # (almost) no overlap: nothing to correct with
+        return pose
     idx = np.argwhere(m).astype(np.float64)
     a = np.asarray(atlas.affine, dtype=np.float64)
     P = idx @ a[:3, :3].T + a[:3, 3]
@@ -388,8 +405,9 @@ def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w
     return pose @ kabsch(torch.from_numpy(P), torch.from_numpy(Q))
 
 
-def _working_volume(volume: Volume, mask: Tensor | None, resolution: float) -> tuple[Tensor, np.ndarray, Tensor]:
-    """The volume on a ``resolution`` mm grid (anti-aliased), divided by its brain mean, and its brain mask."""
+def _working_volume(volume: Volume, mask: Tensor | None, resolution: float) -> tuple[Tensor, np.ndarray, Tensor, Tensor]:
+    """The volume on a ``resolution`` mm grid (anti-aliased), divided by its brain mean, its affine,
+    its brain mask and its region of interest (``mask``, default the nonzero voxels) on that grid."""
     data = volume.data.detach().to("cpu", torch.float32)
     m = (data != 0) if mask is None else mask.to("cpu").bool()
     if tuple(m.shape) != tuple(data.shape):
@@ -416,7 +434,7 @@ def _working_volume(volume: Volume, mask: Tensor | None, resolution: float) -> t
     if int(brain.sum()) < 50:
         raise Slice2VolError("atlas registration: no brain found in the volume (too small or empty)")
     work = work / float(work[brain].mean())
-    return work, A, brain
+    return work, A, brain, resample(m.float(), volume.affine, A, shape) > 0.5
 
 
 # ------------------------------------------------------------------------------ public API
@@ -455,7 +473,7 @@ def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tupl
         if unknown:
             raise Slice2VolError(f"atlas weeks {unknown} are not shipped (available: {atlas.weeks[0]}-{atlas.weeks[-1]})")
         week_idx = [atlas.weeks.index(int(w)) for w in weeks]
-    work, A, brain = _working_volume(volume, mask, working_resolution)
+    work, A, brain, roi = _working_volume(volume, mask, working_resolution)
     spacing = np.full(3, working_resolution)
 
     # 1. starts: principal axes (+ spins), centroids matched, against the week of the nearest size
@@ -493,7 +511,7 @@ def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tupl
     t4 = time.perf_counter()
     if dense:
         # the brain only: the smeared rim of a reconstruction's region of interest has no atlas counterpart
-        pose = _dense_rigid(work * brain, A, pose[0], atlas, week_idx[g])[None]
+        pose = _dense_rigid(work * brain, A, pose[0], atlas, week_idx[g], roi)[None]
     score = float(_scores(work, A, final, pose, 0.0, spacing)[0])
     log.debug("atlas registration: search %.2f s, refine %.2f s, weeks %.2f s, final %.2f s, dense %.2f s",
               t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4)
