@@ -9,7 +9,7 @@ import torch
 
 from slice2vol.errors import Slice2VolError
 
-__all__ = ["resolve_device", "seed_everything", "setup_logging", "NOTICE"]
+__all__ = ["resolve_device", "synchronize", "seed_everything", "setup_logging", "NOTICE"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -31,6 +31,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda"):
         torch.backends.cudnn.allow_tf32 = False
     return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` when it is a CUDA device (CUDA runs asynchronously,
+    so a timer read without this charges them to whatever comes next); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def seed_everything(seed: int) -> torch.Generator:

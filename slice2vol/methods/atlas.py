@@ -374,9 +374,10 @@ def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w
 
     shape = tuple(atlas.t2.shape[1:])
     A = torch.as_tensor(atlas.affine, dtype=torch.float64)
-    moving = resample(work, affine, (pose @ A).numpy(), shape).numpy().astype(np.float32)
+    on_atlas = (pose @ A).numpy()  # atlas voxel -> scanner world
+    moving = resample(work, affine, on_atlas, shape).numpy().astype(np.float32)
     seen = np.ones(shape, dtype=bool) if covered is None else \
-        (resample(covered.float(), affine, (pose @ A).numpy(), shape) > 0.5).numpy()
+        (resample(covered.float(), affine, on_atlas, shape) > 0.5).numpy()
     fixed_np = atlas.t2[w].numpy().astype(np.float32)
     fixed = sitk.GetImageFromArray(fixed_np)
     moving = sitk.GetArrayFromImage(sitk.HistogramMatching(sitk.GetImageFromArray(moving), fixed, 256, 7, True))

@@ -11,6 +11,7 @@ import torch
 
 from slice2vol.core.image import Stack, Volume
 from slice2vol.core.preprocess import prepare
+from slice2vol.core.runtime import synchronize
 from slice2vol.core.stages import stage
 from slice2vol.errors import Slice2VolError
 
@@ -62,12 +63,6 @@ def method_variant(name: str) -> tuple[str, dict]:
     return method, dict(options)
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for CUDA's queued kernels, so a part's time is its own (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, method: str = "svr",
                        mask: Volume | None = None, have_stack_masks: bool = False, template: int | None = None,
                        bias_field: bool = False, iterations: int | None = None, device: torch.device | str = "cpu",
@@ -104,10 +99,10 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
     with stage("prepare"):  # core.stages: exclusive of the registrations etc. inside
         prep = prepare(stacks, resolution, mask=mask, have_stack_masks=have_stack_masks, template=template,
                        bias_field=bias_field, device=device)
-    _sync(prep.slices.device)
+    synchronize(prep.slices.device)
     t1 = time.perf_counter()
     with stage("method, other"):
         result = run(prep, cfg)
-    _sync(prep.slices.device)
+    synchronize(prep.slices.device)
     t2 = time.perf_counter()
     return prep, result, {"prepare_s": t1 - t0, "method_s": t2 - t1, "total_s": t2 - t0}

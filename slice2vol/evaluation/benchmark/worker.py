@@ -18,13 +18,6 @@ log = logging.getLogger("slice2vol")
 # ------------------------------------------------------------------------------------ worker
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_job(case_dir: Path, method_name: str, device: str = "cpu", resolution: float = 0.8,
             iterations: int | None = None, threads: int | None = None) -> dict:
     """Reconstruct (or build the naive baseline of) one case and evaluate it; returns a JSON-ready dict.
@@ -38,7 +31,7 @@ def run_job(case_dir: Path, method_name: str, device: str = "cpu", resolution: f
     from slice2vol.core.image import Volume
     from slice2vol.core.memory import peak_rss_mb, reset_peak_rss, status_mb
     from slice2vol.core.preprocess import prepare
-    from slice2vol.core.runtime import resolve_device, seed_everything
+    from slice2vol.core.runtime import resolve_device, seed_everything, synchronize
     from slice2vol.evaluation.metrics import (
         compare_volumes,
         match_poses,
@@ -66,13 +59,13 @@ def run_job(case_dir: Path, method_name: str, device: str = "cpu", resolution: f
     t0 = time.perf_counter()
     if method_name == NAIVE:
         prep = prepare(stacks, resolution, have_stack_masks=True, device=dev)
-        _sync(dev)
+        synchronize(dev)
         t1 = time.perf_counter()
         from slice2vol.methods.naive import naive_baseline
 
         base = naive_baseline(prep)
         header, data = base.header, base.volume
-        _sync(dev)
+        synchronize(dev)
         t2 = time.perf_counter()
         poses, result = header.poses, None
         out.update(variant={"method": NAIVE, "options": {}}, time_s=t2 - t1, prepare_s=t1 - t0, method_s=t2 - t1)
@@ -81,7 +74,7 @@ def run_job(case_dir: Path, method_name: str, device: str = "cpu", resolution: f
         prep, result, timings = run_reconstruction(stacks, resolution=resolution, method=method, options=options,
                                                    have_stack_masks=True, iterations=iterations, device=dev,
                                                    progress=False)
-        _sync(dev)
+        synchronize(dev)
         data, poses = result.volume.data, result.poses
         out.update(variant={"method": method, "options": options}, time_s=time.perf_counter() - t0,
                    prepare_s=timings["prepare_s"], method_s=timings["method_s"])
