@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
-from slice2vol.evaluation.benchmark.runner import Job, run_worker
+from slice2vol.evaluation.benchmark.runner import Job, link_case, run_worker
 from slice2vol.evaluation.benchmark.settings import CASE_JSON, BenchmarkConfig
 from slice2vol.io import shared_data_dir
 
@@ -40,11 +40,7 @@ def job(out: Path, case: Path, path: str, method: str, threads: int, resolution:
     Each path has its own output folder, whose case folder links the simulated case's files."""
     meta = json.loads((case / CASE_JSON).read_text())
     cfg = BenchmarkConfig(output=out / path, device="cpu", resolution=resolution, threads=threads)
-    linked = cfg.output / "cases" / case.name
-    linked.mkdir(parents=True, exist_ok=True)
-    for f in case.iterdir():
-        if f.is_file() and not (linked / f.name).exists():
-            (linked / f.name).symlink_to(f.resolve())
+    link_case(cfg, case)
     saved = {k: os.environ.get(k) for k in PATHS[path]}
     os.environ.update(PATHS[path])  # the worker inherits it
     try:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
-from slice2vol.evaluation.benchmark.runner import Job, run_worker
+from slice2vol.evaluation.benchmark.runner import Job, link_case, run_worker
 from slice2vol.evaluation.benchmark.settings import CASE_JSON, BenchmarkConfig
 
 METHODS = "svr,gaussian,csvr,auto"
@@ -57,11 +57,7 @@ def run_case(work: Path, case: Path, method: str, device: str, resolution: float
     """One job in a fresh worker process; the case's files are linked into ``work``."""
     meta = json.loads((case / CASE_JSON).read_text())
     cfg = BenchmarkConfig(output=work / device, device=device, resolution=resolution, threads=threads)
-    linked = cfg.output / "cases" / case.name
-    linked.mkdir(parents=True, exist_ok=True)
-    for f in case.iterdir():
-        if f.is_file() and not (linked / f.name).exists():
-            (linked / f.name).symlink_to(f.resolve())
+    link_case(cfg, case)
     return run_worker(cfg, Job(meta["atlas"], meta["motion"], meta["seed"], method), device)
 
 

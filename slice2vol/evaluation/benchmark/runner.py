@@ -78,6 +78,17 @@ def is_done(output: Path, job: Job) -> bool:
     return r is not None and r.get("status") == "ok"
 
 
+def link_case(cfg: BenchmarkConfig, case: Path) -> None:
+    """Make a case simulated elsewhere (``case``, a folder with ``case.json``) a case of ``cfg.output``
+    by linking its files into ``cfg.output/cases/<name>``, where :func:`run_worker` looks (the
+    benchmark scripts that time one case on several paths or devices)."""
+    linked = cfg.output / "cases" / case.name
+    linked.mkdir(parents=True, exist_ok=True)
+    for f in case.iterdir():
+        if f.is_file() and not (linked / f.name).exists():
+            (linked / f.name).symlink_to(f.resolve())
+
+
 def run_worker(cfg: BenchmarkConfig, job: Job, device: str) -> dict:
     """Run one job in a fresh Python process; a failure becomes a ``status: failed`` result."""
     from slice2vol import io
