@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
+from slice2vol.evaluation.benchmark.cases import ensure_case
 from slice2vol.evaluation.benchmark.runner import Job, link_case, run_worker
 from slice2vol.evaluation.benchmark.settings import CASE_JSON, BenchmarkConfig
 from slice2vol.io import shared_data_dir
@@ -81,11 +81,7 @@ def main(argv=None) -> int:
     cases = []
     for atlas in args.atlases:
         for seed in args.seeds:
-            cdir = out / "cases" / case_name(atlas, args.motion, seed)
-            if not (cdir / CASE_JSON).is_file():
-                cdir.mkdir(parents=True, exist_ok=True)
-                simulate_case(cfg, atlas, args.motion, seed, cdir)
-            cases.append(cdir)
+            cases.append(ensure_case(cfg, atlas, args.motion, seed))
     warm = job(out, cases[0], "numba", methods[0], args.threads, args.resolution)  # fills numba's kernel cache; not counted
     print(f"warm-up (numba kernel cache): {warm['status']}, {warm['worker_wall_s']:.1f} s wall", flush=True)
 

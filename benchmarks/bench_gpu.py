@@ -30,11 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
+from slice2vol.evaluation.benchmark.cases import case_name, ensure_case
 from slice2vol.evaluation.benchmark.runner import Job, link_case, run_worker
 from slice2vol.evaluation.benchmark.settings import CASE_JSON, BenchmarkConfig
 
-METHODS = "svr,gaussian,csvr,auto"
+METHODS = "svr,gaussian,csvr,csvr-refine,auto"  # as gpu_check.sh runs them
 
 
 def make_cases(out: Path, atlases: list[str], motion: str, seeds: list[int], data: Path | None) -> list[Path]:
@@ -44,10 +44,7 @@ def make_cases(out: Path, atlases: list[str], motion: str, seeds: list[int], dat
     done = []
     for atlas in atlases:
         for seed in seeds:
-            case = out / case_name(atlas, motion, seed)
-            if not (case / CASE_JSON).exists():
-                case.mkdir(parents=True, exist_ok=True)
-                simulate_case(cfg, atlas, motion, seed, case)
+            case = ensure_case(cfg, atlas, motion, seed, out / case_name(atlas, motion, seed))
             done.append(case)
             print(f"case {case.name}: {sum(f.stat().st_size for f in case.iterdir()) / 2**20:.1f} MB", flush=True)
     return done

@@ -14,6 +14,7 @@ import pytest
 from slice2vol.cli.parser import build_parser, main
 from slice2vol.errors import Slice2VolError
 from slice2vol.evaluation import benchmark as bm
+from slice2vol.evaluation.benchmark import cases as bm_cases  # where ensure_case looks simulate_case up
 from slice2vol.evaluation.benchmark import runner as bm_runner  # where the parent looks its workers up
 
 
@@ -177,7 +178,7 @@ def test_rerun_skips_finished_jobs_and_retries_failed(fake_data, tmp_path, monke
         raise AssertionError("a case whose case.json exists must not be simulated again")
 
     monkeypatch.setattr(bm_runner, "run_worker", fake_worker)
-    monkeypatch.setattr(bm_runner, "simulate_case", no_simulation)
+    monkeypatch.setattr(bm_cases, "simulate_case", no_simulation)
     assert bm.run_benchmark(cfg) == 0
     assert sorted(ran) == sorted([(jobs[2].case, jobs[2].method), (jobs[3].case, jobs[3].method)])
     assert "2 already done" in capsys.readouterr().out
@@ -200,7 +201,7 @@ def test_failed_job_recorded_run_continues_exit_1(fake_data, tmp_path, monkeypat
         case_dir.mkdir(parents=True, exist_ok=True)
         (case_dir / bm.CASE_JSON).write_text("{}")
 
-    monkeypatch.setattr(bm_runner, "simulate_case", simulate)
+    monkeypatch.setattr(bm_cases, "simulate_case", simulate)
 
     def worker(c, job, device):
         ok = not (job.atlas == "STA23" and job.method == "svr")

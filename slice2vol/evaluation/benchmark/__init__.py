@@ -31,7 +31,7 @@ folder, and optionally copies the table and pictures into a README between marke
 """
 from __future__ import annotations
 
-from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
+from slice2vol.evaluation.benchmark.cases import case_name, ensure_case, simulate_case
 from slice2vol.evaluation.benchmark.plots import plot_quality, plot_time
 from slice2vol.evaluation.benchmark.readme import replace_between_markers, update_readme
 from slice2vol.evaluation.benchmark.runner import (
@@ -39,6 +39,7 @@ from slice2vol.evaluation.benchmark.runner import (
     benchmark_command,
     is_done,
     jobs_of,
+    link_case,
     load_records,
     read_result,
     result_path,

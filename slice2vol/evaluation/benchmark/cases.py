@@ -20,6 +20,16 @@ def case_name(atlas: str, motion: str, seed: int) -> str:
     return f"{atlas}_{motion}_seed{seed}"
 
 
+def ensure_case(cfg: BenchmarkConfig, atlas: str, motion: str, seed: int, folder: Path | None = None) -> Path:
+    """The case's folder (``folder``, default ``cfg.output/cases/<name>``), simulated unless its
+    ``case.json`` exists (a finished case is never simulated again)."""
+    case_dir = folder if folder is not None else cfg.output / "cases" / case_name(atlas, motion, seed)
+    if not (case_dir / CASE_JSON).is_file():
+        case_dir.mkdir(parents=True, exist_ok=True)
+        simulate_case(cfg, atlas, motion, seed, case_dir)
+    return case_dir
+
+
 def simulate_case(cfg: BenchmarkConfig, atlas: str, motion: str, seed: int, case_dir: Path) -> dict:
     """Simulate one case into ``case_dir``: stacks, masks, true poses, ground truth cropped to the
     brain; ``case.json`` is written last, so its presence means the case is complete."""

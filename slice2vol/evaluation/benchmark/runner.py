@@ -16,11 +16,10 @@ from typing import Iterable, Sequence
 
 from slice2vol.core.engine import dask_client
 from slice2vol.errors import Slice2VolError
-from slice2vol.evaluation.benchmark.cases import case_name, simulate_case
+from slice2vol.evaluation.benchmark.cases import case_name, ensure_case
 from slice2vol.evaluation.benchmark.plots import plot_quality, plot_time
 from slice2vol.evaluation.benchmark.readme import update_readme
 from slice2vol.evaluation.benchmark.settings import (
-    CASE_JSON,
     NAIVE,
     PLOT_QUALITY,
     PLOT_TIME,
@@ -132,15 +131,12 @@ def _simulate_task(cfg: BenchmarkConfig, atlas: str, motion: str, seed: int) -> 
 
     A dask task: a failure is returned, not raised, so the case's jobs record it as their reason.
     """
-    case_dir = cfg.output / "cases" / case_name(atlas, motion, seed)
-    if (case_dir / CASE_JSON).is_file():
-        return None
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
     try:
-        simulate_case(cfg, atlas, motion, seed, case_dir)
+        ensure_case(cfg, atlas, motion, seed)
     except Exception as exc:  # one bad case must not stop the others
         log.debug("simulation failed", exc_info=True)
         return f"simulation: {type(exc).__name__}: {exc}"
