@@ -273,7 +273,7 @@ def test_dense_correction_recovers_the_rigid_part_of_a_warp():
     x = idx @ A[:3, :3].T + A[:3, 3]
     moving = sample_at(atlas.t2[w].double(), atlas.affine, x + v(x)).reshape(atlas.t2.shape[1:]).float()
     # truth: the moving point corresponding to atlas point a solves x + v(x) = a
-    a = _points_of(atlas.mask[w], A)
+    a = atlas_mod._points(atlas.mask[w], atlas.affine)
     q = a.clone()
     for _ in range(30):
         q = a - v(q)
@@ -285,9 +285,6 @@ def test_dense_correction_recovers_the_rigid_part_of_a_warp():
     assert np.linalg.norm(E[:3, :3] @ c.numpy() + E[:3, 3] - c.numpy()) < 0.4
     torch.set_num_threads(2)
 
-
-def _points_of(mask, A):
-    return torch.nonzero(mask).double() @ A[:3, :3].T + A[:3, 3]
 
 
 def test_dense_correction_ignores_what_the_volume_does_not_cover():
