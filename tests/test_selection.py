@@ -173,6 +173,54 @@ def test_decision_rule_guards():
     assert decide([float("nan")] * 3, [float("nan")] * 3, [100.0] * 3)[0] == [True] * 3
 
 
+def test_a_flagged_stack_is_checked_against_a_second_reference(case, monkeypatch):
+    """Measures that depend on the registration reference (scripted): a stack flagged against the
+    first reference is dropped only if the second reference's registration does not explain it
+    better (a higher median agreement); a flagged reference always defers to the second."""
+    from slice2vol.methods import selection as sel_mod
+
+    stacks, masks = case("noise")
+    loaded = io.load_stacks(stacks, None, masks)
+    first = assess_stacks(loaded).reference
+    bad = next(i for i in range(4) if i != first)
+    measured = {}
+    asked: list[int] = []
+
+    def scripted(sts, reference, **kw):
+        asked.append(reference)
+        a = measured["first"] if reference == first else measured["second"]
+        return sel_mod.CrossStack(list(a), [3.0] * 4, [0.5] * 4)
+
+    def run(a_first, a_second):
+        asked.clear()
+        measured.update(first=a_first, second=a_second)
+        return assess_stacks(loaded)
+
+    monkeypatch.setattr(sel_mod, "cross_stack_measures", scripted)
+    flagged = [0.5] * 4
+    flagged[bad] = 0.05
+    # against the first reference `bad` disagrees; the second registers the exam better and
+    # explains every stack: nothing is dropped
+    sel = run(flagged, [0.7] * 4)
+    assert len(asked) == 2 and asked[1] not in (first, bad)
+    assert sel.dropped == [] and sel.reference == asked[1]
+    # the second reference sees the same outlier: dropped
+    confirmed = [0.7] * 4
+    confirmed[bad] = 0.1
+    sel = run(flagged, confirmed)
+    assert sel.dropped == [bad] and "disagrees" in sel.stacks[bad].reason
+    # the second reference registers worse (lower median agreement): the first one's verdict stands
+    sel = run(flagged, [0.3] * 4)
+    assert len(asked) == 2 and sel.dropped == [bad] and sel.reference == first
+    # nothing flagged: one measurement only
+    assert run([0.7] * 4, [0.3] * 4).dropped == [] and asked == [first]
+    # the reference itself flagged: the second measurement is used even if its median is lower
+    ref_flagged = [0.7] * 4
+    ref_flagged[first] = 0.05
+    sel = run(ref_flagged, [0.6] * 4)
+    assert sel.reference == asked[1] != first and sel.dropped == []
+
+
 # ------------------------------------------------------------------------------ CLI
 
 

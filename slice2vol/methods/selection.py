@@ -468,6 +468,13 @@ def _otsu_masks(stacks: Sequence[Stack]) -> list[Stack]:
     return out
 
 
+def _median_agreement(c: CrossStack) -> float:
+    """Median agreement over the stacks that have one (-inf if none)."""
+    a = np.asarray(c.agreement, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else -math.inf
+
+
 def _reference(nbr: Sequence[float], protect: Sequence[int]) -> int:
     """The registration reference: a protected stack (the user's template) if any, else the one
     whose neighbouring slices agree best (as ``choose_template``)."""
@@ -517,25 +524,40 @@ def assess_stacks(stacks: Sequence[Stack], mask: Volume | None = None, have_stac
         cross = CrossStack(list(nan), list(nan), list(nan))
         reference = None
 
-        def measure(ref: int) -> None:
+        def measure(ref: int) -> CrossStack:
             c = cross_stack_measures([masked[i] for i in usable], usable.index(ref), device=device)
+            out = CrossStack(list(nan), list(nan), list(nan))
             for j, i in enumerate(usable):
-                cross.agreement[i], cross.motion_mm[i], cross.interleave_mm[i] = \
+                out.agreement[i], out.motion_mm[i], out.interleave_mm[i] = \
                     c.agreement[j], c.motion_mm[j], c.interleave_mm[j]
+            return out
 
-        def rule():
-            return decide(cross.agreement, cross.motion_mm, cov_ml, drop_outliers, max_stacks, protect, brain_masks)
+        def rule(c: CrossStack):
+            return decide(c.agreement, c.motion_mm, cov_ml, drop_outliers=True, protect=protect,
+                          brain_masks=brain_masks)[0]
+
+        def second_reference(first: int, flagged: list[int]) -> int | None:
+            cand = [i for i in usable if i != first and i not in flagged]
+            if not cand:
+                return None
+            return cand[_reference([nbr[i] for i in cand], [cand.index(p) for p in protect if p in cand])]
 
         if len(usable) >= 2:
             reference = usable[_reference([nbr[i] for i in usable], [usable.index(p) for p in protect if p in usable])]
-            measure(reference)
-        keep, reason, score = rule()
-        if reference is not None and not keep[reference] and sum(keep[i] for i in usable) >= 2:
-            # the registration reference itself was dropped: measure again against a kept stack
-            kept = [i for i in usable if keep[i]]
-            reference = kept[_reference([nbr[i] for i in kept], [kept.index(p) for p in protect if p in kept])]
-            measure(reference)
-            keep, reason, score = rule()
+            cross = measure(reference)
+            flagged = [i for i in usable if not rule(cross)[i]]
+            alt = second_reference(reference, flagged) if flagged else None
+            if alt is not None:
+                # A stack would be dropped: ask a second reference.  A reference ruined by motion
+                # registers the others badly (a good stack of its orientation can then look like
+                # the outlier), so when the reference itself is flagged the second measurement is
+                # used; otherwise the one with the higher median agreement, i.e. the better
+                # registration of the exam as a whole.
+                second = measure(alt)
+                if reference in flagged or _median_agreement(second) > _median_agreement(cross):
+                    cross, reference = second, alt
+        keep, reason, score = decide(cross.agreement, cross.motion_mm, cov_ml, drop_outliers, max_stacks, protect,
+                                     brain_masks)
     scores = [StackScore(index=i, name=st.name, n_slices=st.n_slices, neighbour_ncc=nbr[i],
                          interleave_ncc=nbr2[i] - nbr[i], motion_mm=cross.motion_mm[i],
                          interleave_mm=cross.interleave_mm[i], agreement=cross.agreement[i], coverage_ml=cov[i][0],
