@@ -73,6 +73,20 @@ def _simulate(volume, motion: str, seed: int, orientations=("axial", "coronal", 
     return simulate_stacks(volume, None, cfg, seed_everything(seed), progress=False)
 
 
+def simulated_exams(vol, seed: int) -> dict[str, list]:
+    """The simulated stacks of one atlas and seed that need no other atlas: ``good`` (3 moderate
+    stacks), the 4th stack of ``rescan`` (moderate axial) and of ``extreme`` (extreme axial), and
+    ``all-<level>`` (3 stacks) for the levels of :data:`GOOD_LEVELS` but moderate.  Each draw has its
+    own seed, so what is simulated does not depend on what else is."""
+    out = {"good": list(_simulate(vol, "moderate", seed).stacks),
+           "rescan": list(_simulate(vol, "moderate", seed + 6000, ("axial",)).stacks),
+           "extreme": list(_simulate(vol, "extreme", seed + 1000, ("axial",)).stacks)}
+    for level in GOOD_LEVELS:
+        if level != "moderate":
+            out[f"all-{level}"] = list(_simulate(vol, level, seed + 5000).stacks)
+    return out
+
+
 def _centre(volume) -> np.ndarray:
     idx = torch.nonzero(volume.mask).double().numpy()
     return idx.mean(0) @ volume.affine[:3, :3].T + volume.affine[:3, 3]
@@ -140,10 +154,10 @@ def make_case(data: Path, atlas: str, seed: int, folder: Path) -> dict:
             io.write_json(meta, meta_path)
         return meta
     vol = _load_atlas(data, atlas)
-    good = _simulate(vol, "moderate", seed)
-    _save(good.stacks, folder / "good")
-    _save(_simulate(vol, "moderate", seed + 6000, ("axial",)).stacks, folder / "rescan", first=3)
-    _save(_simulate(vol, "extreme", seed + 1000, ("axial",)).stacks, folder / "extreme", first=3)
+    sims = simulated_exams(vol, seed)
+    _save(sims["good"], folder / "good")
+    _save(sims["rescan"], folder / "rescan", first=3)
+    _save(sims["extreme"], folder / "extreme", first=3)
     other = other_atlas(atlas)
     ovol = _load_atlas(data, other)
     ost = _simulate(ovol, "moderate", seed + 2000, ("axial",)).stacks[0]
@@ -155,7 +169,7 @@ def make_case(data: Path, atlas: str, seed: int, folder: Path) -> dict:
     _save([replace(nst, slices=noise)], folder / "noise", first=3)
     for level in GOOD_LEVELS:
         if level != "moderate":
-            _save(_simulate(vol, level, seed + 5000).stacks, folder / f"all-{level}")
+            _save(sims[f"all-{level}"], folder / f"all-{level}")
     gt = crop_to_roi(vol, vol.mask, GT_MARGIN_VOX)
     io.save_volume(gt, folder / "gt.nii.gz")
     io.save_volume(gt.mask.numpy().astype(np.uint8), folder / "gt_mask.nii.gz", gt.affine, dtype=np.uint8)

@@ -33,12 +33,10 @@ BAD = ("extreme", "extreme-cor", "severe4")
 
 def exams(vol, seed: int) -> dict[str, list]:
     """The exams of one atlas and seed (module docstring); the 4th stack of a bad one is last."""
-    good = list(bs._simulate(vol, "moderate", seed).stacks)
-    out = {"good": good,
-           "extreme": good + list(bs._simulate(vol, "extreme", seed + 1000, ("axial",)).stacks),
-           "rescan": good + list(bs._simulate(vol, "moderate", seed + 6000, ("axial",)).stacks)}
-    for level in ("mild", "severe", "extreme"):
-        out[f"all-{level}"] = list(bs._simulate(vol, level, seed + 5000).stacks)
+    sims = bs.simulated_exams(vol, seed)
+    good = sims["good"]
+    out = {"good": good, "extreme": good + sims["extreme"], "rescan": good + sims["rescan"]}
+    out.update({k: v for k, v in sims.items() if k.startswith("all-")})
     out["extreme-cor"] = good + list(bs._simulate(vol, "extreme", seed + 7000, ("coronal",)).stacks)
     out["severe4"] = good + list(bs._simulate(vol, "severe", seed + 8000, ("axial",)).stacks)
     return out
