@@ -64,12 +64,14 @@ def main(argv=None) -> int:
     for atlas in atlases:
         vol = bs._load_atlas(data, atlas)
         for seed in seeds:
+            these = []
             for variant, stacks in exams(vol, seed).items():
                 sel = assess_stacks(stacks)
-                rows.append({"atlas": atlas, "seed": seed, "variant": variant, "dropped": sel.dropped,
-                             "reference": sel.reference, "time_s": sel.time_s,
-                             "stacks": [s.to_dict() for s in sel.stacks]})
-            print(f"{atlas} seed {seed}: " + ", ".join(f"{r['variant']} {r['dropped'] or '-'}" for r in rows[-8:]),
+                these.append({"atlas": atlas, "seed": seed, "variant": variant, "dropped": sel.dropped,
+                              "reference": sel.reference, "time_s": sel.time_s,
+                              "stacks": [s.to_dict() for s in sel.stacks]})
+            rows += these
+            print(f"{atlas} seed {seed}: " + ", ".join(f"{r['variant']} {r['dropped'] or '-'}" for r in these),
                   flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows))
