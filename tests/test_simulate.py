@@ -28,6 +28,7 @@ from slice2vol.simulation.simulate import (
     interleaved_order,
     orientation_rotation,
     sample_simulation_params,
+    signal_loss_field,
     save_simulation,
     simulate_stacks,
 )
@@ -286,6 +287,39 @@ def test_artefacts(phantom):
     assert torch.allclose(gam.stacks[0].slices, top * (clean.slices / top) ** g, rtol=1e-4, atol=1e-3)
 
 
+
+def test_signal_loss_darkens_the_chosen_slices_only(phantom):
+    """Signal loss multiplies the chosen slices by ``1 - depth * g`` before the noise; every other
+    slice, and every other artefact of the seed, is the same as without it."""
+    base_cfg = dict(n_stacks=2, motion="mild", spacing=2.0, thickness=4.0, margin=6.0, noise=0.0, bias=0.1)
+    plain = simulate_stacks(phantom, None, SimulationConfig(**base_cfg), 4)
+    lossy = simulate_stacks(phantom, None, SimulationConfig(signal_loss=0.25, **base_cfg), 4)
+    assert lossy.params.artefacts.bias_coeffs == plain.params.artefacts.bias_coeffs
+    for s, (a, b) in enumerate(zip(plain.stacks, lossy.stacks)):
+        losses = lossy.params.artefacts.signal_loss[s]
+        N = a.slices.shape[0]
+        assert len(losses) == round(0.25 * N) and len({d["slice"] for d in losses}) == len(losses)
+        hit = torch.zeros(N, dtype=torch.bool)
+        hit[[d["slice"] for d in losses]] = True
+        assert torch.equal(a.slices[~hit], b.slices[~hit])
+        field = signal_loss_field(losses, N, a.slices.shape[1], a.slices.shape[2])
+        torch.testing.assert_close(b.slices, a.slices * field, rtol=1e-5, atol=1e-3)
+        for d in losses:  # dark: whole slices to 1 - depth, bands down to 1 - depth at their centre
+            k = d["slice"]
+            assert float(field[k].min()) == pytest.approx(1 - d["depth"], abs=0.05 if d["band"] else 1e-6)
+            assert float(b.slices[k].sum()) < float(a.slices[k].sum())
+
+
+def test_signal_loss_band_runs_along_its_angle():
+    """A band at 0 deg is a function of the first in-plane coordinate only, darkest at ``offset``."""
+    band = {"angle_deg": 0.0, "offset": 0.0, "width": 0.2}
+    f = signal_loss_field([{"slice": 0, "depth": 0.8, "band": band}], 1, 21, 11)[0]
+    assert torch.allclose(f, f[:, :1].expand_as(f))
+    assert float(f[10, 0]) == pytest.approx(0.2, abs=1e-6) and float(f[0, 0]) > 0.99
+    g = signal_loss_field([{"slice": 0, "depth": 0.8, "band": {**band, "angle_deg": 90.0}}], 1, 11, 21)[0]
+    assert torch.allclose(g, g[:1, :].expand_as(g), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ files
 
 
@@ -314,8 +348,9 @@ def test_written_stacks_reload_with_the_recorded_geometry(phantom, tmp_path):
 
 
 def test_gt_poses_json_round_trips_and_reproduces_the_simulation(phantom, tmp_path):
-    cfg = SimulationConfig(n_stacks=2, motion="csvr", bias=0.1, gamma=0.1, **{**FAST, "noise": 0.03})
+    cfg = SimulationConfig(n_stacks=2, motion="csvr", bias=0.1, gamma=0.1, signal_loss=0.2, **{**FAST, "noise": 0.03})
     res = simulate_stacks(phantom, None, cfg, 11)
+    assert all(res.params.artefacts.signal_loss)
     save_simulation(res, tmp_path)
     entries = load_poses_json(tmp_path / "gt_poses.json")
     for e, st, P in zip(entries, res.stacks, res.true_poses):
@@ -340,6 +375,8 @@ def test_gt_poses_json_round_trips_and_reproduces_the_simulation(phantom, tmp_pa
     (dict(noise=-1.0), "noise"),
     (dict(n_stacks=0), "stacks"),
     (dict(thickness=2.0, gap=-2.0), "gap"),
+    (dict(signal_loss=1.5), "signal loss"),
+    (dict(signal_loss=-0.1), "signal loss"),
 ])
 def test_bad_config_raises(phantom, kwargs, words):
     with pytest.raises(Slice2VolError, match=words):

@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="amplitude of an extra slice-wise smooth bias field, as in cSVR training (default: 0)")
     p.add_argument("--interleave", type=int, default=2,
                    help="interleave step of the acquisition order, 1 = sequential (default: 2)")
+    p.add_argument("--signal-loss", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of every stack's slices darkened, wholly or in a band, as by fetal motion during "
+                        "a single-shot slice (default: 0)")
     p.add_argument("--margin", type=float, default=10.0, help="field-of-view margin around the mask in mm (default: 10)")
     _add_common(p)
 

@@ -21,7 +21,9 @@ Pipeline (each step a small function; geometry conventions of :mod:`slice2vol.co
    at the true poses.  Pixels whose PSF cannot reach a non-zero voxel are skipped (their value is
    exactly 0), which makes skull-stripped volumes several times faster to simulate.  Stack masks:
    the ground-truth mask through the same geometry with the thin PSF, thresholded at 0.5.
-5. **Artefacts** (applied in the order of the physics): Rician noise (magnitude of complex
+5. **Artefacts** (applied in the order of the physics): optionally signal loss in a fraction of
+   the slices (:func:`signal_loss_field`: the dark slices and bands that motion *during* a
+   single-shot fast spin echo slice leaves), Rician noise (magnitude of complex
    Gaussian noise, sd relative to the mean brain intensity), a smooth multiplicative bias field
    (it scales signal and thermal noise alike, as a receive coil does), optionally a slice-wise
    bias field, negatives clipped to 0, then a random gamma change ``I -> max * (I / max)^gamma``.
@@ -70,6 +72,7 @@ __all__ = [
     "apply_simulation",
     "simulate_stacks",
     "render_stack",
+    "signal_loss_field",
     "save_simulation",
     "config_from_args",
     "simulate_command",
@@ -119,6 +122,8 @@ class SimulationConfig:
         bias_order: polynomial order of the per-stack bias field.
         slice_bias: maximum |log| of an extra per-slice in-plane quadratic bias field.
         gamma: sd of ``log(gamma)`` of the per-stack gamma change.
+        signal_loss: fraction of every stack's slices with motion-induced signal loss
+            (:func:`signal_loss_field`; 0: none).
     """
 
     n_stacks: int = 3
@@ -136,6 +141,7 @@ class SimulationConfig:
     slice_bias: float = 0.0
     gamma: float = 0.0
     stack_tilt_max: float = 0.0
+    signal_loss: float = 0.0
 
     def stack_orientations(self) -> list[str]:
         if self.orientations is None:
@@ -169,6 +175,8 @@ class SimulationConfig:
                                  f"got {self.interleave}")
         if not (math.isfinite(self.stack_tilt_max) and 0 <= self.stack_tilt_max <= 90):
             raise Slice2VolError(f"stack tilt maximum must be between 0 and 90 degrees, got {self.stack_tilt_max}")
+        if not (math.isfinite(self.signal_loss) and 0 <= self.signal_loss <= 1):
+            raise Slice2VolError(f"signal loss must be a fraction of the slices between 0 and 1, got {self.signal_loss}")
         if self.bias_order < 1:
             raise Slice2VolError(f"bias field order must be at least 1, got {self.bias_order}")
         motion_level(self.motion)  # raises for an unknown level
@@ -238,6 +246,8 @@ class ArtefactParams:
         slice_bias_coeffs: per stack ``(N, 6)`` coefficients of ``1, u, v, u^2, uv, v^2``, in-plane
             coordinates normalised to ``[-1, 1]``.
         gamma: per stack gamma exponent.
+        signal_loss: per stack, the slices with signal loss: ``{"slice": k, "depth": d, "band":
+            None | {"angle_deg", "offset", "width"}}`` (see :func:`signal_loss_field`).
     """
 
     noise_sd: float = 0.0
@@ -247,6 +257,7 @@ class ArtefactParams:
     bias_radius: list[float] = field(default_factory=list)
     slice_bias_coeffs: list[list[list[float]]] = field(default_factory=list)
     gamma: list[float] = field(default_factory=list)
+    signal_loss: list[list[dict]] = field(default_factory=list)
 
 
 @dataclass
@@ -466,7 +477,61 @@ def _sample_artefacts(geometry: list[StackGeometry], centre: np.ndarray, intensi
             p.slice_bias_coeffs.append(_normalised_coeffs(rng, (g.shape[2], _SLICE_BIAS_TERMS), config.slice_bias).tolist())
         if config.gamma > 0:
             p.gamma.append(float(math.exp(rng.normal(0, config.gamma))))
+    if config.signal_loss > 0:  # drawn last, so the other artefacts of a seed do not change with it
+        p.signal_loss = [_sample_signal_loss(g.shape[2], config.signal_loss, rng) for g in geometry]
     return p
+
+
+#: Signal loss (:func:`signal_loss_field`): depth range, share of whole-slice losses, band
+#: half-width range (sd, in-plane coordinates normalised to [-1, 1]) and centre offset range.
+SIGNAL_LOSS_DEPTH = (0.5, 1.0)
+SIGNAL_LOSS_WHOLE_SLICE = 0.3
+SIGNAL_LOSS_WIDTH = (0.15, 0.5)
+SIGNAL_LOSS_OFFSET = 0.3
+
+
+def _sample_signal_loss(n_slices: int, fraction: float, rng: np.random.Generator) -> list[dict]:
+    chosen = np.sort(rng.choice(n_slices, size=int(round(fraction * n_slices)), replace=False))
+    out = []
+    for k in chosen:
+        depth = float(rng.uniform(*SIGNAL_LOSS_DEPTH))
+        band = None
+        if rng.random() >= SIGNAL_LOSS_WHOLE_SLICE:
+            band = {"angle_deg": float(rng.uniform(0, 180)), "offset": float(rng.uniform(-SIGNAL_LOSS_OFFSET, SIGNAL_LOSS_OFFSET)),
+                    "width": float(rng.uniform(*SIGNAL_LOSS_WIDTH))}
+        out.append({"slice": int(k), "depth": depth, "band": band})
+    return out
+
+
+def signal_loss_field(losses: Sequence[dict], N: int, H: int, W: int, device=None) -> Tensor:
+    """Multiplicative field ``(N, H, W)`` of motion-induced signal loss (1 where there is none).
+
+    Fetal T2 slices are single-shot fast spin echo images: a fetus that moves *while* a slice is
+    acquired dephases its spins, and the slice comes out dark, wholly or in a band (the slice-level
+    outliers that SVRTK's robust statistics were made for).  Each lost slice is multiplied by
+    ``1 - depth * g``: ``g = 1`` (whole slice) or a Gaussian band ``g = exp(-t^2 / (2 width^2))``,
+    ``t = u cos(angle) + v sin(angle) - offset`` with ``u, v`` the pixel coordinates along the
+    slice's two axes normalised to ``[-1, 1]``.  Sampled depth 0.5-1, 30 % whole slices, widths
+    0.15-0.5 (:data:`SIGNAL_LOSS_DEPTH` etc.); our choice, no published model is followed.
+
+    >>> f = signal_loss_field([{"slice": 1, "depth": 0.75, "band": None}], 3, 2, 2)
+    >>> f[:, 0, 0].tolist()
+    [1.0, 0.25, 1.0]
+    """
+    field_ = torch.ones((N, H, W), dtype=torch.float64, device=device)
+    u = torch.linspace(-1, 1, H, dtype=torch.float64, device=device) if H > 1 else torch.zeros(1, dtype=torch.float64, device=device)
+    v = torch.linspace(-1, 1, W, dtype=torch.float64, device=device) if W > 1 else torch.zeros(1, dtype=torch.float64, device=device)
+    uu, vv = torch.meshgrid(u, v, indexing="ij")
+    for loss in losses:
+        band = loss.get("band")
+        if band is None:
+            g = torch.ones_like(uu)
+        else:
+            th = math.radians(band["angle_deg"])
+            t = uu * math.cos(th) + vv * math.sin(th) - band["offset"]
+            g = torch.exp(-t * t / (2 * band["width"] ** 2))
+        field_[int(loss["slice"])] *= 1 - loss["depth"] * g
+    return field_.to(torch.float32)
 
 
 def _bias_field(geom: StackGeometry, coeffs: Sequence[float], radius: float, order: int,
@@ -511,6 +576,8 @@ def _gamma(x: Tensor, gamma: float) -> Tensor:
 def _apply_artefacts(signal: Tensor, s: int, geom: StackGeometry, params: SimulationParams) -> Tensor:
     a = params.artefacts
     x = signal
+    if a.signal_loss and a.signal_loss[s]:  # a loss of signal, before the thermal noise
+        x = x * signal_loss_field(a.signal_loss[s], geom.shape[2], geom.shape[0], geom.shape[1], x.device)
     if a.noise_sd > 0:
         x = _rician(x, a.noise_sd, a.noise_seed + s)
     if a.bias_coeffs:
@@ -818,6 +885,7 @@ def config_from_args(args) -> SimulationConfig:
         motion=args.motion, noise=args.noise, bias=args.bias, gamma=args.gamma,
         slice_bias=getattr(args, "slice_bias", 0.0), interleave=getattr(args, "interleave", 2),
         margin=getattr(args, "margin", 10.0), stack_tilt_max=getattr(args, "stack_tilt_max", 0.0),
+        signal_loss=getattr(args, "signal_loss", 0.0),
     )
 
 
