@@ -317,6 +317,47 @@ def test_small_synthetic_case_converges(atlas_lowres):
         assert len(res.gaussians) > 0
 
 
+
+def test_start_weights_keep_lost_slices_out_of_the_fit(atlas_lowres):
+    """Started from SVR, GaussianSVR weights its losses by SVR's robust weights: slices darkened
+    by signal loss (the simulator's motion-during-acquisition artefact) then do not pull the
+    Gaussians, and the result is closer to the truth than with every slice counted equally; the
+    result reports the weights it used."""
+    from slice2vol.core.preprocess import prepare
+    from slice2vol.evaluation.metrics import compare_volumes
+    from slice2vol.simulation.simulate import SimulationConfig, signal_loss_field, simulate_stacks
+
+    torch.set_num_threads(1)  # restored by conftest
+    cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=1.6, thickness=3.2,
+                           motion="none", noise=0.02, margin=4.0, signal_loss=0.3)
+    sim = simulate_stacks(atlas_lowres, None, cfg, torch.Generator().manual_seed(1))
+    prep = prepare(sim.stacks, 1.6, have_stack_masks=True)
+    out = {}
+    for weighted in (True, False):
+        # enough Gaussians to reproduce the start (fewer leave both runs far below SVR's volume)
+        res = reconstruct_gaussian(prep, GaussianConfig(init="svr", iterations=30, n_init=20000, fit_iterations=40,
+                                                        start_weights=weighted, progress=False))
+        out[weighted] = (res, compare_volumes(res.volume, atlas_lowres, align=True, scale=True)["psnr"])
+    # a band of lost signal: its pixels are rejected (whole dark slices are a slice scale instead)
+    ss = prep.slices
+    res = out[True][0]
+    dark = torch.zeros(ss.n_pixels, dtype=torch.bool)
+    for n in range(ss.n_slices):
+        s_ = int(ss.stack_id[n])
+        k = int(prep.stacks[s_].index[n - ss.stack_slices[s_]])
+        for d in sim.params.artefacts.signal_loss[s_]:
+            if d["slice"] == k and d["band"] is not None and d["depth"] > 0.7:
+                H, W = ss.shapes[s_]
+                f = signal_loss_field([{**d, "slice": 0}], 1, H, W).reshape(-1)
+                pix = ss.slice_id == n
+                dark[pix] = f[ss.flat_index[pix] % (H * W)] < 0.5
+    assert int(dark.sum()) > 50
+    w = res.pixel_weights * res.slice_weights[ss.slice_id]
+    assert float(w[dark].mean()) < 0.5 * float(w[~dark].mean()), (float(w[dark].mean()), float(w[~dark].mean()))
+    assert bool((out[False][0].slice_weights == 1).all())  # unweighted: every slice counts
+    assert out[True][1] > out[False][1] + 0.2, (out[True][1], out[False][1])
+
+
 def test_splat_kernels_follow_the_fused_operators_switch(monkeypatch):
     """``SLICE2VOL_NO_NUMBA=1`` (the acquisition operators' switch) selects the PyTorch splat too."""
     monkeypatch.setenv("SLICE2VOL_NO_NUMBA", "1")
@@ -485,7 +526,7 @@ def test_ssim_images_are_the_slices_as_acquired():
     buf = torch.zeros(stage.lattice.size)
     buf[stage.lattice.pixel_index] = ss.values * 2
     sel = torch.tensor([3, 1])
-    (pred, target, mask), = _images(stage, buf, sel)
+    (pred, target, mask, idx), = _images(stage, buf, sel)
     want = ss.values.reshape(4, 1, 9, 7)[sel]
-    assert pred.shape == (2, 1, 9, 7) and bool(mask.all())
+    assert pred.shape == (2, 1, 9, 7) and bool(mask.all()) and torch.equal(idx, sel)
     assert torch.equal(target, want) and torch.equal(pred, 2 * want)
