@@ -286,6 +286,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     prep, result, timings = run_reconstruction(
         stacks, resolution=args.resolution, method=args.method, mask=mask, have_stack_masks=bool(args.stack_masks),
         template=args.template, bias_field=args.bias_field, iterations=args.iterations, device=device,
+        detect_signal_loss=not getattr(args, "keep_dark_pixels", False),
         progress=not args.no_progress, options=_method_options(args))
     timings["selection_s"] = selection["time_s"]
     timings["total_s"] += selection["time_s"]

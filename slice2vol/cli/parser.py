@@ -113,6 +113,9 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
                         "k %% P, as SVRTK's -packages): the global pose search then also registers whole packages and "
                         "their halves before single slices (default: 2, an interleaved acquisition; give 1 for sequential)")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
+    p.add_argument("--keep-dark-pixels", action="store_true",
+                   help="keep pixels darker than both neighbouring slices (default with stack masks: left out as "
+                        "signal loss from fetal motion during the slice; see README)")
     p.add_argument("--output-transforms", metavar="JSON", help="write the estimated per-slice poses as JSON")
     p.add_argument("--output-simulated", metavar="DIR",
                    help="write slices simulated from the result, one NIfTI per input stack, into DIR")
