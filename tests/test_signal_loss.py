@@ -50,15 +50,18 @@ def test_a_dark_slice_and_a_dark_band_are_found_and_nothing_else():
     assert not bool((flagged & ~st.mask).any())
 
 
-def test_neighbours_must_be_consecutive_slices():
-    """A slice whose file neighbours are missing (a gap in ``index``) has no neighbour to be darker
-    than on that side: the other side alone decides."""
+def test_both_neighbours_must_be_there_and_consecutive():
+    """A pixel is compared with both spatial neighbours: a lost slice at the stack's end, or next
+    to a gap in the file's slice indices, is left to the robust statistics (the end of an object
+    is darker than its one neighbour by partial volume)."""
     st = _stack()
-    field = signal_loss_field([{"slice": 0, "depth": 0.8, "band": None}], *st.slices.shape)
-    dark = Stack(**{**st.__dict__, "slices": st.slices * field})
-    assert bool(signal_loss_pixels(dark)[0].any())  # the first slice: one neighbour suffices
-    gap = Stack(**{**dark.__dict__, "index": np.r_[0, np.arange(2, st.slices.shape[0] + 1)]})
-    assert not bool(signal_loss_pixels(gap)[0].any())
+    n = st.slices.shape[0]
+    for k in (0, 5):
+        field = signal_loss_field([{"slice": k, "depth": 0.8, "band": None}], *st.slices.shape)
+        dark = Stack(**{**st.__dict__, "slices": st.slices * field})
+        assert bool(signal_loss_pixels(dark)[k].any()) == (k == 5)
+    gap = Stack(**{**dark.__dict__, "index": np.r_[np.arange(6), np.arange(7, n + 1)]})  # 5 and 6 not adjacent
+    assert not bool(signal_loss_pixels(gap)[5].any())
 
 
 def test_prepare_leaves_lost_pixels_out_with_stack_masks_only():
