@@ -20,8 +20,12 @@ spend most iterations on a coarse grid (``coarse_resolution``, default twice the
 with every ``coarse_subsample``-th pixel registered, where an iteration costs a fraction of a
 full one, and finish with a few iterations on the output grid.  Robust statistics start only
 on the output grid: before that, slices are misregistered rather than corrupted, and excluding
-them would freeze them where they are.  Registration itself uses pixel weights and masks but
-not slice weights, so an excluded slice is still re-registered and may come back (as in SVRTK).
+them would freeze them where they are (measured 2026-12-07, validation atlases, 3 moderate
+stacks, seeds 0-1, default pipeline: robust weights from the first coarse iteration cost
+0.12-0.41 dB on all 6 undamaged cases and changed those with 15-30 % of the slices darkened by
+signal loss by -0.75..+2.14 dB; dark slices are instead left out before any registration,
+:func:`slice2vol.core.preprocess.signal_loss_pixels`).  Registration itself uses pixel weights
+and masks but not slice weights, so an excluded slice is still re-registered and may come back (as in SVRTK).
 Slices with fewer than ``min_slice_pixels`` masked pixels follow their stack instead of being
 registered alone, and a slice update that moves a slice more than ``max_deviation`` (45 deg /
 40 mm) from its stack-registered pose is refused (tighter bounds also refused genuine motion
