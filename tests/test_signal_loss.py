@@ -72,12 +72,15 @@ def test_prepare_leaves_lost_pixels_out_with_stack_masks_only():
     prep = prepare(stacks, 2.0, have_stack_masks=True, register=False)
     assert not bool(prep.stacks[1].mask[5].any()) and bool(stacks[1].mask[5].any())
     assert torch.equal(prep.stacks[0].mask, stacks[0].mask)
+    rec = prep.signal_loss
+    assert rec["applied"] and [s["slices"] for s in rec["stacks"]] == [[], [5], []]
+    assert rec["stacks"][1]["pixels"] == int(stacks[1].mask[5].sum())
     kept = prepare(stacks, 2.0, have_stack_masks=True, register=False, detect_signal_loss=False)
-    assert torch.equal(kept.stacks[1].mask, stacks[1].mask)
+    assert torch.equal(kept.stacks[1].mask, stacks[1].mask) and kept.signal_loss == {"applied": False, "why": "turned off"}
     # one 3D mask in the template's frame: no detection (it does not follow a moving brain)
     vol = Volume(torch.ones(h, w, n), stacks[0].affine, torch.ones(h, w, n, dtype=torch.bool))
     masked = prepare(stacks, 2.0, mask=vol, template=0, register=False)
-    assert bool(masked.stacks[1].mask[5].any())
+    assert bool(masked.stacks[1].mask[5].any()) and not masked.signal_loss["applied"]
 
 
 @pytest.mark.parametrize("spacing", [0.8, 1.5])

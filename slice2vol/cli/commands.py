@@ -307,7 +307,8 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     timings["stages_s"] = _stage_times(timings["total_s"])
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
-             "slices": counts, "quality": quality.to_dict(), "stack_selection": selection}
+             "slices": counts, "quality": quality.to_dict(), "stack_selection": selection,
+             "signal_loss": prep.signal_loss}
     extra.update(report_record(args, prep, before, after))
     # Every output is written last; should one fail (or Ctrl-C / SIGTERM come) the others of this
     # run are removed, so no poses JSON or report is left pointing at a volume that is not there.

@@ -406,7 +406,9 @@ def _template_for_mask(stacks: Sequence[Stack], mask: Volume) -> tuple[int, str]
 @dataclass
 class Prepared:
     """Everything a method needs: the slice set (stack-registered poses), stacks, template,
-    intensity factors, and the output grid with its region of interest."""
+    intensity factors, and the output grid with its region of interest; ``signal_loss`` records
+    what :func:`signal_loss_pixels` left out (JSON-ready: ``applied``, and per stack ``name``,
+    ``pixels`` and the file ``slices`` touched; or why it did not run)."""
 
     slices: SliceSet
     stacks: list[Stack]
@@ -415,21 +417,23 @@ class Prepared:
     affine: np.ndarray
     shape: tuple[int, int, int]
     roi: Tensor
+    signal_loss: dict | None = None
 
 
-def _leave_out_signal_loss(stacks: list[Stack]) -> list[Stack]:
-    """The stacks with :func:`signal_loss_pixels` taken out of their masks (logged)."""
-    out = []
+def _leave_out_signal_loss(stacks: list[Stack]) -> tuple[list[Stack], dict]:
+    """The stacks with :func:`signal_loss_pixels` taken out of their masks (logged), and the record."""
+    out, record = [], {"applied": True, "stacks": []}
     for st in stacks:
         lost = signal_loss_pixels(st)
         n = int(lost.sum())
+        touched = [int(st.index[k]) for k in torch.nonzero(lost.reshape(lost.shape[0], -1).any(1)).flatten().tolist()]
+        record["stacks"].append({"name": st.name, "pixels": n, "slices": touched})
         if n:
-            per_slice = lost.reshape(lost.shape[0], -1).sum(1)
             log.log(NOTICE, "%s: %d pixels in %d slices darker than both neighbouring slices (signal loss) left out",
-                    st.name, n, int((per_slice > 0).sum()))
+                    st.name, n, len(touched))
             st = replace(st, mask=st.mask & ~lost)
         out.append(st)
-    return out
+    return out, record
 
 
 def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = None, have_stack_masks: bool = False,
@@ -463,7 +467,9 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
         # with per-stack masks only: one 3D mask in the template's frame does not follow a brain
         # that moved between slices, and a slice whose brain moved out of part of the mask is dark
         # there for that reason (seen on SVRTK's phantom stacks)
-        stacks = _leave_out_signal_loss(stacks)
+        stacks, lost = _leave_out_signal_loss(stacks)
+    else:
+        lost = {"applied": False, "why": "turned off" if not detect_signal_loss else "one 3D mask (--mask)"}
     if tmpl is None and template is None:
         tmpl, why = choose_template(stacks), "automatic choice"
     elif tmpl is None:
@@ -475,4 +481,4 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
     if register and len(stacks) > 1:
         ss = ss.with_poses(register_stacks(ss, tmpl))
     affine, shape, roi = output_grid(ss, resolution, roi=mask)
-    return Prepared(ss, stacks, tmpl, factors, affine, shape, roi)
+    return Prepared(ss, stacks, tmpl, factors, affine, shape, roi, signal_loss=lost)
