@@ -208,6 +208,10 @@ def test_cli_json_and_report_agree_on_counts_and_time(recon):
     assert f"{counts['with_pixels']} (of {counts['total']} in the stacks)" in page
     assert re.search(rf"excluded slices \(weight &lt; 0.5\)</td><td><span[^>]*>{counts['excluded']}</span>", page), page[:3000]
     assert f"total {record['timings_s']['total_s']:.1f} s" in page
+    lost = record["signal_loss"]
+    n = sum(st["pixels"] for st in lost["stacks"]) if lost["applied"] else None
+    want = ("not checked" if not lost["applied"] else "none found" if not n else f"{n} pixels in")
+    assert re.search(rf"dark pixels \(signal loss\)</td><td>(<span[^>]*>)?{want}", page), page[:3000]
     if weights is not None:
         assert sum(w < 0.5 for w in weights) >= counts["excluded"]
 

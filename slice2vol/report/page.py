@@ -151,7 +151,8 @@ def render_report(data: ReportData, out_dir, record: dict | None = None, protect
         save(fig_stack_slices(st), f"stack{s}_slices.png")
         save(fig_stack_reslice(st), f"stack{s}_reslice.png")
         save(fig_stack_motion(st), f"stack{s}_motion.png")
-    page = _html(data, sizes, record is not None, quality=(record or {}).get("quality"))
+    page = _html(data, sizes, record is not None, quality=(record or {}).get("quality"),
+                 signal_loss=(record or {}).get("signal_loss"))
     path = out / REPORT_HTML
     io.atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"), protect)
     return path
@@ -175,7 +176,24 @@ def _quality_banner(quality: dict | None) -> str:
             f'between stacks and slice motion</span>' + (f"<ul>{reasons}</ul>" if reasons else "") + "</div>")
 
 
-def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None = None) -> str:
+def _signal_loss_cell(record: dict | None) -> str | None:
+    """The summary's line on pixels left out as signal loss (the record's ``signal_loss``,
+    :func:`slice2vol.core.preprocess.prepare`); ``None`` for records written before it existed."""
+    if not isinstance(record, dict) or "applied" not in record:
+        return None
+    if not record["applied"]:
+        return f"not checked ({_e(str(record.get('why', '')))})"
+    hit = [st for st in record.get("stacks", []) if st.get("pixels")]
+    if not hit:
+        return "none found"
+    n = sum(int(st["pixels"]) for st in hit)
+    k = sum(len(st.get("slices", [])) for st in hit)
+    where = "; ".join(f"{_e(str(st['name']))}: slices {', '.join(map(str, st.get('slices', [])))}" for st in hit)
+    return f'<span class="bad">{n} pixels in {k} slices</span> left out ({where})'
+
+
+def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None = None,
+          signal_loss: dict | None = None) -> str:
     n_sl = sum(int(st.has_pixels.sum()) for st in data.stacks)
     n_ex = sum(int(st.excluded.sum()) for st in data.stacks)
     vs = np.linalg.norm(np.asarray(data.affine)[:3, :3], axis=0)
@@ -186,6 +204,9 @@ def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None
                             f"{' x '.join(f'{v:.2f}' for v in vs)} mm")]
     if data.template is not None:
         info.append(("template stack", f"{data.template}: {_e(data.stacks[data.template].name)}"))
+    lost = _signal_loss_cell(signal_loss)
+    if lost is not None:
+        info.append(("dark pixels (signal loss)", lost))
     info += [(_e(k), v) for k, v in data.info]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     P = []
