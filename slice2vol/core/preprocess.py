@@ -20,7 +20,7 @@ from slice2vol.core.geometry import axis_aligned_grid, make_right_handed, slice_
 from slice2vol.core.image import SliceSet, Stack, Volume
 from slice2vol.core.reconstruction import psf_average
 from slice2vol.core.registration import register
-from slice2vol.core.resample import max_filter, resample, sample_at
+from slice2vol.core.resample import gaussian_blur, max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
 from slice2vol.errors import Slice2VolError
 
@@ -168,23 +168,6 @@ SIGNAL_LOSS_RATIO = 0.6
 SIGNAL_LOSS_INTERIOR = 0.3
 
 
-def _blur_2d(x: Tensor, sigma_px: tuple[float, float]) -> Tensor:
-    """Separable Gaussian blur of ``(N, H, W)`` images (edges replicated)."""
-    import torch.nn.functional as F
-
-    out = x[:, None]
-    for axis, sd in enumerate(sigma_px):
-        r = max(1, int(math.ceil(3 * sd)))
-        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-        k = torch.exp(-t * t / (2 * sd * sd))
-        k = k / k.sum()
-        if axis == 0:
-            out = F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-        else:
-            out = F.conv2d(F.pad(out, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return out[:, 0]
-
-
 def signal_loss_pixels(stack: Stack, sigma_mm: float = SIGNAL_LOSS_SIGMA_MM, ratio: float = SIGNAL_LOSS_RATIO,
                        rounds: int = 1) -> Tensor:
     """Masked pixels darkened by signal loss, ``(N, H, W)`` bool.
@@ -219,16 +202,19 @@ def signal_loss_pixels(stack: Stack, sigma_mm: float = SIGNAL_LOSS_SIGMA_MM, rat
     out = torch.zeros_like(stack.mask, dtype=torch.bool)
     if N < 2:
         return out
-    sd = (sigma_mm / float(stack.spacing[0]), sigma_mm / float(stack.spacing[1]))
-    den = _blur_2d(m, sd)
-    local = _blur_2d(y * m, sd) / den.clamp_min(1e-3)
-    idx = torch.as_tensor(np.asarray(stack.index), device=y.device)
+    sigma = (0.0, sigma_mm, sigma_mm)  # in-plane only: axis 0 runs over the slices
+    spacing = (1.0, float(stack.spacing[0]), float(stack.spacing[1]))
+    den = gaussian_blur(m, sigma, spacing)
+    local = gaussian_blur(y * m, sigma, spacing) / den.clamp_min(1e-3)
+    idx = np.asarray(stack.index)
+    den_n, local_n = den, local
     for rnd in range(rounds):
-        # neighbours' local means without the pixels already flagged; a neighbour flagged there
-        # hands over to the next slice beyond it (a second slice lost next to the first)
-        mn = m * (~out).to(m.dtype)
-        den_n = _blur_2d(mn, sd)
-        local_n = _blur_2d(y * mn, sd) / den_n.clamp_min(1e-3)
+        if rnd:
+            # neighbours' local means without the pixels already flagged; a neighbour flagged
+            # there hands over to the next slice beyond it (a second slice lost next to the first)
+            mn = m * (~out).to(m.dtype)
+            den_n = gaussian_blur(mn, sigma, spacing)
+            local_n = gaussian_blur(y * mn, sigma, spacing) / den_n.clamp_min(1e-3)
         usable = den_n > SIGNAL_LOSS_INTERIOR
         darker = torch.full_like(local, float("inf"))
         both = torch.ones_like(stack.mask)
@@ -237,7 +223,7 @@ def signal_loss_pixels(stack: Stack, sigma_mm: float = SIGNAL_LOSS_SIGMA_MM, rat
             for dist in ((1, 2) if rnd else (1,)):
                 for k in range(N):
                     j = k + direction * dist
-                    if not (0 <= j < N) or int((idx[j] - idx[k]).abs()) != dist:
+                    if not (0 <= j < N) or abs(int(idx[j]) - int(idx[k])) != dist:
                         continue
                     take = torch.isinf(best[k]) & usable[j]
                     best[k] = torch.where(take, local_n[j], best[k])
