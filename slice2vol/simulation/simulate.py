@@ -482,6 +482,14 @@ def _sample_artefacts(geometry: list[StackGeometry], centre: np.ndarray, intensi
     return p
 
 
+def _plane_coords(H: int, W: int, device) -> tuple[Tensor, Tensor]:
+    """In-plane pixel coordinates ``(H, W)`` each, along the slice's two axes, normalised to
+    ``[-1, 1]`` (0 along an axis one pixel long), float64."""
+    u = torch.linspace(-1, 1, H, dtype=torch.float64, device=device) if H > 1 else torch.zeros(1, dtype=torch.float64, device=device)
+    v = torch.linspace(-1, 1, W, dtype=torch.float64, device=device) if W > 1 else torch.zeros(1, dtype=torch.float64, device=device)
+    return torch.meshgrid(u, v, indexing="ij")
+
+
 #: Signal loss (:func:`signal_loss_field`): depth range, share of whole-slice losses, band
 #: half-width range (sd, in-plane coordinates normalised to [-1, 1]) and centre offset range.
 SIGNAL_LOSS_DEPTH = (0.5, 1.0)
@@ -519,9 +527,7 @@ def signal_loss_field(losses: Sequence[dict], N: int, H: int, W: int, device=Non
     [1.0, 0.25, 1.0]
     """
     field_ = torch.ones((N, H, W), dtype=torch.float64, device=device)
-    u = torch.linspace(-1, 1, H, dtype=torch.float64, device=device) if H > 1 else torch.zeros(1, dtype=torch.float64, device=device)
-    v = torch.linspace(-1, 1, W, dtype=torch.float64, device=device) if W > 1 else torch.zeros(1, dtype=torch.float64, device=device)
-    uu, vv = torch.meshgrid(u, v, indexing="ij")
+    uu, vv = _plane_coords(H, W, device)
     for loss in losses:
         band = loss.get("band")
         if band is None:
@@ -550,9 +556,7 @@ def _bias_field(geom: StackGeometry, coeffs: Sequence[float], radius: float, ord
 
 def _slice_bias_field(coeffs: Sequence[Sequence[float]], H: int, W: int, device) -> Tensor:
     """Per-slice in-plane quadratic multiplicative field ``(N, H, W)``."""
-    u = torch.linspace(-1, 1, H, dtype=torch.float64, device=device) if H > 1 else torch.zeros(1, dtype=torch.float64, device=device)
-    v = torch.linspace(-1, 1, W, dtype=torch.float64, device=device) if W > 1 else torch.zeros(1, dtype=torch.float64, device=device)
-    uu, vv = torch.meshgrid(u, v, indexing="ij")
+    uu, vv = _plane_coords(H, W, device)
     terms = torch.stack([torch.ones_like(uu), uu, vv, uu * uu, uu * vv, vv * vv])  # (6, H, W)
     C = torch.as_tensor(coeffs, dtype=torch.float64, device=device)  # (N, 6)
     return torch.exp(torch.einsum("nt,thw->nhw", C, terms)).to(torch.float32)
