@@ -557,14 +557,15 @@ def assess_stacks(stacks: Sequence[Stack], mask: Volume | None = None, have_stac
             return decide(c.agreement, c.motion_mm, cov_ml, drop_outliers=True, protect=protect,
                           brain_masks=brain_masks)[0]
 
-        def second_reference(first: int, flagged: list[int]) -> int | None:
-            cand = [i for i in usable if i != first and i not in flagged]
-            if not cand:
-                return None
+        def best_of(cand: list[int]) -> int:
             return cand[_reference([nbr[i] for i in cand], [cand.index(p) for p in protect if p in cand])]
 
+        def second_reference(first: int, flagged: list[int]) -> int | None:
+            cand = [i for i in usable if i != first and i not in flagged]
+            return best_of(cand) if cand else None
+
         if len(usable) >= 2:
-            reference = usable[_reference([nbr[i] for i in usable], [usable.index(p) for p in protect if p in usable])]
+            reference = best_of(usable)
             cross = measure(reference)
             flagged = [i for i in usable if not rule(cross)[i]]
             alt = second_reference(reference, flagged) if flagged else None
