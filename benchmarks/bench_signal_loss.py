@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas  # noqa: E402
+from bench_selection import DEFAULT_TEST, _load_atlas, _simulate  # noqa: E402
 
 VARIANTS = ("auto", "auto-kept", "auto-oracle", "gaussian", "gaussian-before")
 LABELS = {"auto": "auto", "auto-kept": "auto, dark kept", "auto-oracle": "auto, lost removed", "gaussian": "gaussian",
@@ -49,17 +49,14 @@ PAIRS = (("auto", "auto-kept"), ("gaussian", "gaussian-before"), ("auto", "auto-
 
 
 def simulate(volume, seed: int, fraction: float):
-    from slice2vol.core.runtime import seed_everything
-    from slice2vol.simulation.simulate import SimulationConfig, simulate_stacks
-
-    cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=1.0, thickness=3.0,
-                           motion="moderate", noise=0.02, signal_loss=fraction)
-    return simulate_stacks(volume, None, cfg, seed_everything(seed), progress=False)
+    """The benchmark's 3 orthogonal moderate stacks with ``fraction`` of their slices dark."""
+    return _simulate(volume, "moderate", seed, signal_loss=fraction)
 
 
 def run(stacks, variant: str, gt) -> dict:
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
     from slice2vol.evaluation.metrics import compare_volumes
+    from slice2vol.evaluation.quality import slice_counts
     from slice2vol.methods.run import crop_to_roi, run_reconstruction
 
     method = "gaussian" if variant.startswith("gaussian") else "auto"
@@ -71,12 +68,10 @@ def run(stacks, variant: str, gt) -> dict:
     wall = time.perf_counter() - t0
     rec = crop_to_roi(res.volume, prep.roi, GT_MARGIN_VOX)
     m = compare_volumes(rec, gt, align=True, scale=True)
-    with_px = torch.zeros(prep.slices.n_slices, dtype=torch.bool)
-    with_px[prep.slices.slice_id.unique()] = True
-    excluded = int(((res.slice_weights < 0.5) & with_px.to(res.slice_weights.device)).sum())
+    counts = slice_counts(prep.slices, res.slice_weights)
     lost = sum(int(st.mask.sum()) for st in stacks) - sum(int(st.mask.sum()) for st in prep.stacks)
-    return {"psnr": float(m["psnr"]), "ssim": float(m["ssim"]), "time_s": wall, "excluded": excluded,
-            "with_pixels": int(with_px.sum()), "left_out": lost}
+    return {"psnr": float(m["psnr"]), "ssim": float(m["ssim"]), "time_s": wall, "excluded": counts["excluded"],
+            "with_pixels": counts["with_pixels"], "left_out": lost}
 
 
 def main(argv=None) -> int:
