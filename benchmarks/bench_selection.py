@@ -64,12 +64,13 @@ def _load_atlas(data: Path, atlas: str):
     return io.load_volume(adir / "t2.nii.gz", adir / "mask.nii.gz")
 
 
-def _simulate(volume, motion: str, seed: int, orientations=("axial", "coronal", "sagittal"), signal_loss: float = 0.0):
+def _simulate(volume, motion: str, seed: int, orientations=("axial", "coronal", "sagittal"), signal_loss: float = 0.0,
+              noise: float = 0.02):
     from slice2vol.core.runtime import seed_everything
     from slice2vol.simulation.simulate import SimulationConfig, realism_for, simulate_stacks
 
     cfg = SimulationConfig(n_stacks=len(orientations), orientations=orientations, spacing=1.0, thickness=3.0,
-                           motion=motion, noise=0.02, signal_loss=signal_loss, **realism_for(motion))
+                           motion=motion, noise=noise, signal_loss=signal_loss, **realism_for(motion))
     return simulate_stacks(volume, None, cfg, seed_everything(seed), progress=False)
 
 

@@ -212,6 +212,10 @@ def test_cli_json_and_report_agree_on_counts_and_time(recon):
     n = sum(st["pixels"] for st in lost["stacks"]) if lost["applied"] else None
     want = ("not checked" if not lost["applied"] else "none found" if not n else f"{n} pixels in")
     assert re.search(rf"dark pixels \(signal loss\)</td><td>(<span[^>]*>)?{want}", page), page[:3000]
+    noise = record["noise"]
+    assert len(noise["per_stack"]) == len(record["stacks"]) and noise["regularisation"] > 0
+    assert f"noise (estimated)</td><td>{100 * noise['median']:.1f} % of the mean brain intensity" in page
+    assert f"regularisation {noise['regularisation']:.3g}" in page
     if weights is not None:
         assert sum(w < 0.5 for w in weights) >= counts["excluded"]
 

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -57,6 +58,14 @@ def _method_options(args: argparse.Namespace) -> dict:
             raise Slice2VolError(f"--weights {weights}: file not found")
         if method == "gaussian":
             gauss["csvr_weights"] = weights
+    shared = {}  # options of SVR's stages, which svr, auto and csvr all run
+    lam = getattr(args, "regularisation", None)
+    if lam is not None:
+        if not (math.isfinite(lam) and lam > 0):
+            raise Slice2VolError(f"--regularisation must be a positive number, got {lam}")
+        if method not in ("svr", "auto", "csvr"):
+            raise Slice2VolError("--regularisation only applies to --method auto, svr or csvr")
+        shared["lam"] = lam
     packages = getattr(args, "packages", None)
     if packages:
         if method not in ("svr", "auto") and not (method == "csvr" and csvr.get("refine")):
@@ -66,12 +75,10 @@ def _method_options(args: argparse.Namespace) -> dict:
             raise Slice2VolError(f"--packages must be at least 1 per stack, got {' '.join(map(str, packages))}")
         if len(packages) not in (1, n):
             raise Slice2VolError(f"--packages: give one value for all stacks or one per stack ({n}), got {len(packages)}")
-        if method == "svr":
-            return {"packages": tuple(packages)}
-        csvr["packages"] = tuple(packages)
+        shared["packages"] = tuple(packages)
     if method == "svr":
-        return {}
-    return gauss if method == "gaussian" else csvr
+        return shared
+    return gauss if method == "gaussian" else {**csvr, **shared}
 
 
 def render_command(args: argparse.Namespace) -> int:
@@ -308,7 +315,8 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
              "slices": counts, "quality": quality.to_dict(), "stack_selection": selection,
-             "signal_loss": prep.signal_loss}
+             "signal_loss": prep.signal_loss,
+             "noise": {**(prep.noise or {}), "regularisation": getattr(result, "regularisation", None)}}
     extra.update(report_record(args, prep, before, after))
     # Every output is written last; should one fail (or Ctrl-C / SIGTERM come) the others of this
     # run are removed, so no poses JSON or report is left pointing at a volume that is not there.

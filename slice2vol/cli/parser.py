@@ -112,6 +112,10 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
                    help="interleave packages per stack (one value for all or one per stack; slice k is in package "
                         "k %% P, as SVRTK's -packages): the global pose search then also registers whole packages and "
                         "their halves before single slices (default: 2, an interleaved acquisition; give 1 for sequential)")
+    p.add_argument("--regularisation", type=float, metavar="LAM",
+                   help="relative weight of the super-resolution's edge-preserving smoothness term (svr, auto, csvr; "
+                        "SVRTK's -lambda plays this role). Default: from the stacks' estimated noise, 0.02 up to 4 %% "
+                        "of the brain intensity and half the relative noise above (logged and in the transforms JSON)")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
     p.add_argument("--keep-dark-pixels", action="store_true",
                    help="keep pixels darker than both neighbouring slices (default with stack masks: left out as "

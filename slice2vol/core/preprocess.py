@@ -18,7 +18,8 @@ from slice2vol.core import acquisition as acq
 from slice2vol.core import budget
 from slice2vol.core.geometry import axis_aligned_grid, make_right_handed, slice_pixel_coords, slice_to_world
 from slice2vol.core.image import SliceSet, Stack, Volume
-from slice2vol.core.reconstruction import psf_average
+from slice2vol.core.noise import relative_noise
+from slice2vol.core.reconstruction import psf_average, regularisation_for_noise
 from slice2vol.core.registration import register
 from slice2vol.core.resample import gaussian_blur, max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
@@ -394,7 +395,10 @@ class Prepared:
     """Everything a method needs: the slice set (stack-registered poses), stacks, template,
     intensity factors, and the output grid with its region of interest; ``signal_loss`` records
     what :func:`signal_loss_pixels` left out (JSON-ready: ``applied``, and per stack ``name``,
-    ``pixels`` and the file ``slices`` touched; or why it did not run)."""
+    ``pixels`` and the file ``slices`` touched; or why it did not run); ``noise`` the stacks' noise
+    relative to their mean brain intensity (:func:`slice2vol.core.noise.relative_noise`; JSON-ready:
+    ``median`` and ``per_stack``, NaN written as null), from which the methods' regularisation
+    follows (:func:`slice2vol.core.reconstruction.regularisation_for_noise`)."""
 
     slices: SliceSet
     stacks: list[Stack]
@@ -404,6 +408,22 @@ class Prepared:
     shape: tuple[int, int, int]
     roi: Tensor
     signal_loss: dict | None = None
+    noise: dict | None = None
+
+    @property
+    def regularisation(self) -> float:
+        """The super-resolution's relative regularisation weight for these stacks' noise."""
+        return regularisation_for_noise((self.noise or {}).get("median"))
+
+
+def _noise_record(stacks: Sequence[Stack]) -> dict:
+    """:func:`relative_noise` of the stacks as a JSON-ready record (NaN -> None), logged."""
+    median, per = relative_noise(stacks)
+    finite = [v if math.isfinite(v) else None for v in per]
+    if math.isfinite(median):
+        log.info("noise: %.1f %% of the mean brain intensity (median of %s)", 100 * median,
+                 ", ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in finite))
+    return {"median": median if math.isfinite(median) else None, "per_stack": finite}
 
 
 def _leave_out_signal_loss(stacks: list[Stack]) -> tuple[list[Stack], dict]:
@@ -467,4 +487,4 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
     if register and len(stacks) > 1:
         ss = ss.with_poses(register_stacks(ss, tmpl))
     affine, shape, roi = output_grid(ss, resolution, roi=mask)
-    return Prepared(ss, stacks, tmpl, factors, affine, shape, roi, signal_loss=lost)
+    return Prepared(ss, stacks, tmpl, factors, affine, shape, roi, signal_loss=lost, noise=_noise_record(stacks))

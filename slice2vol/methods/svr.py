@@ -57,7 +57,8 @@ pixels enter the coarse reconstructions) and 3 fine iterations; registration smo
 needed 8 and 20: on the 12 moderate / severe validation cases the preconditioned 4 / 8 gave
 +0.06 dB mean PSNR, -0.13..+0.72 dB per case, on the 6 extreme ones +0.05 dB, -0.09..+0.36 dB,
 with the search's pixel subsampling below; 0.76x the run time on STA29); relative
-regularisation 0.02, edge threshold 0.1 x the 99th intensity percentile.  The search's
+regularisation 0.02 up to 4 % noise and half the relative noise above
+(:func:`slice2vol.core.reconstruction.regularisation_for_noise`), edge threshold 0.1 x the 99th intensity percentile.  The search's
 reconstructions on their 2 mm grid use every second pixel (four pixels per voxel in-plane:
 half suffice, as on the coarse grid).  Search: up to 3 slice rounds after one stack round,
 stopping when fewer than 2% of the slices move; lattice step 15 deg (on 5 severe/extreme cases of
@@ -68,7 +69,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class SVRConfig:
     cg_iterations: int = 4
     final_cg_iterations: int = 8
     cg_precondition: bool = True
-    lam: float = 0.02
+    lam: float | None = None  # None: from the stacks' noise (Prepared.regularisation)
     delta: float | None = None
     register_slices: bool = True
     robust: bool = True
@@ -144,6 +145,7 @@ class SVRResult:
     pixel_weights: Tensor
     simulated: Tensor
     history: list[dict] = field(default_factory=list)
+    regularisation: float | None = None
 
 
 ROI_DILATE_VOX = 2
@@ -218,6 +220,9 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
     from slice2vol.core.geometry import slice_to_world
     from slice2vol.core.pose_search import neighbour_candidates, search_poses
 
+    if cfg.lam is None:
+        cfg = replace(cfg, lam=prep.regularisation)
+
     ss = prep.slices
     y, coords, sid, M = ss.values, ss.coords, ss.slice_id, ss.n_slices
     affine, shape, roi = coarse_grid(prep, cfg.search_factor)
@@ -282,6 +287,8 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
 def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResult:
     """Run classical SVR on prepared data (see module docstring)."""
     cfg = config or SVRConfig()
+    if cfg.lam is None:
+        cfg = replace(cfg, lam=prep.regularisation)
     ss = prep.slices
     dev = ss.device
     y, coords, sid = ss.values, ss.coords, ss.slice_id
@@ -368,4 +375,5 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
     simulated = acq.forward(V, prep.affine, poses, coords, sid, psf) * scales[sid]
     slice_w = state.slice if state is not None else torch.ones(M, device=dev)
     pix_w = state.pixel if state is not None else torch.ones_like(y)
-    return SVRResult(Volume(V, prep.affine, prep.roi), poses, scales, slice_w, pix_w * inside, simulated, history)
+    return SVRResult(Volume(V, prep.affine, prep.roi), poses, scales, slice_w, pix_w * inside, simulated, history,
+                     regularisation=cfg.lam)

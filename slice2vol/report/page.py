@@ -152,7 +152,7 @@ def render_report(data: ReportData, out_dir, record: dict | None = None, protect
         save(fig_stack_reslice(st), f"stack{s}_reslice.png")
         save(fig_stack_motion(st), f"stack{s}_motion.png")
     page = _html(data, sizes, record is not None, quality=(record or {}).get("quality"),
-                 signal_loss=(record or {}).get("signal_loss"))
+                 signal_loss=(record or {}).get("signal_loss"), noise=(record or {}).get("noise"))
     path = out / REPORT_HTML
     io.atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"), protect)
     return path
@@ -192,8 +192,23 @@ def _signal_loss_cell(record: dict | None) -> str | None:
     return f'<span class="bad">{n} pixels in {k} slices</span> left out ({where})'
 
 
+def _noise_cell(record: dict | None) -> str | None:
+    """The summary's line on the stacks' noise and the regularisation it set (the record's ``noise``,
+    :func:`slice2vol.core.preprocess.prepare`); ``None`` for records written before it existed."""
+    if not isinstance(record, dict) or "per_stack" not in record:
+        return None
+    per = ", ".join("n/a" if v is None else f"{100 * float(v):.1f} %" for v in record["per_stack"])
+    med = record.get("median")
+    text = f"{100 * float(med):.1f} % of the mean brain intensity (per stack: {per})" if med is not None else \
+        f"not estimated (per stack: {per})"
+    lam = record.get("regularisation")
+    if isinstance(lam, (int, float)):
+        text += f"; regularisation {float(lam):.3g}"
+    return text
+
+
 def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None = None,
-          signal_loss: dict | None = None) -> str:
+          signal_loss: dict | None = None, noise: dict | None = None) -> str:
     n_sl = sum(int(st.has_pixels.sum()) for st in data.stacks)
     n_ex = sum(int(st.excluded.sum()) for st in data.stacks)
     vs = np.linalg.norm(np.asarray(data.affine)[:3, :3], axis=0)
@@ -207,6 +222,9 @@ def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None
     lost = _signal_loss_cell(signal_loss)
     if lost is not None:
         info.append(("dark pixels (signal loss)", lost))
+    noise_text = _noise_cell(noise)
+    if noise_text is not None:
+        info.append(("noise (estimated)", noise_text))
     info += [(_e(k), v) for k, v in data.info]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     P = []

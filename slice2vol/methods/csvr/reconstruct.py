@@ -70,7 +70,8 @@ class CSVRMethodConfig:
     whichever :func:`start_scores` rates higher) or ``"network"`` (always the network's, as in the
     paper).  Ignored without ``refine``: fixed-pose cSVR always uses the network's poses.
     ``weights``: a weights file (default: the packaged model).  ``iterations``: SR + EM rounds on
-    the output grid with fixed poses, or SVR's fine iterations with ``refine``.
+    the output grid with fixed poses, or SVR's fine iterations with ``refine``.  ``lam``: the
+    super-resolution's relative regularisation (``None``: from the stacks' noise, as SVR).
     """
 
     refine: bool = False
@@ -78,6 +79,7 @@ class CSVRMethodConfig:
     weights: str | None = None
     iterations: int = 3
     packages: tuple[int, ...] | None = (2,)  # interleave packages per stack for the Refine's search (SVRConfig)
+    lam: float | None = None
     progress: bool = True
 
 
@@ -119,14 +121,15 @@ def network_poses(prep: Prepared, weights: str | Path | None = None, model=None)
 
 @torch.no_grad()
 def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 2.0, cg_iterations: int = 4,
-                 lam: float = 0.02, sr_subsample: int = 2, precondition: bool = True) -> dict[str, float]:
+                 lam: float | None = None, sr_subsample: int = 2, precondition: bool = True) -> dict[str, float]:
     """How well each pose set explains the slices: mean over slices of the NCC between the acquired
     slice and the slice simulated from a quick reconstruction made with that pose set.
 
     Each reconstruction is a PSF-weighted average refined by ``cg_iterations`` of (by default
     preconditioned) CG super-resolution on SVR's coarse grid (``factor`` x the output voxel) from
     every ``sr_subsample``-th pixel, the same step SVR starts with; every pixel is scored.  Slices
-    without pixel variance are left out of the mean.
+    without pixel variance are left out of the mean.  ``lam``: regularisation (default: SVR's,
+    from the stacks' noise, ``prep.regularisation``).
 
     Args:
         prep: prepared data (its slices' values, coordinates and output grid are used).
@@ -135,6 +138,7 @@ def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 
         name -> score in [-1, 1] (higher: the poses agree better with each other and the data).
     """
     ss = prep.slices
+    lam = prep.regularisation if lam is None else lam
     affine, shape, roi = coarse_grid(prep, factor)
     vres = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
     psf = acq.psf_kernel(ss.spacing, ss.thickness, vres)
@@ -169,16 +173,16 @@ def reconstruct_csvr(prep: Prepared, config: CSVRMethodConfig | None = None) -> 
     log.info("csvr: network poses for %d slices in %.2f s", prep.slices.n_slices, t_net)
     chosen, scores = "network", {}
     if cfg.refine and cfg.start == "auto":
-        scores = start_scores(prep, {"network": poses, "stack": prep.slices.poses})
+        scores = start_scores(prep, {"network": poses, "stack": prep.slices.poses}, lam=cfg.lam)
         if scores["stack"] > scores["network"]:
             chosen, poses = "stack", prep.slices.poses
         log.info("csvr: refine starts from the %s poses (slice NCC network %.3f, stack %.3f)", chosen,
                  scores["network"], scores["stack"])
     start = replace(prep, slices=prep.slices.with_poses(poses))
     if cfg.refine:
-        svr_cfg = SVRConfig(iterations=cfg.iterations, packages=cfg.packages, progress=cfg.progress)
+        svr_cfg = SVRConfig(iterations=cfg.iterations, packages=cfg.packages, lam=cfg.lam, progress=cfg.progress)
     else:
-        svr_cfg = SVRConfig(iterations=cfg.iterations, register_slices=False, progress=cfg.progress)
+        svr_cfg = SVRConfig(iterations=cfg.iterations, register_slices=False, lam=cfg.lam, progress=cfg.progress)
     result = reconstruct_svr(start, svr_cfg)
     result.history.insert(0, {"stage": "network", "seconds": t_net, "refine": cfg.refine, "start": chosen,
                               "start_scores": scores})
