@@ -137,3 +137,21 @@ def test_regularisation_option_reaches_the_method(method, atlas_lowres):
     _, result, _ = run_reconstruction(_sim(atlas_lowres, 0.02), resolution=1.6, method=method, have_stack_masks=True,
                                       iterations=1, progress=False, options=options)
     assert result.regularisation == 0.07
+
+
+def test_gaussian_warns_on_noisy_stacks_only(atlas_lowres, caplog):
+    """GaussianSVR follows noise (``NOISY`` in its module): a noisy case says so, a clean one does not."""
+    import logging
+    from dataclasses import replace
+
+    from slice2vol.core.preprocess import prepare
+    from slice2vol.methods.gaussian.optimise import NOISY, GaussianConfig, reconstruct_gaussian
+
+    prep = prepare(_sim(atlas_lowres, 0.02), 1.6, have_stack_masks=True)
+    cfg = GaussianConfig(init="stack", iterations=1, n_init=500, fit_iterations=0, progress=False)
+    with caplog.at_level(logging.WARNING, logger="slice2vol.methods.gaussian.optimise"):
+        reconstruct_gaussian(prep, cfg)
+        assert not any("noisy" in r.getMessage() for r in caplog.records)
+        noisy = replace(prep, noise={**prep.noise, "median": NOISY + 0.02})
+        reconstruct_gaussian(noisy, cfg)
+    assert any("stacks are noisy (8.0 %" in r.getMessage() for r in caplog.records)
