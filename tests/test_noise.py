@@ -155,3 +155,25 @@ def test_gaussian_warns_on_noisy_stacks_only(atlas_lowres, caplog):
         noisy = replace(prep, noise={**prep.noise, "median": NOISY + 0.02})
         reconstruct_gaussian(noisy, cfg)
     assert any("stacks are noisy (8.0 %" in r.getMessage() for r in caplog.records)
+
+
+def test_noise_ceiling_makes_a_perfect_prediction_of_noisy_slices_score_one():
+    """The noise-free signal predicts a noisy slice with NCC sqrt(1 - sigma^2 / var(y)); divided by
+    the ceiling it scores about 1, and without a noise estimate nothing changes."""
+    from slice2vol.core.image import SliceSet
+    from slice2vol.evaluation.metrics import per_slice_ncc
+    from slice2vol.evaluation.quality import noise_ceiling
+
+    clean = _stack(0.0)
+    noisy = _stack(0.15)
+    ss = SliceSet.from_stacks([noisy, _stack(0.0, seed=3)])
+    signal = torch.cat([clean.slices[clean.mask], clean.slices[clean.mask]])
+    raw = per_slice_ncc(signal.to(ss.values.dtype), ss.values, ss.slice_id, ss.n_slices)
+    ceiling = noise_ceiling(ss, [0.15, 0.0])
+    lo, hi = ss.stack_slices[0], ss.stack_slices[1]
+    assert float(raw[lo:hi].max()) < 0.95  # the noise caps the raw NCC well below 1
+    ratio = (raw / ceiling)[lo:hi]
+    assert abs(float(ratio.mean()) - 1) < 0.02 and float((ratio - 1).abs().max()) < 0.08  # per-slice sampling
+    assert torch.equal(ceiling[hi:], torch.ones(ss.n_slices - hi, dtype=torch.float64))  # noise 0
+    assert torch.equal(noise_ceiling(ss, None), torch.ones(ss.n_slices, dtype=torch.float64))
+    assert torch.equal(noise_ceiling(ss, [float("nan"), None]), torch.ones(ss.n_slices, dtype=torch.float64))
