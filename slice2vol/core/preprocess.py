@@ -421,8 +421,11 @@ def _noise_record(stacks: Sequence[Stack]) -> dict:
     median, per = relative_noise(stacks)
     finite = [v if math.isfinite(v) else None for v in per]
     if math.isfinite(median):
-        log.info("noise: %.1f %% of the mean brain intensity (median of %s)", 100 * median,
-                 ", ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in finite))
+        lam = regularisation_for_noise(median)
+        # a louder line when the noise moves the regularisation off its default
+        log.log(NOTICE if lam > regularisation_for_noise(None) else logging.INFO,
+                "noise: %.1f %% of the mean brain intensity (per stack %s): regularisation %.3g", 100 * median,
+                ", ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in finite), lam)
     return {"median": median if math.isfinite(median) else None, "per_stack": finite}
 
 

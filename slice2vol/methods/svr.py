@@ -58,7 +58,8 @@ needed 8 and 20: on the 12 moderate / severe validation cases the preconditioned
 +0.06 dB mean PSNR, -0.13..+0.72 dB per case, on the 6 extreme ones +0.05 dB, -0.09..+0.36 dB,
 with the search's pixel subsampling below; 0.76x the run time on STA29); relative
 regularisation 0.02 up to 4 % noise and half the relative noise above
-(:func:`slice2vol.core.reconstruction.regularisation_for_noise`), edge threshold 0.1 x the 99th intensity percentile.  The search's
+(:func:`slice2vol.core.reconstruction.regularisation_for_noise`), edge threshold 0.1 x the 99th
+intensity percentile.  The search's
 reconstructions on their 2 mm grid use every second pixel (four pixels per voxel in-plane:
 half suffice, as on the coarse grid).  Search: up to 3 slice rounds after one stack round,
 stopping when fewer than 2% of the slices move; lattice step 15 deg (on 5 severe/extreme cases of
