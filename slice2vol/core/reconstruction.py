@@ -48,16 +48,17 @@ def regularisation_for_noise(noise: float | None, floor: float = DEFAULT_LAM, sl
     ``noise`` is the stacks' noise standard deviation relative to the mean brain intensity
     (:func:`slice2vol.core.noise.relative_noise`); ``None`` or NaN (no estimate) gives ``floor``.
 
-    Why this rule (``benchmarks/bench_noise.py``; SVR, 3 orthogonal moderate-motion 1 mm x 3 mm
-    stacks, seed 0, ``lam`` on a grid 0.01-0.32): on the training atlases STA24/30/36 the best
-    ``lam`` was about half the noise above 4 % noise (8 %: 0.04, 12 %: 0.08) and 0.01-0.02 below;
-    slope 0.5 gave -0.02..+0.00 dB against 0.02 at 4 % noise, +0.54..+0.60 dB at 8 %, +0.96..+1.46
-    dB at 12 %.  The validation atlases (spina bifida, smoother anatomy) confirmed it: +0.00..+0.02,
-    +1.10..+1.51 and +2.42 dB, and wanted more (slope 1: +1.38..+2.17 dB at 8 %; that slope cost
-    the training atlases 0.2-0.5 dB at 4 %).  Below 4 % the floor stays even though the training
-    atlases gained up to +0.86 dB with ``lam`` 0.01 at 1-2 % noise: correlated noise (in-plane
-    interpolation by the scanner) reads low (:mod:`slice2vol.core.noise`), and an underestimate
-    must not under-regularise.
+    Why this rule (``benchmarks/bench_noise.py --sweep``, ``benchmarks/results/noise_sweep_cpu.txt``;
+    classical SVR, 3 orthogonal moderate-motion 1 mm x 3 mm stacks, seed 0, ``lam`` on a grid
+    0.01-0.32): on the training atlases STA24/30/36 the best ``lam`` was about half the noise above
+    4 % noise (8 %: 0.04, 12 %: 0.08) and 0.01-0.02 below.  The rule, run with the estimated noise,
+    against 0.02: training -0.03..+0.00 dB at 4 %, +0.57..+0.60 at 8 %, +1.26..+1.56 at 12 %;
+    validation atlases (spina bifida, smoother anatomy) -0.16..+0.02, +1.02..+1.45, +2.15..+2.51,
+    where the grid's best was up to 0.73 dB higher still (they wanted about the noise itself, a
+    slope that cost the training atlases 0.20-0.54 dB at 4 %).  Below 4 % the floor stays even
+    though ``lam`` 0.01 gained up to +0.86 dB at 1-2 % noise on the training atlases: correlated
+    noise (in-plane interpolation by the scanner) reads low (:mod:`slice2vol.core.noise`), and an
+    underestimate must not under-regularise.
 
     >>> regularisation_for_noise(0.02), regularisation_for_noise(0.08), regularisation_for_noise(float("nan"))
     (0.02, 0.04, 0.02)
