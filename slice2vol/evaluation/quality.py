@@ -27,8 +27,10 @@ signal ``s`` at most ``sqrt(1 - sigma^2 / var(y))``, so a reconstruction that do
 noise -- the one that should be preferred -- cannot reach the NCCs of (a) and (c) on noisy stacks
 (at 12 % noise a good reconstruction's median NCC was 0.89-0.91, under the calibrated 0.93).
 Every per-slice NCC is therefore divided by that ceiling (:func:`noise_ceiling`, from the stacks'
-estimated noise, ``Prepared.noise``; 1 where the noise is unknown) and capped at 1.  At the 2 %
-noise the thresholds were calibrated at, the ceiling is about 0.998.
+estimated noise, ``Prepared.noise``) *relative to its value at* :data:`CALIBRATION_NOISE`, the 2 %
+noise the thresholds were calibrated at, and capped at 1: at or below 2 % noise (or where the
+noise is unknown) nothing changes (the ceiling itself is not negligible there: 0.993 median on
+the demo case), above it the thresholds keep the meaning they had at 2 %.
 
 Each criterion maps its measure to a sub-score by a piecewise-linear ramp: 1 at its ``good``
 value, :data:`DOUBTFUL_BELOW` (0.6) at its ``doubtful`` threshold, :data:`FAILED_BELOW` (0.3) at
@@ -67,6 +69,8 @@ __all__ = ["Quality", "Criterion", "CRITERIA", "assess_quality", "slice_ncc", "n
            "stack_agreement", "pose_residuals", "verdict_of", "naive_slice_ncc"]
 
 LOW_NCC = 0.5  # a slice under this NCC is "poorly explained" by the volume
+#: relative noise of the simulated cases the NCC thresholds were calibrated on (module docstring)
+CALIBRATION_NOISE = 0.02
 MIN_PIXELS = 20  # slices with fewer masked pixels are left out of NCC and motion statistics
 REJECTED_BELOW = 0.5  # slice weight below which a slice counts as rejected (as the CLI counts them)
 AGREEMENT_RESOLUTION = 2.0  # mm, grid of the per-stack PSF averages for (c)
@@ -220,6 +224,17 @@ def noise_ceiling(ss: SliceSet, noise_per_stack) -> Tensor:
         c = (1 - sigma2 / var[lo:hi].clamp_min(1e-12)).clamp(0.09, 1).sqrt()
         out[lo:hi] = torch.where(n[lo:hi] > 0, c, out[lo:hi])
     return out
+
+
+def _relative_ceiling(ss: SliceSet, noise_per_stack) -> Tensor:
+    """``(M,)`` :func:`noise_ceiling` at the stacks' noise (at least :data:`CALIBRATION_NOISE`)
+    over the same at :data:`CALIBRATION_NOISE`: 1 up to the calibration noise or where unknown."""
+    if noise_per_stack is None or len(noise_per_stack) != ss.n_stacks:
+        return torch.ones(ss.n_slices, dtype=torch.float64, device=ss.device)
+    known = [v is not None and math.isfinite(float(v)) for v in noise_per_stack]
+    at = [max(float(v), CALIBRATION_NOISE) if k else None for v, k in zip(noise_per_stack, known)]
+    cal = [CALIBRATION_NOISE if k else None for k in known]
+    return noise_ceiling(ss, at) / noise_ceiling(ss, cal)
 
 
 def naive_slice_ncc(prep) -> Tensor:
@@ -432,7 +447,7 @@ def assess_quality(prep, result, before_ncc: Tensor | list | None = None) -> Qua
         :class:`Quality`.
     """
     ss = prep.slices
-    ceiling = noise_ceiling(ss, (getattr(prep, "noise", None) or {}).get("per_stack"))
+    ceiling = _relative_ceiling(ss, (getattr(prep, "noise", None) or {}).get("per_stack"))
     after = (slice_ncc(ss, result.simulated) / ceiling).clamp(max=1.0)
     before = naive_slice_ncc(prep) if before_ncc is None else \
         torch.as_tensor(np.asarray(before_ncc, dtype=np.float64), device=ss.device)
@@ -461,6 +476,6 @@ def assess_quality(prep, result, before_ncc: Tensor | list | None = None) -> Qua
     m["motion_max_mm"] = _worst(disp, higher_is_better=False)[0]
     m["motion_jump_max"], m["motion_jump_stack_worst"] = _worst(jump, higher_is_better=False)
     m["n_slices"] = int(torch.isfinite(after).sum())
-    m["noise_ceiling_median"] = _nanmedian(torch.where(torch.isfinite(after), ceiling, torch.full_like(ceiling, float("nan"))))
+    m["noise_ceiling_relative_median"] = _nanmedian(torch.where(torch.isfinite(after), ceiling, torch.full_like(ceiling, float("nan"))))
     verdict, score, reasons, sub = verdict_of(m)
     return Quality(verdict, score, reasons, m, sub)
