@@ -65,8 +65,8 @@ from slice2vol.core import acquisition as acq
 from slice2vol.core.image import SliceSet
 from slice2vol.evaluation.metrics import per_slice_ncc
 
-__all__ = ["Quality", "Criterion", "CRITERIA", "assess_quality", "slice_ncc", "noise_ceiling", "rejected_fractions", "slice_counts",
-           "stack_agreement", "pose_residuals", "verdict_of", "naive_slice_ncc"]
+__all__ = ["Quality", "Criterion", "CRITERIA", "assess_quality", "slice_ncc", "noise_ceiling", "rejected_fractions",
+           "slice_counts", "stack_agreement", "pose_residuals", "verdict_of", "naive_slice_ncc", "CALIBRATION_NOISE"]
 
 LOW_NCC = 0.5  # a slice under this NCC is "poorly explained" by the volume
 #: relative noise of the simulated cases the NCC thresholds were calibrated on (module docstring)
@@ -297,8 +297,9 @@ def stack_agreement(prep, poses: Tensor, scales: Tensor, pixel_weights: Tensor |
         resolution: grid spacing in mm (coarse: only agreement of structure is asked).
         heldout: also return, per stack, the median per-slice NCC of its slices against the same
             slices simulated from the other stacks' average (a held-out prediction).
-        ceiling: ``(M,)`` per-slice NCC ceilings (:func:`noise_ceiling`) the held-out NCCs are
-            divided by (capped at 1), default none.
+        ceiling: ``(M,)`` per-slice factors the held-out NCCs are divided by (capped at 1): the
+            noise ceilings of :func:`noise_ceiling`, relative to the calibration noise in
+            :func:`assess_quality`; default none.
     Returns:
         ``S`` NCCs over the region of interest where both averages have coverage (NaN with one
         stack or without overlap); with ``heldout``, ``(agreement, heldout)``.
@@ -476,6 +477,7 @@ def assess_quality(prep, result, before_ncc: Tensor | list | None = None) -> Qua
     m["motion_max_mm"] = _worst(disp, higher_is_better=False)[0]
     m["motion_jump_max"], m["motion_jump_stack_worst"] = _worst(jump, higher_is_better=False)
     m["n_slices"] = int(torch.isfinite(after).sum())
-    m["noise_ceiling_relative_median"] = _nanmedian(torch.where(torch.isfinite(after), ceiling, torch.full_like(ceiling, float("nan"))))
+    scored = torch.where(torch.isfinite(after), ceiling, torch.full_like(ceiling, float("nan")))
+    m["noise_ceiling_relative_median"] = _nanmedian(scored)
     verdict, score, reasons, sub = verdict_of(m)
     return Quality(verdict, score, reasons, m, sub)
