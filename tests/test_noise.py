@@ -192,3 +192,12 @@ def test_quality_corrects_only_for_noise_above_its_calibration_level():
     expected = noise_ceiling(ss, [0.15, None]) / noise_ceiling(ss, [CALIBRATION_NOISE, None])
     assert torch.allclose(rel[lo:hi], expected[lo:hi]) and float(rel[lo:hi].max()) < 0.9
     assert torch.equal(_relative_ceiling(ss, [CALIBRATION_NOISE, None]), torch.ones(ss.n_slices, dtype=torch.float64))
+
+
+def test_report_noise_line_survives_odd_records():
+    from slice2vol.report.page import _noise_cell
+
+    assert _noise_cell(None) is None and _noise_cell({"median": 0.02}) is None
+    assert _noise_cell({"per_stack": ["x"], "median": 0.1}) is None
+    assert _noise_cell({"per_stack": [0.081, None], "median": 0.081, "regularisation": 0.0405}) == \
+        "8.1 % of the mean brain intensity (per stack: 8.1 %, n/a); regularisation 0.0405"

@@ -195,15 +195,18 @@ def _signal_loss_cell(record: dict | None) -> str | None:
 def _noise_cell(record: dict | None) -> str | None:
     """The summary's line on the stacks' noise and the regularisation it set (the record's ``noise``,
     :func:`slice2vol.core.preprocess.prepare`); ``None`` for records written before it existed."""
-    if not isinstance(record, dict) or "per_stack" not in record:
+    if not isinstance(record, dict) or not isinstance(record.get("per_stack"), list):
         return None
-    per = ", ".join("n/a" if v is None else f"{100 * float(v):.1f} %" for v in record["per_stack"])
-    med = record.get("median")
-    text = f"{100 * float(med):.1f} % of the mean brain intensity (per stack: {per})" if med is not None else \
-        f"not estimated (per stack: {per})"
-    lam = record.get("regularisation")
-    if isinstance(lam, (int, float)):
-        text += f"; regularisation {float(lam):.3g}"
+    try:  # a hand-edited record must not break the page: no line rather than a traceback
+        per = ", ".join("n/a" if v is None else f"{100 * float(v):.1f} %" for v in record["per_stack"])
+        med = record.get("median")
+        text = f"{100 * float(med):.1f} % of the mean brain intensity (per stack: {per})" if med is not None else \
+            f"not estimated (per stack: {per})"
+        lam = record.get("regularisation")
+        if isinstance(lam, (int, float)):
+            text += f"; regularisation {float(lam):.3g}"
+    except (TypeError, ValueError):
+        return None
     return text
 
 
