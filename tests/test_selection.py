@@ -296,6 +296,10 @@ def test_assess_prints_the_table_and_writes_json(case, tmp_path, capsys):
     assert "reconstruct would keep 3 of 4 stacks and leave out 3 (stack_00.nii.gz)" in out
     rec = json.loads((tmp_path / "a.json").read_text())
     assert rec["dropped"] == [3] and len(rec["stacks"]) == 4
+    # the noise column: the stack of pure noise reads far noisier than the simulated good ones
+    assert "noise %" in out
+    good = [st["noise"] for st in rec["stacks"][:3]]
+    assert all(0 < v < 0.1 for v in good) and rec["stacks"][3]["noise"] > 3 * max(good), rec["stacks"]
     # the output may not replace an input; a missing stack is one error line
     assert main(["assess", *stacks, "--json", stacks[0]]) == 2
     assert "slice2vol: error:" in capsys.readouterr().err

@@ -103,6 +103,7 @@ from torch import Tensor
 from slice2vol.core import acquisition as acq
 from slice2vol.core.geometry import axis_aligned_grid, slice_to_world
 from slice2vol.core.image import SliceSet, Stack, Volume
+from slice2vol.core.noise import stack_noise
 from slice2vol.core.preprocess import apply_volume_mask, normalise_intensities, register_stacks
 from slice2vol.core.registration import register
 from slice2vol.core.similarity import per_slice_ncc
@@ -171,6 +172,7 @@ class StackScore:
     coverage_ml: float
     extent_mm: float
     score: float = float("nan")
+    noise: float = float("nan")
     keep: bool = True
     reason: str = ""
     path: str | None = None
@@ -204,17 +206,18 @@ class Selection:
     def table(self) -> str:
         """A plain-text table, one row per stack."""
         head = (f"{'#':>2}  {'stack':<24} {'slices':>6} {'nbr NCC':>7} {'il NCC':>6} {'motion':>6} {'il mm':>5} "
-                f"{'agree':>6} {'brain mL':>8} {'extent':>6} {'score':>6}  decision")
+                f"{'agree':>6} {'brain mL':>8} {'extent':>6} {'noise %':>7} {'score':>6}  decision")
         rows = [head, "-" * len(head)]
         for s in self.stacks:
             name = s.name if len(s.name) <= 24 else s.name[:21] + "..."
             rows.append(f"{s.index:>2}  {name:<24} {s.n_slices:>6} {_f(s.neighbour_ncc, 7, 3)} "
                         f"{_f(s.interleave_ncc, 6, 2)} {_f(s.motion_mm, 6, 2)} {_f(s.interleave_mm, 5, 1)} "
                         f"{_f(s.agreement, 6, 3)} {_f(s.coverage_ml, 8, 1)} {_f(s.extent_mm, 6, 0)} "
-                        f"{_f(s.score, 6, 3)}  {'keep' if s.keep else 'drop'}{': ' + s.reason if s.reason else ''}")
+                        f"{_f(100 * s.noise, 7, 1)} {_f(s.score, 6, 3)}  {'keep' if s.keep else 'drop'}{': ' + s.reason if s.reason else ''}")
         rows.append("nbr NCC: mean NCC of adjacent slices; il NCC: NCC(k, k+2) - NCC(k, k+1); motion: slice "
                     "displacement (mm, 75th percentile) when registered to the others; il mm: even vs odd slices; "
-                    "agree: median slice NCC against the other stacks; extent: mm along the slice normal")
+                    "agree: median slice NCC against the other stacks; extent: mm along the slice normal; noise: "
+                    "sd relative to the mean brain intensity (reads low on interpolated stacks; not used to decide)")
         return "\n".join(rows)
 
 
@@ -540,6 +543,7 @@ def assess_stacks(stacks: Sequence[Stack], mask: Volume | None = None, have_stac
         nbr2 = [neighbour_ncc(st.slices, st.mask, step=2) for st in masked]
         cov = [coverage(st) for st in masked]
         cov_ml = [c[0] for c in cov]
+        noise = [stack_noise(st) for st in masked]  # reported only: a noisy stack is still data
         usable = [i for i, st in enumerate(masked) if int(st.mask.sum()) >= MIN_PIXELS]
         nan = [float("nan")] * len(stacks)
         cross = CrossStack(list(nan), list(nan), list(nan))
@@ -583,7 +587,7 @@ def assess_stacks(stacks: Sequence[Stack], mask: Volume | None = None, have_stac
     scores = [StackScore(index=i, name=st.name, n_slices=st.n_slices, neighbour_ncc=nbr[i],
                          interleave_ncc=nbr2[i] - nbr[i], motion_mm=cross.motion_mm[i],
                          interleave_mm=cross.interleave_mm[i], agreement=cross.agreement[i], coverage_ml=cov[i][0],
-                         extent_mm=cov[i][1], score=score[i], keep=keep[i], reason=reason[i],
+                         extent_mm=cov[i][1], score=score[i], noise=noise[i], keep=keep[i], reason=reason[i],
                          path=None if st.meta.get("path") is None else str(st.meta["path"]))
               for i, st in enumerate(stacks)]
     settings = {"drop_outliers": drop_outliers, "max_stacks": max_stacks, "protect": list(protect),
