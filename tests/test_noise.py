@@ -183,15 +183,16 @@ def test_quality_corrects_only_for_noise_above_its_calibration_level():
     """The verdict's thresholds were calibrated at 2 % noise: there and below the NCCs are left as
     they are; above, they are raised by the ceiling's ratio."""
     from slice2vol.core.image import SliceSet
-    from slice2vol.evaluation.quality import CALIBRATION_NOISE, _relative_ceiling, noise_ceiling
+    from slice2vol.evaluation.quality import CALIBRATION_NOISE, noise_ceiling
 
     ss = SliceSet.from_stacks([_stack(0.15), _stack(0.01, seed=4)])
     lo, hi = ss.stack_slices[0], ss.stack_slices[1]
-    rel = _relative_ceiling(ss, [0.15, 0.01])
+    rel = noise_ceiling(ss, [0.15, 0.01], reference=CALIBRATION_NOISE)
     assert torch.equal(rel[hi:], torch.ones(ss.n_slices - hi, dtype=torch.float64))
     expected = noise_ceiling(ss, [0.15, None]) / noise_ceiling(ss, [CALIBRATION_NOISE, None])
     assert torch.allclose(rel[lo:hi], expected[lo:hi]) and float(rel[lo:hi].max()) < 0.9
-    assert torch.equal(_relative_ceiling(ss, [CALIBRATION_NOISE, None]), torch.ones(ss.n_slices, dtype=torch.float64))
+    assert torch.equal(noise_ceiling(ss, [CALIBRATION_NOISE, None], reference=CALIBRATION_NOISE),
+                       torch.ones(ss.n_slices, dtype=torch.float64))
 
 
 def test_report_noise_line_survives_odd_records():

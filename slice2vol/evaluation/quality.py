@@ -197,12 +197,16 @@ def slice_ncc(ss: SliceSet, simulated: Tensor) -> Tensor:
     return torch.where(_has_pixels(ss), ncc, torch.full_like(ncc, float("nan")))
 
 
-def noise_ceiling(ss: SliceSet, noise_per_stack) -> Tensor:
+def noise_ceiling(ss: SliceSet, noise_per_stack, reference: float | None = None) -> Tensor:
     """``(M,)`` float64 highest NCC a slice can have with any noise-free prediction:
     ``sqrt(1 - sigma^2 / var(y))`` (module docstring), with ``sigma`` the slice's stack's relative
     noise (``noise_per_stack``, :func:`slice2vol.core.noise.relative_noise`; ``None``/NaN entries
     or ``None`` for all give 1) times that stack's mean value.  Clamped to [0.3, 1]: a slice whose
     variance is nearly all noise is not scored as perfect however poorly it fits.
+
+    With ``reference`` (a relative noise, e.g. :data:`CALIBRATION_NOISE`): the ceiling at
+    ``max(noise, reference)`` over the ceiling at ``reference``, from the same slice variances --
+    1 at or below the reference, the correction :func:`assess_quality` applies above it.
     """
     M, dev = ss.n_slices, ss.device
     out = torch.ones(M, dtype=torch.float64, device=dev)
@@ -219,22 +223,15 @@ def noise_ceiling(ss: SliceSet, noise_per_stack) -> Tensor:
         sel = pstack == s
         if not bool(sel.any()):
             continue
-        sigma2 = (float(rel) * float(y[sel].mean())) ** 2
         lo, hi = ss.stack_slices[s], ss.stack_slices[s + 1]
-        c = (1 - sigma2 / var[lo:hi].clamp_min(1e-12)).clamp(0.09, 1).sqrt()
+        level = float(y[sel].mean())
+
+        def ceiling(r: float) -> Tensor:
+            return (1 - (r * level) ** 2 / var[lo:hi].clamp_min(1e-12)).clamp(0.09, 1).sqrt()
+
+        c = ceiling(float(rel)) if reference is None else ceiling(max(float(rel), reference)) / ceiling(reference)
         out[lo:hi] = torch.where(n[lo:hi] > 0, c, out[lo:hi])
     return out
-
-
-def _relative_ceiling(ss: SliceSet, noise_per_stack) -> Tensor:
-    """``(M,)`` :func:`noise_ceiling` at the stacks' noise (at least :data:`CALIBRATION_NOISE`)
-    over the same at :data:`CALIBRATION_NOISE`: 1 up to the calibration noise or where unknown."""
-    if noise_per_stack is None or len(noise_per_stack) != ss.n_stacks:
-        return torch.ones(ss.n_slices, dtype=torch.float64, device=ss.device)
-    known = [v is not None and math.isfinite(float(v)) for v in noise_per_stack]
-    at = [max(float(v), CALIBRATION_NOISE) if k else None for v, k in zip(noise_per_stack, known)]
-    cal = [CALIBRATION_NOISE if k else None for k in known]
-    return noise_ceiling(ss, at) / noise_ceiling(ss, cal)
 
 
 def naive_slice_ncc(prep) -> Tensor:
@@ -448,7 +445,7 @@ def assess_quality(prep, result, before_ncc: Tensor | list | None = None) -> Qua
         :class:`Quality`.
     """
     ss = prep.slices
-    ceiling = _relative_ceiling(ss, (getattr(prep, "noise", None) or {}).get("per_stack"))
+    ceiling = noise_ceiling(ss, (getattr(prep, "noise", None) or {}).get("per_stack"), reference=CALIBRATION_NOISE)
     after = (slice_ncc(ss, result.simulated) / ceiling).clamp(max=1.0)
     before = naive_slice_ncc(prep) if before_ncc is None else \
         torch.as_tensor(np.asarray(before_ncc, dtype=np.float64), device=ss.device)
