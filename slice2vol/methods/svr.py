@@ -216,13 +216,11 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor, cfg: SVRCon
     centre, shifts along the slice normal and the motion of its neighbours in the stack, and
     refines the best candidates locally.  Rounds stop once fewer than ``search_min_moved`` of
     the slices take a new pose (at mild motion after the first).  Returns the poses and one
-    history record per round.
+    history record per round.  ``cfg.lam`` must be set (:func:`reconstruct_svr` resolves it from
+    the noise first).
     """
     from slice2vol.core.geometry import slice_to_world
     from slice2vol.core.pose_search import neighbour_candidates, search_poses
-
-    if cfg.lam is None:
-        cfg = replace(cfg, lam=prep.regularisation)
 
     ss = prep.slices
     y, coords, sid, M = ss.values, ss.coords, ss.slice_id, ss.n_slices
