@@ -19,7 +19,7 @@ from slice2vol.core import budget
 from slice2vol.core.geometry import axis_aligned_grid, make_right_handed, slice_pixel_coords, slice_to_world
 from slice2vol.core.image import SliceSet, Stack, Volume
 from slice2vol.core.noise import relative_noise
-from slice2vol.core.reconstruction import psf_average, regularisation_for_noise
+from slice2vol.core.reconstruction import DEFAULT_LAM, psf_average, regularisation_for_noise
 from slice2vol.core.registration import register
 from slice2vol.core.resample import gaussian_blur, max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
@@ -423,7 +423,7 @@ def _noise_record(stacks: Sequence[Stack]) -> dict:
     if math.isfinite(median):
         lam = regularisation_for_noise(median)
         # a louder line when the noise moves the regularisation off its default
-        log.log(NOTICE if lam > regularisation_for_noise(None) else logging.INFO,
+        log.log(NOTICE if lam > DEFAULT_LAM else logging.INFO,
                 "noise: %.1f %% of the mean brain intensity (per stack %s): regularisation %.3g", 100 * median,
                 ", ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in finite), lam)
     return {"median": median if math.isfinite(median) else None, "per_stack": finite}
