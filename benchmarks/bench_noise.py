@@ -22,8 +22,6 @@ as ``slice2vol demo``.  Three modes:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate  # noqa: E402
+from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, setup  # noqa: E402
 
 SWEEP_LAMS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 
@@ -55,8 +53,7 @@ def run(stacks, gt, method: str, lam: float | None) -> dict:
 def header(what: str, atlases, args) -> None:
     print(f"noise {what}: atlases {', '.join(atlases)}, seed {args.seed}, {args.motion} motion, noise "
           f"{', '.join(f'{n:g}' for n in args.noises)}; 3 orthogonal 1 mm x 3 mm stacks, 0.8 mm, 1 torch thread; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"{machine()}", flush=True)
 
 
 def estimate(atlases, args, data) -> None:
@@ -128,12 +125,7 @@ def main(argv=None) -> int:
     mode.add_argument("--estimate", action="store_true", help="the noise estimate only")
     p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
-    from slice2vol.io import shared_data_dir
-    from slice2vol.simulation.splits import expand_atlases
-
-    torch.set_num_threads(1)
-    data = args.data or shared_data_dir()
-    atlases = expand_atlases(args.atlases)
+    data, atlases = setup(args)
     (sweep if args.sweep else estimate if args.estimate else compare)(atlases, args, data)
     return 0
 

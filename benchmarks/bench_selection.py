@@ -56,6 +56,22 @@ def other_atlas(atlas: str) -> str:
     raise SystemExit(f"bench_selection: {atlas} is in no split")
 
 
+def setup(args) -> tuple[Path, list[str]]:
+    """The atlas benchmarks' common start: one torch thread, the shared data folder (``args.data``
+    or the default) and ``args.atlases`` with split names expanded."""
+    from slice2vol.io import shared_data_dir
+    from slice2vol.simulation.splits import expand_atlases
+
+    torch.set_num_threads(1)
+    return args.data or shared_data_dir(), expand_atlases(args.atlases)
+
+
+def machine() -> str:
+    """``"<cpu>, <n> CPUs, torch <version>, load average <1 min>"`` for a benchmark's header line."""
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"load average {os.getloadavg()[0]:.2f}")
+
+
 def _load_atlas(data: Path, atlas: str):
     from slice2vol import io
     from slice2vol.evaluation.benchmark import atlas_dir
@@ -235,12 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--assess-only", action="store_true", help="only the assessment tables (no reconstruction)")
     p.add_argument("--tables", action="store_true", help="print every assessment table")
     args = p.parse_args(argv)
-    from slice2vol.io import shared_data_dir
-    from slice2vol.simulation.splits import expand_atlases
-
-    torch.set_num_threads(1)
-    data = args.data or shared_data_dir()
-    atlases = expand_atlases(args.atlases)
+    data, atlases = setup(args)
     print(f"slice2vol stack selection benchmark: atlases {', '.join(atlases)}, seed {args.seed}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}", flush=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate  # noqa: E402
+from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, setup  # noqa: E402
 
 VARIANTS = ("auto", "auto-kept", "auto-oracle", "gaussian", "gaussian-before")
 LABELS = {"auto": "auto", "auto-kept": "auto, dark kept", "auto-oracle": "auto, lost removed", "gaussian": "gaussian",
@@ -83,16 +82,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
-    from slice2vol.io import shared_data_dir
     from slice2vol.methods.run import crop_to_roi
-    from slice2vol.simulation.splits import expand_atlases
 
-    torch.set_num_threads(1)
-    data = args.data or shared_data_dir()
-    atlases = expand_atlases(args.atlases)
+    data, atlases = setup(args)
     print(f"signal loss: atlases {', '.join(atlases)}, seed {args.seed}, fractions {args.fractions}; 3 moderate stacks, "
-          f"0.8 mm, 1 torch thread; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"0.8 mm, 1 torch thread; {machine()}", flush=True)
     print("lost: fraction of every stack's slices darkened; excluded: slices (with pixels) robust statistics excluded; "
           "left out: pixels the detection took out of the masks")
     print(f"{'atlas':<18} {'lost':>5} {'variant':<21} {'PSNR':>6} {'SSIM':>6} {'excluded':>9} {'left out':>8} {'time s':>6}",
