@@ -6,8 +6,9 @@ component), yet an active fetus makes them, and the slices acquired afterwards a
 slice search's 30 deg and SVR's 45 deg plausibility bound.  :func:`slice2vol.methods.svr._turn_round`
 searches them over all rotations and takes the turn the slices agree on.  Per atlas and seed: the
 benchmark's 3 orthogonal 1 mm x 3 mm stacks at ``moderate`` motion (:func:`bench_selection._simulate`'s
-settings, 2 % noise), one stack (drawn per seed) turned by each angle about a random axis through the
-brain centre at a random time in the middle 40 % of its acquisition; reconstructed in this process
+settings, 2 % noise) with a turn of each angle (``SimulationConfig.turn``, ``slice2vol simulate --turn``:
+one random stack turned about a random axis through the brain centre at a random time in the middle
+40 % of its acquisition); reconstructed in this process
 with the default pipeline (``auto``), with the turn search and without it (the same run with
 ``_turn_round`` replaced by a no-op), one torch thread, 0.8 mm, stack masks.  PSNR: as ``slice2vol
 demo`` (rigid alignment, linear intensity fit, brain mask); verdict: the reference-free quality
@@ -22,8 +23,6 @@ GA32_operated, seeds 0-1, angles 90/135/180); the default here is the test atlas
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import sys
 import time
 from collections import defaultdict
@@ -36,28 +35,20 @@ from bench_selection import DEFAULT_TEST, _load_atlas, machine, setup  # noqa: E
 
 
 def turned_simulation(vol, seed: int, angle_deg: float, motion: str = "moderate"):
-    """The benchmark's 3 stacks with one stack turned by ``angle_deg`` mid-acquisition.
-
-    Returns ``(SimulationResult, stack index, turned slice indices)``."""
+    """The benchmark's 3 stacks with one stack turned by ``angle_deg`` mid-acquisition
+    (``SimulationConfig.turn``; 0: none).  Returns ``(SimulationResult, turned stack or None,
+    turned slice indices)``."""
     from slice2vol.core.runtime import seed_everything
-    from slice2vol.simulation.simulate import (SimulationConfig, apply_simulation, realism_for,
-                                               sample_simulation_params)
+    from slice2vol.simulation.simulate import SimulationConfig, realism_for, simulate_stacks
 
     cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=1.0, thickness=3.0,
-                           motion=motion, noise=0.02, **realism_for(motion))
-    params = copy.deepcopy(sample_simulation_params(vol, None, cfg, seed_everything(seed)))
-    rng = np.random.default_rng(seed + 100)
-    s = int(rng.integers(3))
-    times = np.asarray(params.geometry[s].times)
-    tau = float(np.quantile(times, rng.uniform(0.3, 0.7)))
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    if angle_deg:
-        m = params.motion.stacks[s]
-        m.jump_times = list(m.jump_times) + [tau]
-        m.jumps = list(m.jumps) + [list(axis * math.radians(angle_deg)) + [0.0, 0.0, 0.0]]
-    sim = apply_simulation(vol, None, params, cfg, progress=False)
-    return sim, s, np.flatnonzero(times >= tau) if angle_deg else np.array([], dtype=int)
+                           motion=motion, noise=0.02, turn=angle_deg, **realism_for(motion))
+    sim = simulate_stacks(vol, None, cfg, seed_everything(seed), progress=False)
+    turn = sim.params.motion.turn
+    if not turn:
+        return sim, None, np.array([], dtype=int)
+    s = turn["stack"]
+    return sim, s, np.flatnonzero(np.asarray(sim.params.geometry[s].times) >= turn["time"])
 
 
 def run(stacks, gt, turn_search: bool) -> dict:
@@ -112,7 +103,8 @@ def main(argv=None) -> int:
                 verdicts[angle][f"off {off['verdict']}"] += 1
                 verdicts[angle][f"on {on['verdict']}"] += 1
                 found = ",".join(f"{a:.0f}" for a in on["angles"]) or "-"
-                print(f"{atlas:<18} {seed:>4} {angle:>5.0f} {s:>5} {len(turned):>6} of {len(sim.stacks[s].slices):<4}   "
+                n = f"{len(turned):>6} of {len(sim.stacks[s].slices):<4}" if s is not None else f"{'-':>13}"
+                print(f"{atlas:<18} {seed:>4} {angle:>5.0f} {'-' if s is None else s:>5} {n}   "
                       f"{off['psnr']:>8.2f} {off['verdict']:<8} {off['time_s']:>6.1f}   {on['psnr']:>7.2f} {on['verdict']:<8} "
                       f"{on['time_s']:>6.1f} {found:<8} {d:+.2f}", flush=True)
     print("\nwith - without the turn search, PSNR dB per angle: mean [min, max], better / worse (|change| > 0.05 dB); verdicts")

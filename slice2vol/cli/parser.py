@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-loss", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of every stack's slices darkened, wholly or in a band, as by fetal motion during "
                         "a single-shot slice (default: 0)")
+    p.add_argument("--turn", type=float, default=0.0, metavar="DEG",
+                   help="a lasting turn of the fetus by DEG degrees (up to 180) during one random stack, on top of "
+                        "--motion (default: 0, none)")
     p.add_argument("--margin", type=float, default=10.0, help="field-of-view margin around the mask in mm (default: 10)")
     _add_common(p)
 

@@ -33,6 +33,12 @@ exactly from the JSON parameters; parameters written before ``kind`` existed loa
 The true pose of slice ``n`` of stack ``s`` is ``M_s(t_n) @ nominal_n``: the slice plane moves
 relative to the anatomy, which is what a reconstruction has to undo.
 
+A **turn** (:func:`add_turn`, ``slice2vol simulate --turn DEG``) adds to any level one lasting jump
+of ``DEG`` degrees about a random axis through the brain centre, in one random stack, at a random
+time in the middle 40 % of its acquisition: an active fetus turning over during a stack, which
+none of the levels produces (``extreme``'s jumps have a 6 deg sd per component).  It is recorded
+in :attr:`MotionParams.turn` and as a jump of that stack.
+
 Levels (per-component standard deviations; at the control points the rotation angle is
 ``sqrt(3) * sd`` and the translation length ``sqrt(3) * sd`` in RMS):
 
@@ -111,6 +117,7 @@ __all__ = [
     "StackMotion",
     "MotionParams",
     "sample_motion",
+    "add_turn",
     "trajectory_params",
     "motion_matrices",
     "apply_motion",
@@ -241,19 +248,22 @@ class MotionParams:
     Attributes:
         level: the level it was sampled from (informative only).
         centre: ``(3,)`` world mm, the rotation centre (brain centre).
-        stacks: one :class:`StackMotion` per stack; empty for level ``none``.
+        stacks: one :class:`StackMotion` per stack; empty for level ``none`` without a turn.
+        turn: ``{}`` or, after :func:`add_turn`, ``{"stack", "time", "angle_deg", "axis"}``.
     """
 
     level: str
     centre: list[float]
     stacks: list[StackMotion] = field(default_factory=list)
+    turn: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MotionParams":
-        return cls(level=d["level"], centre=list(d["centre"]), stacks=[StackMotion(**s) for s in d["stacks"]])
+        return cls(level=d["level"], centre=list(d["centre"]), stacks=[StackMotion(**s) for s in d["stacks"]],
+                   turn=dict(d.get("turn", {})))
 
 
 # ----------------------------------------------------------------------------- sampling (random)
@@ -343,6 +353,36 @@ def sample_motion(
             params.stacks.append(_sample_walk_stack(WALK_LEVELS[level], times, rng))
         else:
             params.stacks.append(_sample_level_stack(amplitudes, times, rng))  # type: ignore[arg-type]
+    return params
+
+
+def add_turn(params: MotionParams, stack_times: Sequence[np.ndarray], angle_deg: float,
+             rng: np.random.Generator) -> MotionParams:
+    """Add a lasting turn of the fetus (module doc) to sampled motion, in place.
+
+    One stack ``s`` (uniform), a time ``tau`` at a uniform quantile in [0.3, 0.7] of its acquisition
+    times, a uniform random axis; the rotation of ``angle_deg`` about the brain centre is added as
+    a jump of stack ``s`` from ``tau`` on.  Level ``none`` gets still trajectories first.
+
+    Args:
+        params: from :func:`sample_motion`; stack_times: per stack ``(N_s,)`` acquisition times.
+        angle_deg: the turn, degrees (0 < angle <= 180).
+        rng: numpy generator (drawn after everything else, so a seed's other draws do not change).
+    Returns:
+        ``params``, with :attr:`MotionParams.turn` set.
+    """
+    if not (math.isfinite(angle_deg) and 0 < angle_deg <= 180):
+        raise Slice2VolError(f"a turn must be between 0 and 180 degrees, got {angle_deg}")
+    if not params.stacks:
+        params.stacks = [StackMotion([float(np.min(t))], [[0.0] * 6]) for t in stack_times]
+    s = int(rng.integers(len(stack_times)))
+    tau = float(np.quantile(np.asarray(stack_times[s], dtype=np.float64), rng.uniform(0.3, 0.7)))
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    m = params.stacks[s]
+    m.jump_times = list(m.jump_times) + [tau]
+    m.jumps = list(m.jumps) + [(axis * math.radians(angle_deg)).tolist() + [0.0, 0.0, 0.0]]
+    params.turn = {"stack": s, "time": tau, "angle_deg": float(angle_deg), "axis": axis.tolist()}
     return params
 
 

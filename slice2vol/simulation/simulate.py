@@ -16,7 +16,8 @@ Pipeline (each step a small function; geometry conventions of :mod:`slice2vol.co
    one after another (package 0 first) and each in increasing ``k``.  ``interleave = 0`` draws
    ``p`` uniformly in 1..4 per stack (recorded in :attr:`StackGeometry.interleave`).  Stacks are
    acquired one after another; a slice's global time is its stack's offset plus its order.
-3. **Motion.**  :mod:`slice2vol.simulation.motion`: true pose = ``M_s(t) @ nominal``.
+3. **Motion.**  :mod:`slice2vol.simulation.motion`: true pose = ``M_s(t) @ nominal``; optionally
+   a lasting ``turn`` of the fetus during one stack (:func:`slice2vol.simulation.motion.add_turn`).
 4. **Rendering.**  :func:`slice2vol.core.acquisition.forward` with ``psf_kernel(..., quality="high")``
    at the true poses.  Pixels whose PSF cannot reach a non-zero voxel are skipped (their value is
    exactly 0), which makes skull-stripped volumes several times faster to simulate.  Stack masks:
@@ -55,7 +56,7 @@ from slice2vol.core.runtime import resolve_device, seed_everything
 from slice2vol.core.transforms import axis_angle_to_matrix
 from slice2vol.errors import Slice2VolError
 from slice2vol.io import load_volume, poses_to_json, save_stack, save_volume, write_json
-from slice2vol.simulation.motion import MotionParams, apply_motion, motion_level, sample_motion
+from slice2vol.simulation.motion import MotionParams, add_turn, apply_motion, motion_level, sample_motion
 
 __all__ = [
     "ORIENTATIONS",
@@ -124,6 +125,8 @@ class SimulationConfig:
         gamma: sd of ``log(gamma)`` of the per-stack gamma change.
         signal_loss: fraction of every stack's slices with motion-induced signal loss
             (:func:`signal_loss_field`; 0: none).
+        turn: a lasting turn of the fetus by this many degrees during one random stack, on top of
+            ``motion`` (:func:`slice2vol.simulation.motion.add_turn`; 0: none).
     """
 
     n_stacks: int = 3
@@ -142,6 +145,7 @@ class SimulationConfig:
     gamma: float = 0.0
     stack_tilt_max: float = 0.0
     signal_loss: float = 0.0
+    turn: float = 0.0
 
     def stack_orientations(self) -> list[str]:
         if self.orientations is None:
@@ -177,6 +181,8 @@ class SimulationConfig:
             raise Slice2VolError(f"stack tilt maximum must be between 0 and 90 degrees, got {self.stack_tilt_max}")
         if not (math.isfinite(self.signal_loss) and 0 <= self.signal_loss <= 1):
             raise Slice2VolError(f"signal loss must be a fraction of the slices between 0 and 1, got {self.signal_loss}")
+        if not (math.isfinite(self.turn) and 0 <= self.turn <= 180):
+            raise Slice2VolError(f"a turn must be between 0 and 180 degrees, got {self.turn}")
         if self.bias_order < 1:
             raise Slice2VolError(f"bias field order must be at least 1, got {self.bias_order}")
         motion_level(self.motion)  # raises for an unknown level
@@ -778,6 +784,8 @@ def sample_simulation_params(volume: Volume, mask: Tensor | None, config: Simula
     normals = [np.asarray(g.affine)[:3, 2] for g in geometry]
     motion = sample_motion(config.motion, [g.times for g in geometry], normals, centre, rng)
     artefacts = _sample_artefacts(geometry, centre, intensity_ref, config, rng)
+    if config.turn > 0:  # drawn last, so the rest of a seed's simulation does not change with it
+        add_turn(motion, [g.times for g in geometry], config.turn, rng)
     return SimulationParams(centre.tolist(), intensity_ref, geometry, motion, artefacts)
 
 
@@ -889,7 +897,7 @@ def config_from_args(args) -> SimulationConfig:
         motion=args.motion, noise=args.noise, bias=args.bias, gamma=args.gamma,
         slice_bias=getattr(args, "slice_bias", 0.0), interleave=getattr(args, "interleave", 2),
         margin=getattr(args, "margin", 10.0), stack_tilt_max=getattr(args, "stack_tilt_max", 0.0),
-        signal_loss=getattr(args, "signal_loss", 0.0),
+        signal_loss=getattr(args, "signal_loss", 0.0), turn=getattr(args, "turn", 0.0),
     )
 
 
