@@ -57,7 +57,8 @@ rotations, takes the correction several of them agree on as the stack's turn, an
 measures each slice of that stack from whichever side of the turn it lies nearer
 (:func:`nearest_reference`).  Settings chosen on the validation atlases (moderate motion plus
 one stack turned by 90/135/180 deg, seeds 0-1: 16 of 18 turns found, +0.19..+2.50 dB, none
-worse; 0 of 12 ordinary mild..extreme cases changed); measured on test atlases:
+worse, 18 of 18 with the simulator's later ``--turn``; 0 of 12 ordinary mild..extreme cases
+changed); measured on test atlases:
 ``benchmarks/bench_turn.py``, README "Large turns".  It needs the other stacks: when every
 stack turns, the volume the slices are searched against is wrong too (validation GA27, all
 three stacks turned by 60-150 deg: 17-21 dB, verdict ``failed``).
