@@ -115,7 +115,13 @@ def test_turn_search_brings_home_the_slices_of_a_120deg_turn(turned_120, atlas_l
 
     sim, stack, turned, prep, on, off = turned_120
     records = [h for h in on.history if h.get("stage") == "search-turn"]
-    assert len(records) == 1 and records[0]["turned_stacks"] == 1, records
+    assert len(records) == 1 and records[0]["turned_stacks"] == 1 and records[0]["stacks"] == [stack], records
+    from slice2vol.cli.commands import turns_record
+
+    (turn,) = turns_record(prep, on)
+    assert turn["stack"] == stack and turn["name"] == prep.stacks[stack].name
+    assert turn["angle_deg"] == records[0]["angles_deg"][0]
+    assert turns_record(prep, off) == []
     ss = prep.slices
     true = torch.from_numpy(np.concatenate(sim.true_poses)).to(on.poses.dtype)
     idx = torch.nonzero(ss.stack_id == stack).flatten()

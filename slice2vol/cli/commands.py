@@ -316,7 +316,8 @@ def reconstruct_command(args: argparse.Namespace) -> int:
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
              "slices": counts, "quality": quality.to_dict(), "stack_selection": selection,
              "signal_loss": prep.signal_loss,
-             "noise": {**(prep.noise or {}), "regularisation": getattr(result, "regularisation", None)}}
+             "noise": {**(prep.noise or {}), "regularisation": getattr(result, "regularisation", None)},
+             "turns": turns_record(prep, result)}
     extra.update(report_record(args, prep, before, after))
     # Every output is written last; should one fail (or Ctrl-C / SIGTERM come) the others of this
     # run are removed, so no poses JSON or report is left pointing at a volume that is not there.
@@ -384,6 +385,18 @@ def _profile_table(timings: dict, device: torch.device) -> str:
 
 def _summary(c: dict) -> dict:
     return {k: float(c[k]) for k in ("ssim", "psnr", "ncc")}
+
+
+def turns_record(prep: Prepared, result) -> list[dict]:
+    """The turns of the fetus SVR's turn search found (:func:`slice2vol.methods.svr._turn_round`),
+    for the ``--output-transforms`` JSON: ``[{"stack", "name", "angle_deg"}]``, empty when none
+    (or when the method kept no search history)."""
+    out = []
+    for h in getattr(result, "history", None) or []:
+        if h.get("stage") == "search-turn":
+            out += [{"stack": int(s), "name": prep.stacks[s].name, "angle_deg": float(a)}
+                    for s, a in zip(h.get("stacks", []), h.get("angles_deg", []))]
+    return out
 
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"

@@ -97,6 +97,7 @@ from slice2vol.core.preprocess import Prepared
 from slice2vol.core.reconstruction import psf_average, super_resolve
 from slice2vol.core.registration import register
 from slice2vol.core.resample import max_filter, resample, sample_at
+from slice2vol.core.runtime import NOTICE
 from slice2vol.core.robust import RobustState, em_weights, fit_scales
 
 __all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "dilated_roi", "coarse_grid"]
@@ -309,7 +310,7 @@ def _turn_round(V: Tensor, affine, poses: Tensor, stack_poses: Tensor, ncc: Tens
     turns = torch.eye(4, dtype=poses.dtype, device=poses.device).repeat(S, 1, 1)
     turned = torch.zeros_like(bad)
     res_poses = res.poses
-    angles = []
+    angles, which = [], []
     for s in range(S):
         idx = torch.nonzero(bad & res.moved & (sid_all == s)).flatten()
         if idx.numel() < cfg.turn_min_slices:
@@ -322,6 +323,7 @@ def _turn_round(V: Tensor, affine, poses: Tensor, stack_poses: Tensor, ncc: Tens
         turns[s] = corr[best]
         turned[idx[support]] = True
         angles.append(round(float(res.angle_deg[idx[best]]), 1))
+        which.append(s)
     # where the single slices agree on nothing, the stack's badly fitting slices as one rigid group
     # (more pixels, but any slice among them that did not turn pulls the group's score down)
     done = torch.zeros(S, dtype=torch.bool, device=poses.device)
@@ -346,7 +348,8 @@ def _turn_round(V: Tensor, affine, poses: Tensor, stack_poses: Tensor, ncc: Tens
             turned |= takers
             res_poses = torch.where(takers[:, None, None], grp.poses, res_poses)
             angles.append(round(float(grp.angle_deg[s]), 1))
-    record.update(turned_stacks=len(angles), turned_slices=int(turned.sum()), angles_deg=angles)
+            which.append(s)
+    record.update(turned_stacks=len(angles), turned_slices=int(turned.sum()), stacks=which, angles_deg=angles)
     log.info("svr turn search: %d slices searched, %d stacks turned (%s deg, %d slices)", record["searched_slices"],
              len(angles), ", ".join(f"{a:.0f}" for a in angles) or "-", record["turned_slices"])
     if not angles:
@@ -419,6 +422,9 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor,
             poses, turns, record = _turn_round(V, affine, poses, ss.poses, ncc, registrable, ss, sub, thin, inside, pivot,
                                                med, cfg)
             history.append({"iteration": r, "seconds": time.perf_counter() - t0, **record})
+            for s, angle in zip(record.get("stacks", []), record.get("angles_deg", [])):
+                log.log(NOTICE, "%s: the fetus turned by about %.0f deg during this stack; its slices are searched on "
+                        "both sides of the turn", prep.stacks[s].name, angle)
             if turns is not None:
                 trust = torch.ones_like(trust)  # rebuilt from the next round's fit
                 levels += ["slice"] * cfg.search_rounds
