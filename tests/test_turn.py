@@ -230,3 +230,13 @@ def test_simulate_command_takes_a_turn(tmp_path, atlas_lowres):
     sim = json.loads((out / "gt_poses.json").read_text())["simulation"]
     assert sim["config"]["turn"] == 120.0
     assert sim["params"]["motion"]["turn"]["angle_deg"] == 120.0 and sim["params"]["motion"]["turn"]["stack"] in (0, 1)
+
+
+def test_report_line_on_turns_survives_odd_records():
+    from slice2vol.report.page import _turns_cell
+
+    assert _turns_cell(None) is None and _turns_cell({"x": 1}) is None
+    assert _turns_cell([]) == "none found"
+    assert _turns_cell([{"name": "s<1>.nii.gz", "angle_deg": 126.1}]) == \
+        "s&lt;1&gt;.nii.gz: about 126 deg (slices searched on both sides of the turn)"
+    assert _turns_cell([{"name": "a"}]) is None and _turns_cell([{"name": "a", "angle_deg": "x"}]) is None

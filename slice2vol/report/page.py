@@ -152,7 +152,8 @@ def render_report(data: ReportData, out_dir, record: dict | None = None, protect
         save(fig_stack_reslice(st), f"stack{s}_reslice.png")
         save(fig_stack_motion(st), f"stack{s}_motion.png")
     page = _html(data, sizes, record is not None, quality=(record or {}).get("quality"),
-                 signal_loss=(record or {}).get("signal_loss"), noise=(record or {}).get("noise"))
+                 signal_loss=(record or {}).get("signal_loss"), noise=(record or {}).get("noise"),
+                 turns=(record or {}).get("turns"))
     path = out / REPORT_HTML
     io.atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"), protect)
     return path
@@ -210,8 +211,22 @@ def _noise_cell(record: dict | None) -> str | None:
     return text
 
 
+def _turns_cell(turns) -> str | None:
+    """The summary's line on turns of the fetus found during a stack (the record's ``turns``,
+    :func:`slice2vol.cli.commands.turns_record`); ``None`` for records written before it existed."""
+    if not isinstance(turns, list):
+        return None
+    try:  # a hand-edited record must not break the page
+        if not turns:
+            return "none found"
+        return "; ".join(f"{_e(str(t['name']))}: about {float(t['angle_deg']):.0f} deg" for t in turns) + \
+            " (slices searched on both sides of the turn)"
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
 def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None = None,
-          signal_loss: dict | None = None, noise: dict | None = None) -> str:
+          signal_loss: dict | None = None, noise: dict | None = None, turns: list | None = None) -> str:
     n_sl = sum(int(st.has_pixels.sum()) for st in data.stacks)
     n_ex = sum(int(st.excluded.sum()) for st in data.stacks)
     vs = np.linalg.norm(np.asarray(data.affine)[:3, :3], axis=0)
@@ -228,6 +243,9 @@ def _html(data: ReportData, sizes: dict, with_record: bool, quality: dict | None
     noise_text = _noise_cell(noise)
     if noise_text is not None:
         info.append(("noise (estimated)", noise_text))
+    turns_text = _turns_cell(turns)
+    if turns_text is not None:
+        info.append(("turns of the fetus during a stack", turns_text))
     info += [(_e(k), v) for k, v in data.info]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     P = []
