@@ -19,6 +19,7 @@ GA32_operated, seeds 0-1, angles 90/135/180); the default here is the test atlas
 
     python benchmarks/bench_turn.py | tee benchmarks/results/turn_cpu.txt                 # test atlases
     python benchmarks/bench_turn.py --atlases validation --seeds 0 1 --angles 90 135 180   # tuning cases
+    python benchmarks/bench_turn.py --atlases validation --motion severe --angles 0 120     # under other motion
 """
 from __future__ import annotations
 
@@ -79,13 +80,14 @@ def main(argv=None) -> int:
     p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--angles", type=float, nargs="+", default=[0.0, 90.0, 135.0, 180.0])
+    p.add_argument("--motion", default="moderate", help="motion level under the turn (default: moderate)")
     p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
     from slice2vol.methods.run import crop_to_roi
 
-    print(f"turn: atlases {', '.join(atlases)}, seeds {args.seeds}, angles {args.angles}; moderate motion + one stack "
+    print(f"turn: atlases {', '.join(atlases)}, seeds {args.seeds}, angles {args.angles}; {args.motion} motion + one stack "
           f"turned, 3 orthogonal 1 mm x 3 mm stacks, 2 % noise, auto, 0.8 mm, 1 torch thread; {machine()}", flush=True)
     print(f"{'atlas':<18} {'seed':>4} {'angle':>5} {'stack':>5} {'turned slices':>13}   "
           f"{'off PSNR':>8} {'verdict':<8} {'time s':>6}   {'on PSNR':>7} {'verdict':<8} {'time s':>6} found    change dB")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         gt = crop_to_roi(vol, vol.mask, GT_MARGIN_VOX)
         for seed in args.seeds:
             for angle in args.angles:
-                sim, s, turned = turned_simulation(vol, seed, angle)
+                sim, s, turned = turned_simulation(vol, seed, angle, args.motion)
                 off, on = run(sim.stacks, gt, False), run(sim.stacks, gt, True)
                 d = on["psnr"] - off["psnr"]
                 diffs[angle].append(d)
