@@ -37,7 +37,9 @@ A **turn** (:func:`add_turn`, ``slice2vol simulate --turn DEG``) adds to any lev
 of ``DEG`` degrees about a random axis through the brain centre, in one random stack, at a random
 time in the middle 40 % of its acquisition: an active fetus turning over during a stack, which
 none of the levels produces (``extreme``'s jumps have a 6 deg sd per component).  It is recorded
-in :attr:`MotionParams.turn` and as a jump of that stack.
+in :attr:`MotionParams.turn` and as a jump of that stack; like every jump it adds to the
+trajectory's rotation vector, so the slices turn by exactly ``DEG`` only where the stack does not
+otherwise move (at ``moderate`` motion within about 10 deg of it).
 
 Levels (per-component standard deviations; at the control points the rotation angle is
 ``sqrt(3) * sd`` and the translation length ``sqrt(3) * sd`` in RMS):
