@@ -230,6 +230,11 @@ def _subset(n: int, step: int, device) -> Tensor:
     return torch.arange(n, device=device) % max(1, step) == 0
 
 
+def _turned_side(stack_poses: Tensor, turns: Tensor, stack_id: Tensor) -> Tensor:
+    """``(M, 4, 4)`` each slice's stack-registered pose moved by its stack's turn (``turns (S, 4, 4)``)."""
+    return turns[stack_id.to(turns.device)] @ stack_poses
+
+
 def nearest_reference(poses: Tensor, stack_poses: Tensor, turns: Tensor | None, stack_id: Tensor) -> Tensor:
     """Per slice, the pose its motion is measured from: the stack-registered pose, or for a stack
     with a turn (``turns (S, 4, 4)`` world corrections, identity where none) the turned one,
@@ -238,7 +243,7 @@ def nearest_reference(poses: Tensor, stack_poses: Tensor, turns: Tensor | None, 
         return stack_poses
     from slice2vol.core.transforms import rotation_angle
 
-    alt = turns[stack_id.to(turns.device)] @ stack_poses
+    alt = _turned_side(stack_poses, turns, stack_id)
     a0 = rotation_angle(poses[:, :3, :3] @ stack_poses[:, :3, :3].transpose(-1, -2))
     a1 = rotation_angle(poses[:, :3, :3] @ alt[:, :3, :3].transpose(-1, -2))
     return torch.where((a1 < a0)[:, None, None], alt, stack_poses)
@@ -249,8 +254,7 @@ def _branch_candidates(poses: Tensor, stack_poses: Tensor, turns: Tensor, stack_
     stack-registered pose and at its stack's turned one: a slice of a stack with a turn may lie
     on either side of it (the turn's time is unknown without the acquisition order)."""
     inv = torch.linalg.inv(poses)
-    alt = turns[stack_id.to(turns.device)] @ stack_poses
-    return torch.stack([stack_poses @ inv, alt @ inv])
+    return torch.stack([stack_poses @ inv, _turned_side(stack_poses, turns, stack_id) @ inv])
 
 
 def _consensus(corrections: Tensor, pivot: Tensor, max_deg: float, max_mm: float) -> tuple[int, Tensor]:
@@ -326,16 +330,15 @@ def _turn_round(V: Tensor, affine, poses: Tensor, stack_poses: Tensor, ncc: Tens
         which.append(s)
     # where the single slices agree on nothing, the stack's badly fitting slices as one rigid group
     # (more pixels, but any slice among them that did not turn pulls the group's score down)
-    done = torch.zeros(S, dtype=torch.bool, device=poses.device)
-    done[torch.unique(sid_all[turned])] = True
-    left = bad & ~done[sid_all]
+    left = bad & ~torch.isin(sid_all, torch.tensor(which, dtype=sid_all.dtype, device=sid_all.device))
     if bool(left.any()):
         group = torch.where(left, sid_all, torch.full_like(sid_all, S))
         searched = torch.cat([torch.bincount(sid_all[left], minlength=S) > 0, left.new_zeros(1)])
         grp = search_poses(V, affine, start, coords[sub], sid[sub], y[sub], thin, group=group, searched=searched,
                            weights=inside[sub], pivot=pivot, max_deg=180.0, step_deg=cfg.turn_step_deg, shifts=(0.0,),
                            top_k=5, min_gain=0.1)
-        c, i, v = coords[sub], sid[sub], y[sub]
+        pix = sub & left[sid]
+        c, i, v = coords[pix], sid[pix], y[pix]
         now = torch.nan_to_num(per_slice_ncc(acq.forward(V, affine, poses, c, i, thin), v, i, ss.n_slices), nan=-1.0)
         then = torch.nan_to_num(per_slice_ncc(acq.forward(V, affine, grp.poses, c, i, thin), v, i, ss.n_slices), nan=-1.0)
         for s in torch.nonzero(searched[:S]).flatten().tolist():
@@ -403,15 +406,11 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor,
         groups["package"] = package_groups(idx, pk).to(y.device)
         groups["half"] = package_groups(idx, pk, halves=True).to(y.device)
         levels += ["package", "half"]
-    levels += ["slice"] * cfg.search_rounds
-    turn_pending = cfg.turn_step_deg is not None
+    levels += ["slice"] * cfg.search_rounds + (["turn"] if cfg.turn_step_deg is not None else [])
     med, ncc = 0.0, torch.ones(M, device=y.device, dtype=y.dtype)
     roi_d = dilated_roi(roi)
     r = 0
-    while r < len(levels) or turn_pending:
-        if r >= len(levels):  # the slice rounds are over: the turn search comes last
-            levels.append("turn")
-            turn_pending = False
+    while r < len(levels):
         level = levels[r]
         inside = roi_weights(roi_d, affine, ss, poses, dilate_vox=0)
         w = inside * trust[sid]
@@ -458,7 +457,8 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor,
                         "median_ncc": med, "distrusted_slices": int((trust == 0).sum())})
         log.info("svr search round %d: %d slices took a new pose, median NCC %.3f, %.1f s", r + 1, moved, med, seconds)
         if moved < cfg.search_min_moved * n_reg:
-            del levels[r + 1:]  # the remaining slice rounds would move as little; the turn search may follow
+            # the remaining slice rounds would move as little; a turn search still to come stays
+            levels[r + 1:] = [lv for lv in levels[r + 1:] if lv != "slice"]
         r += 1
     return poses, turns, history
 
