@@ -10,7 +10,7 @@ settings, 2 % noise) with a turn of each angle (``SimulationConfig.turn``, ``sli
 one random stack turned about a random axis through the brain centre at a random time in the middle
 40 % of its acquisition); reconstructed in this process
 with the default pipeline (``auto``), with the turn search and without it (the same run with
-``_turn_round`` replaced by a no-op), one torch thread, 0.8 mm, stack masks.  PSNR: as ``slice2vol
+``SVRConfig.turn_step_deg=None``), one torch thread, 0.8 mm, stack masks.  PSNR: as ``slice2vol
 demo`` (rigid alignment, linear intensity fit, brain mask); verdict: the reference-free quality
 verdict.  Angle 0: no turn (the turn search must then change nothing).
 
@@ -53,21 +53,15 @@ def turned_simulation(vol, seed: int, angle_deg: float, motion: str = "moderate"
 
 
 def run(stacks, gt, turn_search: bool) -> dict:
-    import slice2vol.methods.svr as svr
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
     from slice2vol.evaluation.metrics import compare_volumes
     from slice2vol.evaluation.quality import assess_quality
     from slice2vol.methods.run import crop_to_roi, run_reconstruction
 
-    original = svr._turn_round
-    if not turn_search:
-        svr._turn_round = lambda V, affine, poses, *a, **k: (poses, None, {"stage": "search-turn", "turned_stacks": 0})
-    try:
-        t0 = time.perf_counter()
-        prep, res, _ = run_reconstruction(stacks, method="auto", have_stack_masks=True, progress=False)
-        wall = time.perf_counter() - t0
-    finally:
-        svr._turn_round = original
+    options = {} if turn_search else {"svr": {"turn_step_deg": None}}
+    t0 = time.perf_counter()
+    prep, res, _ = run_reconstruction(stacks, method="auto", have_stack_masks=True, progress=False, options=options)
+    wall = time.perf_counter() - t0
     m = compare_volumes(crop_to_roi(res.volume, prep.roi, GT_MARGIN_VOX), gt, align=True, scale=True)
     rec = [h for h in res.history if h.get("stage") == "search-turn"]
     return {"psnr": float(m["psnr"]), "time_s": wall, "verdict": assess_quality(prep, res).verdict,

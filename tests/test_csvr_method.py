@@ -146,6 +146,28 @@ def test_refine_starts_from_the_better_pose_set(mild_case, monkeypatch, network_
     assert torch.equal(seen["poses"], good if network_is_better else bad)
 
 
+def test_svr_settings_reach_the_reconstruction_stage(mild_case, monkeypatch):
+    """``CSVRMethodConfig.svr`` is applied to the SVR stage's config (auto's A/B switches use it);
+    an unknown name is refused before the network runs."""
+    prep = prepare(mild_case.stacks, 1.6, have_stack_masks=True)
+    monkeypatch.setattr(csvr_reconstruct, "network_poses", lambda *a, **k: prep.slices.poses)
+    seen = []
+
+    def spy(start, cfg):
+        seen.append(cfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(csvr_reconstruct, "reconstruct_svr", spy)
+    for refine in (True, False):
+        with pytest.raises(RuntimeError, match="stop here"):
+            reconstruct_csvr(prep, CSVRMethodConfig(refine=refine, start="network", progress=False,
+                                                    svr={"turn_step_deg": None, "search_rounds": 1}))
+    assert [c.turn_step_deg for c in seen] == [None, None] and [c.search_rounds for c in seen] == [1, 1]
+    assert seen[0].register_slices and not seen[1].register_slices  # the method's own settings stay
+    with pytest.raises(Slice2VolError, match="unknown SVR setting.*'turn_step'"):
+        reconstruct_csvr(prep, CSVRMethodConfig(refine=True, svr={"turn_step": None}))
+
+
 def test_the_cSVR_weights_ship_with_the_package():
     # the default method needs them; a missing file is a packaging defect, never a reason to skip
     assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size > 10_000

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,8 @@ class CSVRMethodConfig:
     ``weights``: a weights file (default: the packaged model).  ``iterations``: SR + EM rounds on
     the output grid with fixed poses, or SVR's fine iterations with ``refine``.  ``lam``: the
     super-resolution's relative regularisation (``None``: from the stacks' noise, as SVR).
+    ``svr``: further :class:`~slice2vol.methods.svr.SVRConfig` settings for the reconstruction stage
+    (e.g. ``{"turn_step_deg": None}`` turns the turn search off); an unknown name is refused.
     """
 
     refine: bool = False
@@ -81,6 +83,7 @@ class CSVRMethodConfig:
     packages: tuple[int, ...] | None = (2,)  # interleave packages per stack for the Refine's search (SVRConfig)
     lam: float | None = None
     progress: bool = True
+    svr: dict = field(default_factory=dict)
 
 
 def align_to_frame(poses: Tensor, reference: Tensor, coords: Tensor, slice_id: Tensor,
@@ -167,6 +170,9 @@ def reconstruct_csvr(prep: Prepared, config: CSVRMethodConfig | None = None) -> 
         raise Slice2VolError(f"csvr start must be one of {', '.join(START_CHOICES)}, got {cfg.start!r}")
     if cfg.iterations < 1:
         raise Slice2VolError(f"--iterations must be at least 1 for csvr, got {cfg.iterations}")
+    unknown = sorted(set(cfg.svr) - {f.name for f in fields(SVRConfig)})
+    if unknown:
+        raise Slice2VolError(f"csvr: unknown SVR setting(s) {', '.join(map(repr, unknown))}")
     t0 = time.perf_counter()
     poses = network_poses(prep, cfg.weights)
     t_net = time.perf_counter() - t0
@@ -183,7 +189,7 @@ def reconstruct_csvr(prep: Prepared, config: CSVRMethodConfig | None = None) -> 
         svr_cfg = SVRConfig(iterations=cfg.iterations, packages=cfg.packages, lam=cfg.lam, progress=cfg.progress)
     else:
         svr_cfg = SVRConfig(iterations=cfg.iterations, register_slices=False, lam=cfg.lam, progress=cfg.progress)
-    result = reconstruct_svr(start, svr_cfg)
+    result = reconstruct_svr(start, replace(svr_cfg, **cfg.svr))
     result.history.insert(0, {"stage": "network", "seconds": t_net, "refine": cfg.refine, "start": chosen,
                               "start_scores": scores})
     return result
