@@ -216,6 +216,7 @@ def test_cli_json_and_report_agree_on_counts_and_time(recon):
     assert len(noise["per_stack"]) == len(record["stacks"]) and noise["regularisation"] > 0
     assert f"noise (estimated)</td><td>{100 * noise['median']:.1f} % of the mean brain intensity" in page
     assert f"regularisation {noise['regularisation']:.3g}" in page
+    assert noise["edge_threshold"] > 0 and f"edge threshold {noise['edge_threshold']:.3g}" in page
     want = "none found" if not record["turns"] else f"{record['turns'][0]['name']}: about"
     assert f"turns of the fetus during a stack</td><td>{want}" in page
     if weights is not None:

@@ -316,7 +316,8 @@ def reconstruct_command(args: argparse.Namespace) -> int:
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
              "slices": counts, "quality": quality.to_dict(), "stack_selection": selection,
              "signal_loss": prep.signal_loss,
-             "noise": {**(prep.noise or {}), "regularisation": getattr(result, "regularisation", None)},
+             "noise": {**(prep.noise or {}), "regularisation": getattr(result, "regularisation", None),
+                       "edge_threshold": getattr(result, "edge_threshold", None)},
              "turns": turns_record(prep, result)}
     extra.update(report_record(args, prep, before, after))
     # Every output is written last; should one fail (or Ctrl-C / SIGTERM come) the others of this

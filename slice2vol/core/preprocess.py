@@ -18,8 +18,8 @@ from slice2vol.core import acquisition as acq
 from slice2vol.core import budget
 from slice2vol.core.geometry import axis_aligned_grid, make_right_handed, slice_pixel_coords, slice_to_world
 from slice2vol.core.image import SliceSet, Stack, Volume
-from slice2vol.core.noise import relative_noise
-from slice2vol.core.reconstruction import DEFAULT_LAM, psf_average, regularisation_for_noise
+from slice2vol.core.noise import WHITE_RATIO_MAX, coarse_ratio, relative_noise
+from slice2vol.core.reconstruction import DEFAULT_LAM, edge_threshold_for_noise, psf_average, regularisation_for_noise
 from slice2vol.core.registration import register
 from slice2vol.core.resample import gaussian_blur, max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
@@ -397,8 +397,10 @@ class Prepared:
     what :func:`signal_loss_pixels` left out (JSON-ready: ``applied``, and per stack ``name``,
     ``pixels`` and the file ``slices`` touched; or why it did not run); ``noise`` the stacks' noise
     relative to their mean brain intensity (:func:`slice2vol.core.noise.relative_noise`; JSON-ready:
-    ``median`` and ``per_stack``, NaN written as null), from which the methods' regularisation
-    follows (:func:`slice2vol.core.reconstruction.regularisation_for_noise`)."""
+    ``median`` and ``per_stack``, NaN written as null; ``coarse_ratio`` and ``white``,
+    :func:`slice2vol.core.noise.coarse_ratio`), from which the methods' regularisation and edge
+    threshold follow (:func:`slice2vol.core.reconstruction.regularisation_for_noise`,
+    :func:`~slice2vol.core.reconstruction.edge_threshold_for_noise`)."""
 
     slices: SliceSet
     stacks: list[Stack]
@@ -415,18 +417,29 @@ class Prepared:
         """The super-resolution's relative regularisation weight for these stacks' noise."""
         return regularisation_for_noise((self.noise or {}).get("median"))
 
+    @property
+    def edge_threshold(self) -> float:
+        """The super-resolution's relative edge threshold for these stacks' noise."""
+        n = self.noise or {}
+        return edge_threshold_for_noise(n.get("median"), white=bool(n.get("white")))
+
 
 def _noise_record(stacks: Sequence[Stack]) -> dict:
     """:func:`relative_noise` of the stacks as a JSON-ready record (NaN -> None), logged."""
     median, per = relative_noise(stacks)
     finite = [v if math.isfinite(v) else None for v in per]
+    ratio = coarse_ratio(stacks)
+    white = math.isfinite(ratio) and ratio <= WHITE_RATIO_MAX
     if math.isfinite(median):
         lam = regularisation_for_noise(median)
+        edge = edge_threshold_for_noise(median, white=white)
         # a louder line when the noise moves the regularisation off its default
         log.log(NOTICE if lam > DEFAULT_LAM else logging.INFO,
-                "noise: %.1f %% of the mean brain intensity (per stack %s): regularisation %.3g", 100 * median,
-                ", ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in finite), lam)
-    return {"median": median if math.isfinite(median) else None, "per_stack": finite}
+                "noise: %.1f %% of the mean brain intensity (per stack %s)%s: regularisation %.3g, edge threshold %.3g",
+                100 * median, ", ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in finite),
+                "" if white else " (not white: interpolated or very low, edge threshold kept at its default)", lam, edge)
+    return {"median": median if math.isfinite(median) else None, "per_stack": finite,
+            "coarse_ratio": ratio if math.isfinite(ratio) else None, "white": white}
 
 
 def _leave_out_signal_loss(stacks: list[Stack]) -> tuple[list[Stack], dict]:

@@ -66,13 +66,16 @@ three stacks turned by 60-150 deg: 17-21 dB, verdict ``failed``).
 Defaults (research choices tuned on simulated atlas cases, not on held-out data): up to 12 coarse
 iterations (stopping early once the median slice moves less than 0.1 mm per iteration; half the
 pixels enter the coarse reconstructions) and 3 fine iterations; registration smoothing 2 -> 1 -> 0 mm (first iteration), else 1 -> 0 mm;
-4 iterations of diagonal-preconditioned CG per reconstruction, 8 for the final one (plain CG
+4 iterations of diagonal-preconditioned CG per reconstruction, 8 for each of the final ones (plain CG
 needed 8 and 20: on the 12 moderate / severe validation cases the preconditioned 4 / 8 gave
 +0.06 dB mean PSNR, -0.13..+0.72 dB per case, on the 6 extreme ones +0.05 dB, -0.09..+0.36 dB,
 with the search's pixel subsampling below; 0.76x the run time on STA29); relative
 regularisation 0.02 up to 4 % noise and half the relative noise above
-(:func:`slice2vol.core.reconstruction.regularisation_for_noise`), edge threshold 0.1 x the 99th
-intensity percentile.  The search's
+(:func:`slice2vol.core.reconstruction.regularisation_for_noise`); edge threshold 0.1 x the 99th
+intensity percentile for the volumes the registration works on, and for the output two final
+solves (each re-deriving the edge weights) with the threshold from the stacks' noise
+(:func:`slice2vol.core.reconstruction.edge_threshold_for_noise`, twice the relative noise, at
+least 0.03; ``SVRConfig.edge``).  The search's
 reconstructions on their 2 mm grid use every second pixel (four pixels per voxel in-plane:
 half suffice, as on the coarse grid).  Search: up to 3 slice rounds after one stack round,
 stopping when fewer than 2% of the slices move; lattice step 15 deg (on 5 severe/extreme cases of
@@ -94,7 +97,7 @@ from slice2vol.core import acquisition as acq
 from slice2vol.core.geometry import axis_aligned_grid, slice_to_world
 from slice2vol.core.image import Volume
 from slice2vol.core.preprocess import Prepared
-from slice2vol.core.reconstruction import psf_average, super_resolve
+from slice2vol.core.reconstruction import EDGE_DELTA, psf_average, super_resolve
 from slice2vol.core.registration import register
 from slice2vol.core.resample import max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
@@ -119,7 +122,14 @@ class SVRConfig:
     final_cg_iterations: int = 8
     cg_precondition: bool = True
     lam: float | None = None  # None: from the stacks' noise (Prepared.regularisation)
-    delta: float | None = None
+    delta: float | None = None  # absolute edge threshold of every SR; None: relative (edge, edge_stages)
+    # relative edge threshold (x the slices' 99th percentile) of the output's final SR solves, None:
+    # from the stacks' noise (Prepared.edge_threshold); the volumes the registration works on keep
+    # edge_stages (validation GA22 at severe motion lost 0.1-0.5 dB with the noise's threshold
+    # everywhere, and gained 0.1-0.4 dB with it in the final solves only)
+    edge: float | None = None
+    edge_stages: float = EDGE_DELTA
+    final_rounds: int = 2  # final SR solves, each re-deriving the edge weights from the last
     register_slices: bool = True
     robust: bool = True
     reg_iterations: int = 6
@@ -170,6 +180,7 @@ class SVRResult:
     simulated: Tensor
     history: list[dict] = field(default_factory=list)
     regularisation: float | None = None
+    edge_threshold: float | None = None
 
 
 ROI_DILATE_VOX = 2
@@ -416,7 +427,8 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor,
         w = inside * trust[sid]
         V = psf_average(y, w, shape, affine, poses, coords, sid, psf) * roi_f
         V = super_resolve(V, affine, poses, coords[srs], sid[srs], y[srs], psf, weights=w[srs], mask=roi, lam=cfg.lam,
-                          delta=cfg.delta, iterations=cfg.cg_iterations, precondition=cfg.cg_precondition)
+                          delta=cfg.delta, edge=cfg.edge_stages, iterations=cfg.cg_iterations,
+                          precondition=cfg.cg_precondition)
         if level == "turn":
             poses, turns, record = _turn_round(V, affine, poses, ss.poses, ncc, registrable, ss, sub, thin, inside, pivot,
                                                med, cfg)
@@ -468,6 +480,8 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
     cfg = config or SVRConfig()
     if cfg.lam is None:
         cfg = replace(cfg, lam=prep.regularisation)
+    if cfg.edge is None:
+        cfg = replace(cfg, edge=prep.edge_threshold)
     ss = prep.slices
     dev = ss.device
     y, coords, sid = ss.values, ss.coords, ss.slice_id
@@ -520,8 +534,8 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
             V = resample(V, prev_affine, affine, shape) * roi_f
         for _ in range(n_iter):
             V = super_resolve(V, affine, poses, coords[srs], sid[srs], y[srs], psf, weights=w[srs], scales=scales,
-                              mask=roi, lam=cfg.lam, delta=cfg.delta, iterations=cfg.cg_iterations,
-                              precondition=cfg.cg_precondition)
+                              mask=roi, lam=cfg.lam, delta=cfg.delta, edge=cfg.edge_stages,
+                              iterations=cfg.cg_iterations, precondition=cfg.cg_precondition)
             moved = 0.0
             if cfg.register_slices:
                 sigmas = (2.0, 1.0, 0.0) if it == 0 else (1.0, 0.0)
@@ -551,10 +565,12 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
         prev_affine = affine
     bar.close()
     psf = acq.psf_kernel(ss.spacing, ss.thickness, res)
-    V = super_resolve(V, prep.affine, poses, coords, sid, y, psf, weights=w, scales=scales, mask=prep.roi,
-                      lam=cfg.lam, delta=cfg.delta, iterations=cfg.final_cg_iterations, precondition=cfg.cg_precondition)
+    for _ in range(max(1, cfg.final_rounds)):
+        V = super_resolve(V, prep.affine, poses, coords, sid, y, psf, weights=w, scales=scales, mask=prep.roi,
+                          lam=cfg.lam, delta=cfg.delta, edge=cfg.edge, iterations=cfg.final_cg_iterations,
+                          precondition=cfg.cg_precondition)
     simulated = acq.forward(V, prep.affine, poses, coords, sid, psf) * scales[sid]
     slice_w = state.slice if state is not None else torch.ones(M, device=dev)
     pix_w = state.pixel if state is not None else torch.ones_like(y)
     return SVRResult(Volume(V, prep.affine, prep.roi), poses, scales, slice_w, pix_w * inside, simulated, history,
-                     regularisation=cfg.lam)
+                     regularisation=cfg.lam, edge_threshold=cfg.edge)

@@ -194,8 +194,9 @@ def _signal_loss_cell(record: dict | None) -> str | None:
 
 
 def _noise_cell(record: dict | None) -> str | None:
-    """The summary's line on the stacks' noise and the regularisation it set (the record's ``noise``,
-    :func:`slice2vol.core.preprocess.prepare`); ``None`` for records written before it existed."""
+    """The summary's line on the stacks' noise and the regularisation and edge threshold it set (the
+    record's ``noise``, :func:`slice2vol.core.preprocess.prepare`); ``None`` for records written
+    before it existed."""
     if not isinstance(record, dict) or not isinstance(record.get("per_stack"), list):
         return None
     try:  # a hand-edited record must not break the page: no line rather than a traceback
@@ -206,6 +207,10 @@ def _noise_cell(record: dict | None) -> str | None:
         lam = record.get("regularisation")
         if isinstance(lam, (int, float)):
             text += f"; regularisation {float(lam):.3g}"
+        edge = record.get("edge_threshold")
+        if isinstance(edge, (int, float)):
+            text += f"; edge threshold {float(edge):.3g}" + ("" if record.get("white", True) else
+                                                             " (noise not white: the default)")
     except (TypeError, ValueError):
         return None
     return text
