@@ -89,15 +89,16 @@ def edge_threshold_for_noise(noise: float | None, white: bool = True, floor: flo
     stacks, seed 0, fixed thresholds 0.02-0.3; training atlases STA24/30/36 and validation atlases
     GA22_notoperated/GA27_operated/GA32_operated): the best threshold grew with the noise -- at 1 %
     0.02 (against the old 0.1: training +0.9..+2.4 dB, validation +0.3..+0.9), at 2 % 0.03-0.05
-    (training +0.5..+1.0, validation +0.0..+0.4; severe motion GA22 -0.2 at 0.05), at 4 % 0.05
-    (training) or 0.1 (validation), at 8-12 % 0.1-0.15 (training) or 0.2-0.3 (validation).  Slope 2
+    (training +0.4..+1.0, validation +0.0..+0.4; severe motion GA22 -0.2 at 0.05), at 4 % 0.05
+    (training) or 0.1 (validation), at 8-12 % 0.1-0.2 (training) or 0.2-0.3 (validation).  Slope 2
     sits between; the floor 0.03 keeps a threshold above the anatomy's fine texture when the noise
     reads very low.  On SVRTK's real phantom stacks, leaving each stack out of a reconstruction at
     fixed poses and predicting it, the held-out NCC rose monotonically from 0.9852 (0.1) to 0.9864
-    (0.02), as it did where PSNR rose on a simulated case -- but those stacks' noise is not white
-    (interpolated), so the rule keeps 0.1 for them.  With noise correlated by in-plane interpolation
-    the estimate reads 6-16x low (:mod:`slice2vol.core.noise`) and a threshold from it would keep
-    noise as edges: there the previous fixed value stays.
+    (0.02); on a simulated case (STA30, 2 %) that check and PSNR both peaked at 0.03.  But the
+    phantom's noise is not white (interpolated), so the rule keeps 0.1 for it: with noise correlated
+    by in-plane interpolation the estimate reads 6-16x low (:mod:`slice2vol.core.noise`) and a
+    threshold from it would keep noise as edges.  :func:`slice2vol.methods.svr.reconstruct_svr` uses
+    it for the output's final solves only (``SVRConfig.edge``); results in ``benchmarks/bench_edge.py``.
 
     >>> edge_threshold_for_noise(0.01), edge_threshold_for_noise(0.02), edge_threshold_for_noise(0.08)
     (0.03, 0.04, 0.16)

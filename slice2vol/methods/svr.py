@@ -125,8 +125,8 @@ class SVRConfig:
     delta: float | None = None  # absolute edge threshold of every SR; None: relative (edge, edge_stages)
     # relative edge threshold (x the slices' 99th percentile) of the output's final SR solves, None:
     # from the stacks' noise (Prepared.edge_threshold); the volumes the registration works on keep
-    # edge_stages (validation GA22 at severe motion lost 0.1-0.5 dB with the noise's threshold
-    # everywhere, and gained 0.1-0.4 dB with it in the final solves only)
+    # edge_stages (validation GA22 at severe motion, 1-2 % noise, seeds 0-1: the noise's threshold
+    # everywhere lost 0.14-0.47 dB in 3 of 4 cases; in the final solves only it gained 0.06-0.40 in all)
     edge: float | None = None
     edge_stages: float = EDGE_DELTA
     final_rounds: int = 2  # final SR solves, each re-deriving the edge weights from the last
