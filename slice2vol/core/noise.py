@@ -109,15 +109,16 @@ def relative_noise(stacks: Sequence[Stack]) -> tuple[float, list[float]]:
     return float(statistics.median(ok)), per
 
 
-def coarse_ratio(stacks: Sequence[Stack]) -> float:
+def coarse_ratio(stacks: Sequence[Stack], fine: Sequence[float] | None = None) -> float:
     """Median over the stacks of :func:`stack_noise` on every second pixel over the full-resolution
     estimate (module docstring: about 1-2 for white noise, 6 and more for interpolated or
-    noise-free stacks); NaN when no stack has both estimates."""
+    noise-free stacks); NaN when no stack has both estimates.  ``fine``: the full-resolution
+    estimates when already known (:func:`relative_noise`'s ``per_stack``)."""
+    full = list(fine) if fine is not None else [stack_noise(st) for st in stacks]
     r = []
-    for st in stacks:
-        fine = stack_noise(st)
-        if math.isfinite(fine) and fine > 0:
+    for st, f in zip(stacks, full):
+        if math.isfinite(f) and f > 0:
             coarse = stack_noise(st, step=2)
             if math.isfinite(coarse):
-                r.append(coarse / fine)
+                r.append(coarse / f)
     return float(statistics.median(r)) if r else float("nan")

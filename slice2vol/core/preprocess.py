@@ -428,7 +428,7 @@ def _noise_record(stacks: Sequence[Stack]) -> dict:
     """:func:`relative_noise` of the stacks as a JSON-ready record (NaN -> None), logged."""
     median, per = relative_noise(stacks)
     finite = [v if math.isfinite(v) else None for v in per]
-    ratio = coarse_ratio(stacks)
+    ratio = coarse_ratio(stacks, per)
     white = math.isfinite(ratio) and ratio <= WHITE_RATIO_MAX
     if math.isfinite(median):
         lam = regularisation_for_noise(median)
