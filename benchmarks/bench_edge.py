@@ -93,14 +93,11 @@ def run_fixed(stacks, gt, edge: float) -> float:
     return float(m["psnr"])
 
 
-def sweep(atlases, args, data) -> None:
+def cases(atlases, args, data):
+    """``(atlas, seed, motion, noise, stacks, ground truth)`` of every case the options ask for."""
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
     from slice2vol.methods.run import crop_to_roi
 
-    print(f"edge threshold sweep: atlases {', '.join(atlases)}, seeds {args.seeds}, motion {', '.join(args.motions)}, "
-          f"noise {', '.join(f'{n:g}' for n in args.noises)}; thresholds {args.sweep} x the slices' 99th percentile in "
-          f"every SR; auto, 0.8 mm, 1 torch thread; {machine()}", flush=True)
-    print(f"{'atlas':<18} {'seed':>4} {'motion':<9} {'noise':>5}   " + "  ".join(f"{e:>6g}" for e in args.sweep) + "   best")
     for atlas in atlases:
         vol = _load_atlas(data, atlas)
         gt = crop_to_roi(vol, vol.mask, GT_MARGIN_VOX)
@@ -108,9 +105,20 @@ def sweep(atlases, args, data) -> None:
             for motion in args.motions:
                 for noise in args.noises:
                     stacks = _simulate(vol, motion, seed, noise=noise).stacks
-                    p = [run_fixed(stacks, gt, e) for e in args.sweep]
-                    print(f"{atlas:<18} {seed:>4} {motion:<9} {noise:>5.2f}   " + "  ".join(f"{v:>6.2f}" for v in p)
-                          + f"   {args.sweep[int(np.argmax(p))]:g}", flush=True)
+                    if args.upsample:
+                        stacks = [upsampled(st) for st in stacks]
+                    yield atlas, seed, motion, noise, stacks, gt
+
+
+def sweep(atlases, args, data) -> None:
+    print(f"edge threshold sweep: atlases {', '.join(atlases)}, seeds {args.seeds}, motion {', '.join(args.motions)}, "
+          f"noise {', '.join(f'{n:g}' for n in args.noises)}; thresholds {args.sweep} x the slices' 99th percentile in "
+          f"every SR; auto, 0.8 mm, 1 torch thread; {machine()}", flush=True)
+    print(f"{'atlas':<18} {'seed':>4} {'motion':<9} {'noise':>5}   " + "  ".join(f"{e:>6g}" for e in args.sweep) + "   best")
+    for atlas, seed, motion, noise, stacks, gt in cases(atlases, args, data):
+        p = [run_fixed(stacks, gt, e) for e in args.sweep]
+        print(f"{atlas:<18} {seed:>4} {motion:<9} {noise:>5.2f}   " + "  ".join(f"{v:>6.2f}" for v in p)
+              + f"   {args.sweep[int(np.argmax(p))]:g}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -127,9 +135,6 @@ def main(argv=None) -> int:
     data, atlases = setup(args)
     import torch
 
-    from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
-    from slice2vol.methods.run import crop_to_roi
-
     torch.set_num_threads(1)
     if args.sweep:
         sweep(atlases, args, data)
@@ -140,23 +145,15 @@ def main(argv=None) -> int:
     print(f"{'atlas':<18} {'seed':>4} {'motion':<9} {'noise':>5}  {'est.':>6} {'ratio':>5} {'edge':>5}   "
           f"{'fixed 0.1 PSNR':>14} {'SSIM':>6} {'verdict':<8} {'s':>5}   {'rule PSNR':>9} {'SSIM':>6} {'verdict':<8} {'s':>5}   change dB")
     diffs, ssims = defaultdict(list), defaultdict(list)
-    for atlas in atlases:
-        vol = _load_atlas(data, atlas)
-        gt = crop_to_roi(vol, vol.mask, GT_MARGIN_VOX)
-        for seed in args.seeds:
-            for motion in args.motions:
-                for noise in args.noises:
-                    stacks = _simulate(vol, motion, seed, noise=noise).stacks
-                    if args.upsample:
-                        stacks = [upsampled(st) for st in stacks]
-                    old, new = run(stacks, gt, True), run(stacks, gt, False)
-                    d = new["psnr"] - old["psnr"]
-                    diffs[(motion, noise)].append(d)
-                    ssims[(motion, noise)].append(new["ssim"] - old["ssim"])
-                    print(f"{atlas:<18} {seed:>4} {motion:<9} {noise:>5.2f}  {new['noise']:>6.4f} {new['ratio']:>5.2f} "
-                          f"{new['edge']:>5.3f}   {old['psnr']:>14.2f} {old['ssim']:>6.3f} {old['verdict']:<8} "
-                          f"{old['time_s']:>5.1f}   {new['psnr']:>9.2f} {new['ssim']:>6.3f} {new['verdict']:<8} "
-                          f"{new['time_s']:>5.1f}   {d:+.2f}", flush=True)
+    for atlas, seed, motion, noise, stacks, gt in cases(atlases, args, data):
+        old, new = run(stacks, gt, True), run(stacks, gt, False)
+        d = new["psnr"] - old["psnr"]
+        diffs[(motion, noise)].append(d)
+        ssims[(motion, noise)].append(new["ssim"] - old["ssim"])
+        print(f"{atlas:<18} {seed:>4} {motion:<9} {noise:>5.2f}  {new['noise']:>6.4f} {new['ratio']:>5.2f} "
+              f"{new['edge']:>5.3f}   {old['psnr']:>14.2f} {old['ssim']:>6.3f} {old['verdict']:<8} "
+              f"{old['time_s']:>5.1f}   {new['psnr']:>9.2f} {new['ssim']:>6.3f} {new['verdict']:<8} "
+              f"{new['time_s']:>5.1f}   {d:+.2f}", flush=True)
     print("\nrule - fixed 0.1, per motion and noise: PSNR dB mean [min, max], better / worse (|change| > 0.05 dB); SSIM mean")
     for key, d in diffs.items():
         print(f"  {key[0]:<9} {key[1]:>5.2f}: {np.mean(d):+.2f} [{min(d):+.2f}, {max(d):+.2f}], "
