@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, setup  # noqa: E402
+from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, setup  # noqa: E402
 
 
 def upsampled(stack):
@@ -156,8 +156,7 @@ def main(argv=None) -> int:
               f"{new['time_s']:>5.1f}   {d:+.2f}", flush=True)
     print("\nrule - fixed 0.1, per motion and noise: PSNR dB mean [min, max], better / worse (|change| > 0.05 dB); SSIM mean")
     for key, d in diffs.items():
-        print(f"  {key[0]:<9} {key[1]:>5.2f}: {np.mean(d):+.2f} [{min(d):+.2f}, {max(d):+.2f}], "
-              f"{sum(x > 0.05 for x in d)} / {sum(x < -0.05 for x in d)} of {len(d)};  SSIM {np.mean(ssims[key]):+.4f}")
+        print(f"  {key[0]:<9} {key[1]:>5.2f}: {paired_change(d)};  SSIM {np.mean(ssims[key]):+.4f}")
     return 0
 
 

@@ -27,11 +27,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, setup  # noqa: E402
+from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, setup  # noqa: E402
 
 SWEEP_LAMS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 
@@ -110,8 +109,7 @@ def compare(atlases, args, data) -> None:
                   f"{a['psnr'] - b['psnr']:+.2f}", flush=True)
     print("\nadaptive - fixed, PSNR dB per noise level: mean [min, max], better / worse (|change| > 0.05 dB)")
     for noise, d in diffs.items():
-        print(f"  {noise:>6.3f}: {np.mean(d):+.2f} [{min(d):+.2f}, {max(d):+.2f}], "
-              f"{sum(x > 0.05 for x in d)} / {sum(x < -0.05 for x in d)} of {len(d)}")
+        print(f"  {noise:>6.3f}: {paired_change(d)}")
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,13 @@ def machine() -> str:
             f"load average {os.getloadavg()[0]:.2f}")
 
 
+def paired_change(d) -> str:
+    """``"mean [min, max], better / worse of n"`` of paired differences ``d`` (dB; better / worse:
+    above +0.05 / below -0.05), the summary line of the A/B benchmarks."""
+    return (f"{np.mean(d):+.2f} [{min(d):+.2f}, {max(d):+.2f}], "
+            f"{sum(x > 0.05 for x in d)} / {sum(x < -0.05 for x in d)} of {len(d)}")
+
+
 def _load_atlas(data: Path, atlas: str):
     from slice2vol import io
     from slice2vol.evaluation.benchmark import atlas_dir

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, machine, setup  # noqa: E402
+from bench_selection import DEFAULT_TEST, _load_atlas, machine, paired_change, setup  # noqa: E402
 
 
 def turned_simulation(vol, seed: int, angle_deg: float, motion: str = "moderate"):
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
     print("\nwith - without the turn search, PSNR dB per angle: mean [min, max], better / worse (|change| > 0.05 dB); verdicts")
     for angle, d in diffs.items():
         v = verdicts[angle]
-        print(f"  {angle:>5.0f}: {np.mean(d):+.2f} [{min(d):+.2f}, {max(d):+.2f}], {sum(x > 0.05 for x in d)} / "
-              f"{sum(x < -0.05 for x in d)} of {len(d)};  " + ", ".join(f"{k} {n}" for k, n in sorted(v.items())))
+        print(f"  {angle:>5.0f}: {paired_change(d)};  " + ", ".join(f"{k} {n}" for k, n in sorted(v.items())))
     return 0
 
 
