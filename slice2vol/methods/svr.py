@@ -320,8 +320,10 @@ def _turn_round(V: Tensor, affine, poses: Tensor, stack_poses: Tensor, ncc: Tens
         return poses, None, record
     y, coords, sid = ss.values, ss.coords, ss.slice_id
     start = torch.where(bad[:, None, None], stack_poses, poses)
-    res = search_poses(V, affine, start, coords[sub], sid[sub], y[sub], thin, searched=bad, weights=inside[sub],
-                       pivot=pivot, max_deg=180.0, step_deg=cfg.turn_step_deg, shifts=(0.0,), top_k=5, min_gain=0.1)
+    # every rotation (a 180 deg ball) about the brain centre, from the stack-registered poses
+    search = dict(weights=inside[sub], pivot=pivot, max_deg=180.0, step_deg=cfg.turn_step_deg, shifts=(0.0,), top_k=5,
+                  min_gain=0.1)
+    res = search_poses(V, affine, start, coords[sub], sid[sub], y[sub], thin, searched=bad, **search)
     turns = torch.eye(4, dtype=poses.dtype, device=poses.device).repeat(S, 1, 1)
     turned = torch.zeros_like(bad)
     res_poses = res.poses
@@ -346,8 +348,7 @@ def _turn_round(V: Tensor, affine, poses: Tensor, stack_poses: Tensor, ncc: Tens
         group = torch.where(left, sid_all, torch.full_like(sid_all, S))
         searched = torch.cat([torch.bincount(sid_all[left], minlength=S) > 0, left.new_zeros(1)])
         grp = search_poses(V, affine, start, coords[sub], sid[sub], y[sub], thin, group=group, searched=searched,
-                           weights=inside[sub], pivot=pivot, max_deg=180.0, step_deg=cfg.turn_step_deg, shifts=(0.0,),
-                           top_k=5, min_gain=0.1)
+                           **search)
         pix = sub & left[sid]
         c, i, v = coords[pix], sid[pix], y[pix]
         now = torch.nan_to_num(per_slice_ncc(acq.forward(V, affine, poses, c, i, thin), v, i, ss.n_slices), nan=-1.0)
