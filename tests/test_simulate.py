@@ -31,6 +31,7 @@ from slice2vol.simulation.simulate import (
     signal_loss_field,
     save_simulation,
     simulate_stacks,
+    slice_psf,
 )
 
 RES = 2.0
@@ -230,12 +231,13 @@ def _pixel_world(stack) -> np.ndarray:
     return np.moveaxis(ijk @ stack.affine[:3, :3].T + stack.affine[:3, 3], 2, 0)
 
 
-def test_linear_volume_is_reproduced_exactly_by_the_symmetric_psf(phantom):
+@pytest.mark.parametrize("profile", ["gaussian", "box"])
+def test_linear_volume_is_reproduced_exactly_by_the_symmetric_psf(phantom, profile):
     """A symmetric PSF leaves a linear intensity ramp unchanged: slices equal direct resampling."""
     x = _world_grid(phantom.shape, phantom.affine)
     ramp = Volume(torch.from_numpy((500 + 3 * x[..., 0] - 2 * x[..., 1] + 4 * x[..., 2]).astype(np.float32)),
                   phantom.affine, phantom.mask)
-    cfg = SimulationConfig(orientations=("axial", "oblique", "sagittal"), motion="none", **FAST)
+    cfg = SimulationConfig(orientations=("axial", "oblique", "sagittal"), motion="none", profile=profile, **FAST)
     res = simulate_stacks(ramp, None, cfg, 0)
     inner = phantom.mask.numpy()
     for st in res.stacks:
@@ -247,6 +249,29 @@ def test_linear_volume_is_reproduced_exactly_by_the_symmetric_psf(phantom):
         ok[ok] = inner[tuple(ijk[ok].T)]
         assert ok.sum() > 500
         assert np.abs(st.slices.numpy()[ok] - direct[ok]).max() < 5e-3
+
+
+def test_slice_profiles_have_their_moments_and_are_recorded(phantom, tmp_path):
+    """``box``: uniform over the pixel and the slab (variances dx^2/12 and thickness^2/12 up to the
+    midpoint rule), narrower through-plane than the ``gaussian`` model of the same FWHM; the
+    profile is part of each stack's recorded geometry, so the parameters reproduce a box simulation."""
+    box, gauss = slice_psf((1.0, 1.2), 3.0, 0.8, "box", 2), slice_psf((1.0, 1.2), 3.0, 0.8, "gaussian", 2)
+    for psf in (box, gauss):
+        torch.testing.assert_close(psf.weights.sum(1), torch.ones(2), rtol=0, atol=1e-6)
+        assert psf.volume_sigma == 0.0  # every part explicit: not the reconstruction's operator
+    var = (box.weights[0, :, None] * box.offsets[0] ** 2).sum(0)
+    torch.testing.assert_close(var, torch.tensor([1.0 / 12, 1.44 / 12, 9.0 / 12]), rtol=0.07, atol=0)
+    assert float(var[2]) < float((gauss.weights[0] * gauss.offsets[0, :, 2] ** 2).sum())
+    cfg = SimulationConfig(n_stacks=2, motion="mild", profile="box", **FAST)
+    res = simulate_stacks(phantom, None, cfg, 4)
+    other = simulate_stacks(phantom, None, SimulationConfig(n_stacks=2, motion="mild", **FAST), 4)
+    assert all(g.profile == "box" for g in res.params.geometry)
+    assert not torch.equal(res.stacks[0].slices, other.stacks[0].slices)  # same seed, other profile
+    save_simulation(res, tmp_path)
+    obj = json.loads((tmp_path / "gt_poses.json").read_text())
+    again = apply_simulation(phantom, None, SimulationParams.from_dict(obj["simulation"]["params"]))
+    for a, b in zip(res.stacks, again.stacks):
+        assert torch.equal(a.slices, b.slices)
 
 
 def test_no_motion_stack_matches_direct_resampling(phantom):
@@ -377,6 +402,7 @@ def test_gt_poses_json_round_trips_and_reproduces_the_simulation(phantom, tmp_pa
     (dict(thickness=2.0, gap=-2.0), "gap"),
     (dict(signal_loss=1.5), "signal loss"),
     (dict(signal_loss=-0.1), "signal loss"),
+    (dict(profile="sinc"), "slice profile"),
 ])
 def test_bad_config_raises(phantom, kwargs, words):
     with pytest.raises(Slice2VolError, match=words):
@@ -404,9 +430,13 @@ def test_cli_simulate(phantom, tmp_path, capsys):
     gt, mask = _write_phantom(phantom, tmp_path)
     out = tmp_path / "sim"
     args = ["simulate", str(gt), "--mask", str(mask), "--output", str(out), "--spacing", "2", "--thickness", "4",
-            "--stacks", "2", "--orientations", "sagittal", "oblique", "--motion", "mild", "--seed", "3"]
+            "--stacks", "2", "--orientations", "sagittal", "oblique", "--motion", "mild", "--seed", "3",
+            "--slice-profile", "box"]
     assert main(args) == 0
     entries = load_poses_json(out / "gt_poses.json")
+    recorded = json.loads((out / "gt_poses.json").read_text())["simulation"]
+    assert recorded["config"]["profile"] == "box"
+    assert [g["profile"] for g in recorded["params"]["geometry"]] == ["box", "box"]
     assert [e["name"] for e in entries] == ["stack_00.nii.gz", "stack_01.nii.gz"]
     st = load_stack(out / "stack_00.nii.gz", thickness=4.0, mask=out / "mask_00.nii.gz")
     assert st.slices.shape[0] == len(entries[0]["poses"])

@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turn", type=float, default=0.0, metavar="DEG",
                    help="a lasting turn of the fetus by DEG degrees (up to 180) during one random stack, on top of "
                         "--motion (default: 0, none)")
+    p.add_argument("--slice-profile", default="gaussian", choices=["gaussian", "box"],
+                   help="slice profile the stacks are rendered with: gaussian (the reconstruction's PSF model) or box "
+                        "(a rectangular slab and pixel, a profile the reconstruction does not model) (default: gaussian)")
     p.add_argument("--margin", type=float, default=10.0, help="field-of-view margin around the mask in mm (default: 10)")
     _add_common(p)
 
