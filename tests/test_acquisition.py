@@ -141,6 +141,63 @@ def test_psf_weights_sum_to_one_and_are_centred(quality):
         assert psf.n_samples == 1
 
 
+def test_normal_psf_moves_its_isotropic_part_to_the_volume(monkeypatch):
+    """``normal``: the largest isotropic Gaussian inside every slice's PSF (the smallest in-plane
+    sigma, 1.2 x the finest pixel as FWHM) becomes ``volume_sigma``; the nodes keep only what is
+    left (in-plane nothing at equal spacings, so one in-plane node), and the total second moment
+    per axis is unchanged.  ``high`` / ``thin`` and ``PREFILTER = False`` keep everything in nodes."""
+    sp = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.8, 1.2]], dtype=D)
+    th = torch.tensor([3.0, 2.0, 3.0], dtype=D)
+    psf = acq.psf_kernel(sp, th, 0.8, quality="normal")
+    vs = 1.2 * 0.8 * acq.FWHM_TO_SIGMA
+    assert psf.volume_sigma == pytest.approx(vs)
+    used = psf.weights[0] > 0
+    assert torch.unique(psf.offsets[0][used][:, :2], dim=0).shape[0] == 1  # one in-plane node at 1 mm
+    # slice 2 (0.8 x 1.2 mm pixels): in-plane variance = nodes + prefilter = (1.2 sigma-per-FWHM x spacing)^2
+    var2 = (psf.weights[2, :, None] * psf.offsets[2] ** 2).sum(0) + vs ** 2
+    want = (1.2 * acq.FWHM_TO_SIGMA * torch.tensor([0.8, 1.2], dtype=D)) ** 2
+    # the 1.2 mm axis keeps sqrt(sigma^2 - vs^2) = 0.46 mm < the 0.8 mm voxel: one node, as before
+    assert float(var2[0]) == pytest.approx(float(want[0]), rel=1e-9)
+    for quality in ("high", "thin"):
+        assert acq.psf_kernel(sp, th, 0.8, quality=quality).volume_sigma == 0.0
+    monkeypatch.setattr(acq, "PREFILTER", False)
+    assert acq.psf_kernel(sp, th, 0.8, quality="normal").volume_sigma == 0.0
+
+
+@pytest.mark.parametrize("sigma_mm", [0.2, 0.51, 1.3])
+def test_prefilter_is_self_adjoint_with_the_requested_variance(sigma_mm):
+    """Zero-padded symmetric separable kernels: ``<P x, y> == <x, P y>`` (so the operators stay
+    exact adjoints) and a point spreads with variance ``sigma^2`` along every axis of an oblique
+    anisotropic grid (3-tap exact-variance kernel below half a voxel, sampled Gaussian above)."""
+    g = torch.Generator().manual_seed(5)
+    A = _volume_affine(g, shape=(15, 16, 17))
+    psf = acq.PSF(torch.zeros(1, 1, 3, dtype=D), torch.ones(1, 1, dtype=D), sigma_mm)
+    x, y = torch.randn(15, 16, 17, generator=g, dtype=D), torch.randn(15, 16, 17, generator=g, dtype=D)
+    lhs = float((acq.prefilter(x, A, psf) * y).sum())
+    assert lhs == pytest.approx(float((x * acq.prefilter(y, A, psf)).sum()), rel=1e-12)
+    delta = torch.zeros(15, 16, 17, dtype=D)
+    delta[7, 8, 8] = 1.0
+    out = acq.prefilter(delta, A, psf)
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-12)
+    spacing = np.linalg.norm(A[:3, :3], axis=0)
+    for axis, centre in enumerate((7, 8, 8)):
+        prof = out.sum(dim=tuple(a for a in range(3) if a != axis))
+        d = (torch.arange(prof.numel(), dtype=D) - centre) * float(spacing[axis])
+        assert float((prof * d ** 2).sum()) == pytest.approx(sigma_mm ** 2, rel=0.03)
+    # channels are filtered alike, and a zero sigma changes nothing
+    two = torch.stack([x, y])
+    torch.testing.assert_close(acq.prefilter(two, A, psf)[1], acq.prefilter(y, A, psf), rtol=0, atol=1e-12)
+    assert acq.prefilter(x, A, acq.PSF(psf.offsets, psf.weights)) is x
+
+
+def test_psf_select_repeat_and_cast_keep_the_volume_part():
+    psf = acq.psf_kernel(torch.tensor([[1.0, 1.0], [1.2, 1.2]], dtype=D), torch.tensor([3.0, 2.0], dtype=D), 0.8)
+    assert psf.volume_sigma > 0
+    for q in (psf.select(torch.tensor([1])), psf.repeat(3), psf.to(torch.float32)):
+        assert q.volume_sigma == psf.volume_sigma
+    assert psf.repeat(3).offsets.shape[0] == 6 and psf.select(torch.tensor([1])).offsets.shape[0] == 1
+
+
 def _truncated_gaussian_variance_ratio(c: float) -> float:
     """Var / sigma^2 of a Gaussian truncated to [-c sigma, c sigma]."""
     phi = math.exp(-0.5 * c * c) / math.sqrt(2 * math.pi)
@@ -155,24 +212,25 @@ def test_psf_through_plane_variance(thickness):
     the module; the FWHM is still the thickness), so at the default ``truncate=2`` its variance
     lies between that of the continuous truncated Gaussian, 0.774 sigma^2, and sigma^2: the
     equally spaced rule puts full weight on its end nodes at +-2 sigma, which the continuous
-    truncation does not, so a coarse rule has *more* variance.  Measured on 0.5-1.6 mm grids and
-    2-6 mm slices: 0.80-0.92 sigma^2 (normal), 0.79-0.88 (high).  Tolerance used: [0.774, 0.93].
-    With ``truncate=4`` the rule matches the full sigma^2 to 1.5%.
+    truncation does not, so a coarse rule has *more* variance.  ``normal`` moves the PSF's
+    isotropic part (variance ``volume_sigma^2``, untruncated) into a volume prefilter, so its total
+    is nearer sigma^2 (0.85-0.96 here); ``high`` keeps every node (0.79-0.88).  With ``truncate=4``
+    the rule matches the full sigma^2 to 1.5%.
     """
     sigma2 = (thickness / (2 * math.sqrt(2 * math.log(2)))) ** 2
     assert sigma2 == pytest.approx((thickness / 2.3548) ** 2, rel=1e-4)
     sp = torch.tensor([[1.0, 1.0]], dtype=D)
     th = torch.tensor([thickness], dtype=D)
 
-    def zvar(psf):
-        return float((psf.weights[0] * psf.offsets[0, :, 2] ** 2).sum())
+    def zvar(psf):  # nodes plus the isotropic part the operators apply to the volume
+        return float((psf.weights[0] * psf.offsets[0, :, 2] ** 2).sum()) + psf.volume_sigma ** 2
 
     trunc = _truncated_gaussian_variance_ratio(2.0)
     assert trunc == pytest.approx(0.774, abs=1e-3)
     normal = zvar(acq.psf_kernel(sp, th, 0.8, quality="normal")) / sigma2
     high = zvar(acq.psf_kernel(sp, th, 0.8, quality="high")) / sigma2
     wide = zvar(acq.psf_kernel(sp, th, 0.2, truncate=4.0, quality="high")) / sigma2
-    assert trunc - 1e-6 <= high <= normal <= 0.93  # finer rule: closer to the truncated Gaussian
+    assert trunc - 1e-6 <= high <= normal <= 1.0  # finer rule: closer to the truncated Gaussian
     assert wide == pytest.approx(1.0, rel=0.015)
     # thin slices: nothing through plane
     assert zvar(acq.psf_kernel(sp, th, 0.8, quality="thin")) == 0.0
@@ -296,7 +354,7 @@ def test_gradients_reach_volume_and_poses_in_float32():
     vol = c["volume"].float().requires_grad_(True)
     poses = c["poses"].float().requires_grad_(True)
     out = acq.forward(vol, c["affine"], poses, c["coords"].float(), c["slice_id"],
-                      acq.PSF(c["psf"].offsets.float(), c["psf"].weights.float()), chunk=17)
+                      c["psf"].to(torch.float32), chunk=17)
     (out * c["y"].float()).sum().backward()
     assert vol.grad is not None and float(vol.grad.abs().sum()) > 0
     assert poses.grad is not None and float(poses.grad[:, :3].abs().sum()) > 0

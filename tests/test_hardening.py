@@ -182,13 +182,18 @@ def test_psf_samples_are_bounded_and_unchanged_at_the_defaults():
     D = torch.float64
     sp, th = torch.tensor([[1.0, 1.0]], dtype=D), torch.tensor([3.0], dtype=D)
     psf = acq.psf_kernel(sp, th, 0.8)
-    # today's kernel at the defaults, written out: one in-plane node, 9 through-plane nodes to +-2 sigma
-    sigma = 3.0 * acq.FWHM_TO_SIGMA
-    z = torch.linspace(-2 * sigma, 2 * sigma, 9, dtype=D)
+    # today's kernel at the defaults, written out: the in-plane sigma (FWHM 1.2 mm) goes to the
+    # volume prefilter, one in-plane node, 7 through-plane nodes to +-2 of what is left of sigma_z
+    vs = 1.2 * acq.FWHM_TO_SIGMA
+    assert psf.volume_sigma == pytest.approx(vs, rel=1e-12)
+    sigma = math.sqrt((3.0 * acq.FWHM_TO_SIGMA) ** 2 - vs ** 2)
+    z = torch.linspace(-2 * sigma, 2 * sigma, 7, dtype=D)
     w = torch.exp(-0.5 * (z / sigma) ** 2)
-    assert torch.equal(psf.offsets[0, :, 2], z) and not psf.offsets[0, :, :2].any()
-    assert torch.equal(psf.weights[0], w / w.sum())
-    assert acq.psf_kernel(sp, th, 0.5).n_samples == 117  # 3 x 3 in-plane from 0.5 mm, as before
+    torch.testing.assert_close(psf.offsets[0, :, 2], z, rtol=0, atol=1e-12)
+    assert not psf.offsets[0, :, :2].any()
+    torch.testing.assert_close(psf.weights[0], w / w.sum(), rtol=0, atol=1e-12)
+    # at 0.5 mm nothing is left in-plane either (the 3 x 3 rule, 117 nodes, ran there before the prefilter)
+    assert acq.psf_kernel(sp, th, 0.5).n_samples == 11
     for res, thick in ((0.1, 3.0), (0.8, 1e6)):
         k = acq.psf_kernel(sp, torch.tensor([thick], dtype=D), res)
         assert k.n_samples <= acq.MAX_PSF_SAMPLES["normal"]

@@ -9,14 +9,24 @@ with ``T_n`` the slice pose, ``c_p`` the pixel's slice-frame position, and ``(o_
 quadrature of the PSF: in-plane FWHM ``inplane_fwhm * spacing`` (default 1.2, as in SVRTK /
 NeSVoR), through-plane FWHM = slice thickness.  ``V`` is read by trilinear interpolation.
 
-Quadrature (where the papers are silent we follow what SVRTK/NeSVoR do, with fewer samples):
-through-plane, equally spaced nodes no further apart than ``step`` (default: the volume's voxel
-size) out to ``truncate`` standard deviations, weighted by the Gaussian and renormalised; in-plane,
-a single node when the in-plane standard deviation is below the volume voxel size (trilinear
-interpolation already blurs by a comparable amount), else a 3-point Gauss-Hermite rule per axis
-(exact in mean and variance).  ``psf_kernel(..., quality="high")`` always uses the 3x3 rule and
-half-voxel through-plane steps: the simulator uses it so reconstructions are not tested with
-the exact operator that made their data.
+Quadrature (where the papers are silent we follow what SVRTK/NeSVoR do, with fewer samples).
+A Gaussian with covariance ``diag(sx^2, sy^2, sz^2)`` is an isotropic Gaussian of variance
+``vs^2 = min(sx, sy)^2`` convolved with one of covariance ``diag(sx^2 - vs^2, sy^2 - vs^2,
+sz^2 - vs^2)``, and the isotropic part does not depend on the slice's orientation.  So the
+``"normal"`` PSF (every reconstruction's) moves it to the volume: the operators convolve the
+volume once with a separable Gaussian of ``PSF.volume_sigma = vs`` (the smallest in-plane sigma
+of all slices; :func:`prefilter`, symmetric kernels with zero padding, so ``A`` and ``A^T`` stay
+exact adjoints) and the nodes carry the rest: through-plane, equally spaced nodes no further
+apart than ``step`` (default: the volume's voxel size) out to ``truncate`` standard deviations of
+``sqrt(sz^2 - vs^2)``, weighted by the Gaussian and renormalised; in-plane, a single node when what
+is left of the in-plane sigma is below the voxel size (at equal pixel spacings nothing is left),
+else a 3-point Gauss-Hermite rule per axis (exact in mean and variance).  Before 2026-12-07 the
+in-plane blur was left out altogether wherever it was below the voxel size ("trilinear
+interpolation already blurs by a comparable amount"): but the reconstructed volume then has to
+carry that blur itself, and it costs 1-2 dB (README, "PSF model"); ``PREFILTER = False`` restores
+that model for A/B runs.  ``psf_kernel(..., quality="high")`` keeps every part in nodes (the 3x3
+in-plane rule and half-voxel through-plane steps): the simulator uses it so reconstructions are not
+tested with the exact operator that made their data.
 
 The adjoint is the transpose of exactly this linear map (trilinear splatting with the same
 weights), computed with the backward kernel of ``grid_sample`` so ``<A x, y> == <x, A^T y>`` to
@@ -44,8 +54,8 @@ from torch import Tensor
 from slice2vol.core import fused
 from slice2vol.core.geometry import grid_affine
 
-__all__ = ["PSF", "psf_kernel", "forward", "adjoint", "forward_jacobian", "Projector", "sample_points", "backend",
-           "FWHM_TO_SIGMA", "DEFAULT_CHUNK", "MAX_PSF_SAMPLES"]
+__all__ = ["PSF", "psf_kernel", "prefilter", "forward", "adjoint", "forward_jacobian", "Projector", "sample_points",
+           "backend", "FWHM_TO_SIGMA", "DEFAULT_CHUNK", "MAX_PSF_SAMPLES", "PREFILTER"]
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +66,38 @@ DEFAULT_CHUNK = 1 << 17  # pixels per chunk; times K samples bounds the temporar
 # 207 at 0.5 mm.  Beyond the cap the through-plane step is widened instead (one log line), so an
 # absurd thickness or resolution cannot ask for millions of samples per pixel.
 MAX_PSF_SAMPLES = {"normal": 128, "high": 2048, "thin": 1}
+# "normal" PSFs move their isotropic Gaussian part into a volume prefilter (module doc).  False
+# restores the model before 2026-12-07 (in-plane blur left to trilinear interpolation), for A/B runs.
+PREFILTER = True
 _CAPPED_LOGGED: set = set()
 
 
 @dataclass
 class PSF:
-    """PSF quadrature per slice: ``offsets (M, K, 3)`` slice-frame mm, ``weights (M, K)`` summing to 1."""
+    """PSF quadrature per slice: ``offsets (M, K, 3)`` slice-frame mm, ``weights (M, K)`` summing to 1,
+    and ``volume_sigma`` (mm): the isotropic Gaussian part of the PSF, shared by all slices, which the
+    operators apply to the volume by one separable convolution (:func:`prefilter`) before the nodes
+    sample it (0: none; see the module doc)."""
 
     offsets: Tensor
     weights: Tensor
+    volume_sigma: float = 0.0
 
     @property
     def n_samples(self) -> int:
         return int(self.offsets.shape[1])
+
+    def select(self, index: Tensor) -> "PSF":
+        """The PSF of the slices ``index`` (a ``(m,)`` index or bool mask)."""
+        return PSF(self.offsets[index], self.weights[index], self.volume_sigma)
+
+    def repeat(self, k: int) -> "PSF":
+        """The PSF of ``k`` copies of the ``M`` slices, one after the other (``k M`` slices)."""
+        return PSF(self.offsets.repeat(k, 1, 1), self.weights.repeat(k, 1), self.volume_sigma)
+
+    def to(self, *args, **kwargs) -> "PSF":
+        """Offsets and weights moved / cast as ``Tensor.to``."""
+        return PSF(self.offsets.to(*args, **kwargs), self.weights.to(*args, **kwargs), self.volume_sigma)
 
 
 _GH3 = (torch.tensor([-math.sqrt(3.0), 0.0, math.sqrt(3.0)], dtype=torch.float64),
@@ -113,10 +142,16 @@ def psf_kernel(
     device = spacing.device
     keys = torch.cat([spacing, thickness[:, None]], 1).cpu().to(torch.float64)
     uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    # "normal": the largest isotropic Gaussian inside every slice's PSF goes to the volume (prefilter)
+    vs = 0.0
+    if quality == "normal" and PREFILTER and uniq.numel():
+        vs = float(inplane_fwhm * FWHM_TO_SIGMA * uniq[:, :2].min()) if bool((uniq[:, :2] > 0).all()) else 0.0
+        vs = min(vs, float(FWHM_TO_SIGMA * uniq[:, 2].min()))
     kernels = []
     for row in uniq.tolist():
         dx, dy, th = row
-        sx, sy, sz = inplane_fwhm * dx * FWHM_TO_SIGMA, inplane_fwhm * dy * FWHM_TO_SIGMA, th * FWHM_TO_SIGMA
+        sx, sy, sz = (math.sqrt(max(0.0, s * s - vs * vs))
+                      for s in (inplane_fwhm * dx * FWHM_TO_SIGMA, inplane_fwhm * dy * FWHM_TO_SIGMA, th * FWHM_TO_SIGMA))
         if quality == "thin":
             offs, wts = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
         else:
@@ -152,7 +187,61 @@ def psf_kernel(
     for u, (o, w) in enumerate(kernels):
         O[u, : o.shape[0]] = o
         Wt[u, : w.shape[0]] = w
-    return PSF(offsets=O[inverse].to(device, spacing.dtype), weights=Wt[inverse].to(device, spacing.dtype))
+    return PSF(offsets=O[inverse].to(device, spacing.dtype), weights=Wt[inverse].to(device, spacing.dtype),
+               volume_sigma=vs)
+
+
+def _prefilter_kernel(sigma_vox: float) -> list[float]:
+    """Symmetric 1D kernel ``[w0, w1, ..]`` (centre first) of variance exactly ``sigma_vox**2`` voxels^2.
+
+    A sampled Gaussian falls short of its variance below about one voxel (at 0.64 voxels, 1 mm
+    pixels on a 0.8 mm grid, by 12 %), so up to ``sigma^2 = 1/2`` the 3-tap kernel
+    ``[s^2/2, 1 - s^2, s^2/2]`` is used, and above it a sampled Gaussian whose width is corrected
+    until its variance is the requested one."""
+    v = sigma_vox * sigma_vox
+    if v <= 0.5:
+        return [1.0 - v, v / 2]
+    half = max(1, int(math.ceil(3.0 * sigma_vox)))
+    s2 = v
+    for _ in range(20):
+        w = [math.exp(-0.5 * d * d / s2) for d in range(half + 1)]
+        total = w[0] + 2 * sum(w[1:])
+        var = 2 * sum(d * d * x for d, x in enumerate(w)) / total
+        if abs(var - v) < 1e-10 * v:
+            break
+        s2 *= v / var
+    return [x / total for x in w]
+
+
+def prefilter(volume: Tensor, affine, psf: PSF) -> Tensor:
+    """The volume convolved with the PSF's isotropic part ``psf.volume_sigma`` (mm).
+
+    Separable, symmetric kernels with zero padding, so the map is its own transpose and
+    :func:`forward` / :func:`adjoint` stay exact adjoints.  Differentiable in ``volume``.
+
+    Args:
+        volume: ``(Ni, Nj, Nk)`` or ``(C, Ni, Nj, Nk)``.
+        affine: ``(4, 4)`` voxel-to-world of the grid (its column norms are the voxel sizes).
+        psf: the PSF whose ``volume_sigma`` is applied (0: ``volume`` is returned as it is).
+    Returns:
+        Tensor of ``volume``'s shape, dtype and device.
+    """
+    if psf.volume_sigma <= 0:
+        return volume
+    A = affine.detach().cpu().double().numpy() if isinstance(affine, Tensor) else np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(A[:3, :3], axis=0)
+    out = volume
+    first = volume.dim() - 3
+    for a in range(3):
+        w = _prefilter_kernel(psf.volume_sigma / float(spacing[a]))
+        ax = first + a
+        n = out.shape[ax]
+        res = out * w[0]
+        for d in range(1, min(len(w), n)):
+            res.narrow(ax, d, n - d).add_(out.narrow(ax, 0, n - d), alpha=w[d])
+            res.narrow(ax, 0, n - d).add_(out.narrow(ax, d, n - d), alpha=w[d])
+        out = res
+    return out
 
 
 def sample_points(
@@ -226,6 +315,7 @@ def forward(
         ``(P,)`` (or ``(C, P)``) simulated intensities; differentiable in ``volume`` and ``poses``
         (a graph through ``poses`` takes the PyTorch path).
     """
+    volume = prefilter(volume, affine, psf)
     if _use_fused(volume, poses, coords):
         return fused.forward(volume, fused.Geometry(volume.shape[-3:], affine, poses, coords, slice_id, psf))
     vol = volume[None] if volume.dim() == 4 else volume[None, None]
@@ -261,7 +351,7 @@ def adjoint(
         gradient); the fused path is differentiable in ``values`` (its backward is :func:`forward`).
     """
     if _use_fused(values, poses, coords):
-        return fused.adjoint(values, fused.Geometry(shape, affine, poses, coords, slice_id, psf))
+        return prefilter(fused.adjoint(values, fused.Geometry(shape, affine, poses, coords, slice_id, psf)), affine, psf)
     dtype = values.dtype
     G = _grid(shape, affine, poses.dtype, poses.device)
     vol = torch.zeros((1, 1) + tuple(shape), dtype=dtype, device=values.device)
@@ -275,7 +365,7 @@ def adjoint(
                 grad_out, vol, pts[None, :, :, None, :].to(dtype), 0, 0, True, [True, False]
             )
             out += g
-    return out[0, 0]
+    return prefilter(out[0, 0], affine, psf)
 
 
 class Projector:
@@ -291,6 +381,7 @@ class Projector:
                  chunk: int = DEFAULT_CHUNK, dtype: torch.dtype | None = None):
         self.shape = tuple(shape)
         self.dtype = dtype or poses.dtype
+        self.affine, self.psf = affine, psf
         self.chunks = []
         self.geom = None
         if _use_fused(self.dtype, poses, coords):
@@ -305,9 +396,10 @@ class Projector:
 
     def forward(self, volume: Tensor) -> Tensor:
         """``(Ni, Nj, Nk)`` -> ``(P,)``."""
+        volume = prefilter(volume.to(self.dtype), self.affine, self.psf)
         if self.geom is not None:
-            return fused.forward(volume.to(self.dtype), self.geom)
-        vol = volume.to(self.dtype)[None, None]
+            return fused.forward(volume, self.geom)
+        vol = volume[None, None]
         out = [
             (F.grid_sample(vol, pts, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0, :, :, 0] * w).sum(-1)
             for pts, w in self.chunks
@@ -317,7 +409,7 @@ class Projector:
     def adjoint(self, values: Tensor) -> Tensor:
         """``(P,)`` -> ``(Ni, Nj, Nk)``."""
         if self.geom is not None:
-            return fused.adjoint(values.to(self.dtype), self.geom)
+            return prefilter(fused.adjoint(values.to(self.dtype), self.geom), self.affine, self.psf)
         values = values.to(self.dtype)
         vol = torch.zeros((1, 1) + self.shape, dtype=values.dtype, device=values.device)
         out = torch.zeros_like(vol)
@@ -329,7 +421,7 @@ class Projector:
                 g, _ = torch.ops.aten.grid_sampler_3d_backward(grad_out, vol, pts, 0, 0, True, [True, False])
                 out += g
                 start += p
-        return out[0, 0]
+        return prefilter(out[0, 0], self.affine, self.psf)
 
 
 def forward_jacobian(
@@ -355,7 +447,9 @@ def forward_jacobian(
     Args:
         channels: ``(4, Ni, Nj, Nk)``: ``V`` and its index-space derivatives along ``i, j, k``
             (:func:`slice2vol.core.registration.gradient_channels`; channels-last storage spares
-            the fused path a copy).
+            the fused path a copy), of the volume **already** passed through :func:`prefilter`
+            with this ``psf`` (the caller builds the channels once for many calls; then ``s``
+            equals :func:`forward` of the unfiltered volume).
         affine: ``(4, 4)`` voxel-to-world of the grid.
         poses, coords, slice_id, psf: as in :func:`forward`.
         centres: ``(M, 3)`` world rotation centre of each slice's correction (mm).

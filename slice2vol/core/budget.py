@@ -129,19 +129,24 @@ def grid_shape(extent_mm: Sequence[float], resolution: float) -> tuple[int, int,
 
 def psf_samples(spacing: tuple[float, float], thickness: float, resolution: float, inplane_fwhm: float = 1.2,
                 truncate: float = 2.0, capped: bool = False) -> int:
-    """PSF nodes per pixel of :func:`slice2vol.core.acquisition.psf_kernel` (quality ``normal``): 3
-    in-plane nodes per axis whose in-plane sigma exceeds ``resolution``, times
-    ``2 ceil(truncate sigma_z / resolution) + 1`` through-plane nodes (``spacing``, ``thickness``
-    and ``resolution`` in mm); with ``capped`` after the kernel's cap ``MAX_PSF_SAMPLES['normal']``,
-    else as asked for before it."""
-    from slice2vol.core.acquisition import FWHM_TO_SIGMA, MAX_PSF_SAMPLES
+    """PSF nodes per pixel of :func:`slice2vol.core.acquisition.psf_kernel` (quality ``normal``) for
+    slices of this ``spacing`` and ``thickness`` alone: the isotropic part ``vs`` (the smaller
+    in-plane sigma) goes to the volume prefilter when ``acquisition.PREFILTER``; then 3 in-plane
+    nodes per axis whose remaining in-plane sigma exceeds ``resolution``, times
+    ``2 ceil(truncate sigma_z' / resolution) + 1`` through-plane nodes with
+    ``sigma_z' = sqrt(sigma_z^2 - vs^2)`` (``spacing``, ``thickness`` and ``resolution`` in mm); with
+    ``capped`` after the kernel's cap ``MAX_PSF_SAMPLES['normal']``, else as asked for before it."""
+    from slice2vol.core import acquisition as acq
 
+    sig = [inplane_fwhm * d * acq.FWHM_TO_SIGMA for d in spacing]
+    sz = thickness * acq.FWHM_TO_SIGMA
+    vs = min(min(sig), sz) if acq.PREFILTER and min(spacing) > 0 and math.isfinite(sz) else 0.0
     n_xy = 1
-    for d in spacing:
-        if inplane_fwhm * d * FWHM_TO_SIGMA > resolution:
+    for s in sig:
+        if math.sqrt(max(0.0, s * s - vs * vs)) > resolution:
             n_xy *= 3
-    sz = thickness * FWHM_TO_SIGMA
-    max_half = (MAX_PSF_SAMPLES["normal"] // n_xy - 1) // 2
+    sz = math.sqrt(max(0.0, sz * sz - vs * vs)) if math.isfinite(sz) else sz
+    max_half = (acq.MAX_PSF_SAMPLES["normal"] // n_xy - 1) // 2
     if not math.isfinite(sz / resolution):
         return n_xy * (2 * max(max_half, 0) + 1) if capped else math.inf  # type: ignore[return-value]
     half = int(math.ceil(truncate * sz / resolution)) if sz > 0 else 0

@@ -186,7 +186,7 @@ def score_candidates(volume: Tensor, affine, poses: Tensor, corrections: Tensor,
         cand = (cs[:, group] @ poses[None]).reshape(k * M, 4, 4)
         off = torch.arange(k, device=dev)[:, None]
         sid_k = (slice_id[None] + M * off).reshape(-1)
-        rep = PSF(psf.offsets.repeat(k, 1, 1), psf.weights.repeat(k, 1))
+        rep = psf.repeat(k)
         sim = acq.forward(volume, affine, cand, coords.repeat(k, 1), sid_k, rep)
         out.append(per_slice_ncc(sim, values.repeat(k), (pgrp[None] + G * off).reshape(-1), k * G).reshape(k, G))
     return torch.cat(out, 0)
@@ -296,7 +296,7 @@ def search_poses(
     grp = gmap[group[sl_idx]]  # (m,) group of each kept slice, 0..g-1
     pgrp = grp[sid]
     w = None if weights is None else weights[pix]
-    sub_psf = PSF(psf.offsets[sl_idx], psf.weights[sl_idx])
+    sub_psf = psf.select(sl_idx)
     P0 = poses[sl_idx]
     centres = slice_centres(P0, c, sid, w, grp, g)
 
@@ -323,7 +323,7 @@ def search_poses(
     # refine all k x g starts at once: k copies of the pixels, one registration group per (candidate, group)
     off = torch.arange(k, device=dev)[:, None]
     sid_k = (sid[None] + m * off).reshape(-1)
-    psf_k = PSF(sub_psf.offsets.repeat(k, 1, 1), sub_psf.weights.repeat(k, 1))
+    psf_k = sub_psf.repeat(k)
     start_poses = (starts[:, grp] @ P0[None]).reshape(k * m, 4, 4)
     reg = register(volume, affine, start_poses, c.repeat(k, 1), sid_k, v.repeat(k), psf_k,
                    group=(grp[None] + g * off).reshape(-1), weights=None if w is None else w.repeat(k),

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from slice2vol.core import fused
-from slice2vol.core.acquisition import DEFAULT_CHUNK, PSF, backend, forward, forward_jacobian, psf_kernel
+from slice2vol.core.acquisition import DEFAULT_CHUNK, PSF, backend, forward, forward_jacobian, prefilter, psf_kernel
 from slice2vol.core.geometry import slice_to_world
 from slice2vol.core.resample import gaussian_blur
 from slice2vol.core.stages import timed
@@ -189,7 +189,8 @@ def register(
     a = ones_M
     eye6 = torch.eye(6, device=device, dtype=dtype)
     for sigma in sigmas:
-        smoothed = smooth(volume, sigma, spacing)
+        # the PSF's volume part (acquisition.prefilter) goes into the channels once per level
+        smoothed = prefilter(smooth(volume, sigma, spacing), affine, psf)
         channels, _ = gradient_channels(smoothed, affine)
         centres_sl = centres[group]
         s, J = forward_jacobian(channels, affine, current_poses(params), coords, slice_id, psf, centres_sl, chunk)
