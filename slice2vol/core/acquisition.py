@@ -61,10 +61,11 @@ log = logging.getLogger(__name__)
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 DEFAULT_CHUNK = 1 << 17  # pixels per chunk; times K samples bounds the temporary memory
-# Most PSF nodes per pixel, per quality.  At 1 mm pixels and 3 mm slices "normal" needs 9 nodes at
-# 0.8 mm voxels, 11 at 0.6 mm and 117 at 0.5 mm (the 3x3 in-plane rule starts there); "high" needs
-# 207 at 0.5 mm.  Beyond the cap the through-plane step is widened instead (one log line), so an
-# absurd thickness or resolution cannot ask for millions of samples per pixel.
+# Most PSF nodes per pixel, per quality.  At 1 mm pixels and 3 mm slices "normal" needs 7 nodes at
+# 0.8 mm voxels, 9 at 0.6 mm and 11 at 0.5 mm (its in-plane part is in the volume prefilter; before
+# it the 3x3 in-plane rule started at 0.5 mm, 117 nodes); "high" needs 207 at 0.5 mm.  Beyond the
+# cap the through-plane step is widened instead (one log line), so an absurd thickness or
+# resolution cannot ask for millions of samples per pixel.
 MAX_PSF_SAMPLES = {"normal": 128, "high": 2048, "thin": 1}
 # "normal" PSFs move their isotropic Gaussian part into a volume prefilter (module doc).  False
 # restores the model before 2026-12-07 (in-plane blur left to trilinear interpolation), for A/B runs.
@@ -194,8 +195,8 @@ def psf_kernel(
 def _prefilter_kernel(sigma_vox: float) -> list[float]:
     """Symmetric 1D kernel ``[w0, w1, ..]`` (centre first) of variance exactly ``sigma_vox**2`` voxels^2.
 
-    A sampled Gaussian falls short of its variance below about one voxel (at 0.64 voxels, 1 mm
-    pixels on a 0.8 mm grid, by 12 %), so up to ``sigma^2 = 1/2`` the 3-tap kernel
+    A sampled Gaussian falls short of its variance below about 0.6 voxels (at 0.51 voxels by 12 %;
+    1 mm pixels on a 0.8 mm grid give 0.64), so up to ``sigma^2 = 1/2`` the 3-tap kernel
     ``[s^2/2, 1 - s^2, s^2/2]`` is used, and above it a sampled Gaussian whose width is corrected
     until its variance is the requested one."""
     v = sigma_vox * sigma_vox
