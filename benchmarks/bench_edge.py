@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, setup  # noqa: E402
+from bench_selection import DEFAULT_TEST, machine, paired_change, setup, simulated_cases  # noqa: E402
 
 
 def upsampled(stack):
@@ -95,19 +95,9 @@ def run_fixed(stacks, gt, edge: float) -> float:
 
 def cases(atlases, args, data):
     """``(atlas, seed, motion, noise, stacks, ground truth)`` of every case the options ask for."""
-    from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
-    from slice2vol.methods.run import crop_to_roi
-
-    for atlas in atlases:
-        vol = _load_atlas(data, atlas)
-        gt = crop_to_roi(vol, vol.mask, GT_MARGIN_VOX)
-        for seed in args.seeds:
-            for motion in args.motions:
-                for noise in args.noises:
-                    stacks = _simulate(vol, motion, seed, noise=noise).stacks
-                    if args.upsample:
-                        stacks = [upsampled(st) for st in stacks]
-                    yield atlas, seed, motion, noise, stacks, gt
+    for atlas, seed, _, motion, noise, stacks, gt in simulated_cases(
+            data, atlases, args.seeds, args.motions, args.noises, transform=upsampled if args.upsample else None):
+        yield atlas, seed, motion, noise, stacks, gt
 
 
 def sweep(atlases, args, data) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, setup  # noqa: E402
+from bench_selection import DEFAULT_TEST, machine, paired_change, setup, simulated_cases  # noqa: E402
 
 
 def run(stacks, gt, method: str, prefilter: bool) -> dict:
@@ -70,27 +70,18 @@ def main(argv=None) -> int:
           f"3 orthogonal 1 mm x 3 mm stacks, {args.method}, 0.8 mm, 1 torch thread; {machine()}", flush=True)
     print(f"{'atlas':<18} {'seed':>4} {'profile':<8} {'motion':<9} {'noise':>5}   {'before PSNR':>11} {'SSIM':>6} "
           f"{'verdict':<8} {'s':>5}   {'now PSNR':>8} {'SSIM':>6} {'verdict':<8} {'s':>5}   change dB")
-    from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
-    from slice2vol.methods.run import crop_to_roi
-
     diffs, ssims, times = defaultdict(list), defaultdict(list), defaultdict(list)
-    for atlas in atlases:
-        vol = _load_atlas(data, atlas)
-        gt = crop_to_roi(vol, vol.mask, GT_MARGIN_VOX)
-        for seed in args.seeds:
-            for profile in args.profiles:
-                for motion in args.motions:
-                    for noise in args.noises:
-                        stacks = _simulate(vol, motion, seed, noise=noise, profile=profile).stacks
-                        old, new = run(stacks, gt, args.method, False), run(stacks, gt, args.method, True)
-                        d = new["psnr"] - old["psnr"]
-                        key = (profile, motion, noise)
-                        diffs[key].append(d)
-                        ssims[key].append(new["ssim"] - old["ssim"])
-                        times[key].append(new["time_s"] - old["time_s"])
-                        print(f"{atlas:<18} {seed:>4} {profile:<8} {motion:<9} {noise:>5.2f}   {old['psnr']:>11.2f} "
-                              f"{old['ssim']:>6.3f} {old['verdict']:<8} {old['time_s']:>5.1f}   {new['psnr']:>8.2f} "
-                              f"{new['ssim']:>6.3f} {new['verdict']:<8} {new['time_s']:>5.1f}   {d:+.2f}", flush=True)
+    for atlas, seed, profile, motion, noise, stacks, gt in simulated_cases(data, atlases, args.seeds, args.motions,
+                                                                           args.noises, args.profiles):
+        old, new = run(stacks, gt, args.method, False), run(stacks, gt, args.method, True)
+        d = new["psnr"] - old["psnr"]
+        key = (profile, motion, noise)
+        diffs[key].append(d)
+        ssims[key].append(new["ssim"] - old["ssim"])
+        times[key].append(new["time_s"] - old["time_s"])
+        print(f"{atlas:<18} {seed:>4} {profile:<8} {motion:<9} {noise:>5.2f}   {old['psnr']:>11.2f} "
+              f"{old['ssim']:>6.3f} {old['verdict']:<8} {old['time_s']:>5.1f}   {new['psnr']:>8.2f} "
+              f"{new['ssim']:>6.3f} {new['verdict']:<8} {new['time_s']:>5.1f}   {d:+.2f}", flush=True)
     print("\nnow - before, per profile, motion and noise: PSNR dB mean [min, max], better / worse (|change| > 0.05 dB); "
           "SSIM mean; time s mean")
     for key, d in diffs.items():

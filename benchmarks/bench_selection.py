@@ -97,6 +97,26 @@ def _simulate(volume, motion: str, seed: int, orientations=("axial", "coronal", 
     return simulate_stacks(volume, None, cfg, seed_everything(seed), progress=False)
 
 
+def simulated_cases(data: Path, atlases, seeds, motions, noises, profiles=("gaussian",), transform=None):
+    """``(atlas, seed, profile, motion, noise, stacks, ground truth)`` of every combination, in that
+    loop order: the A/B benchmarks' cases (3 orthogonal 1 mm x 3 mm stacks, :func:`_simulate`), the
+    ground truth cropped as the metrics compare it; ``transform`` is applied to each stack."""
+    from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
+    from slice2vol.methods.run import crop_to_roi
+
+    for atlas in atlases:
+        vol = _load_atlas(data, atlas)
+        gt = crop_to_roi(vol, vol.mask, GT_MARGIN_VOX)
+        for seed in seeds:
+            for profile in profiles:
+                for motion in motions:
+                    for noise in noises:
+                        stacks = _simulate(vol, motion, seed, noise=noise, profile=profile).stacks
+                        if transform is not None:
+                            stacks = [transform(st) for st in stacks]
+                        yield atlas, seed, profile, motion, noise, stacks, gt
+
+
 def simulated_exams(vol, seed: int) -> dict[str, list]:
     """The simulated stacks of one atlas and seed that need no other atlas: ``good`` (3 moderate
     stacks), the 4th stack of ``rescan`` (moderate axial) and of ``extreme`` (extreme axial), and
