@@ -94,6 +94,26 @@ def test_slice_registration_recovers_5deg_3mm_perturbation(atlas_lowres, axial, 
     assert float((res.scales[ok] - 1).abs().max()) < 0.1
 
 
+def test_registration_cost_is_the_cost_of_the_returned_poses(atlas_lowres, axial):
+    """The returned per-slice cost is the weighted mean squared residual of the forward model at
+    the returned poses and scales, on the last level's smoothing, whichever iteration (one with the
+    Jacobian, or the last one, which evaluates the plain forward operator) accepted the final
+    step: both must see the same model (the PSF's volume prefilter applied exactly once)."""
+    ss, psf, _ = axial
+    assert psf.volume_sigma > 0
+    p = _random_perturbation(ss.n_slices, 2.0, 1.0, seed=3)
+    init = rotation_about(p, ss.poses[:, :3, 3]) @ ss.poses
+    for iterations in (1, 3):
+        res = register(atlas_lowres.data, atlas_lowres.affine, init, ss.coords, ss.slice_id, ss.values, psf,
+                       sigmas=(0.0,), iterations=iterations)
+        s = acq.forward(atlas_lowres.data, atlas_lowres.affine, res.poses, ss.coords, ss.slice_id, psf)
+        r = res.scales[ss.slice_id] * s - ss.values
+        n = torch.bincount(ss.slice_id, minlength=ss.n_slices).to(r.dtype)
+        cost = torch.zeros(ss.n_slices, dtype=r.dtype).index_add_(0, ss.slice_id, r * r) / n.clamp_min(1)
+        ok = n >= MIN_PIXELS
+        torch.testing.assert_close(res.cost[ok], cost[ok], rtol=1e-4, atol=1e-3)
+
+
 def test_registration_at_the_true_poses_stays_there(atlas_lowres, axial):
     ss, psf, _ = axial
     res = register(atlas_lowres.data, atlas_lowres.affine, ss.poses, ss.coords, ss.slice_id, ss.values, psf,

@@ -189,9 +189,10 @@ def register(
     a = ones_M
     eye6 = torch.eye(6, device=device, dtype=dtype)
     for sigma in sigmas:
-        # the PSF's volume part (acquisition.prefilter) goes into the channels once per level
-        smoothed = prefilter(smooth(volume, sigma, spacing), affine, psf)
-        channels, _ = gradient_channels(smoothed, affine)
+        smoothed = smooth(volume, sigma, spacing)
+        # forward_jacobian reads channels of the prefiltered volume (acquisition.prefilter, once per
+        # level); forward(smoothed) below applies the prefilter itself
+        channels, _ = gradient_channels(prefilter(smoothed, affine, psf), affine)
         centres_sl = centres[group]
         s, J = forward_jacobian(channels, affine, current_poses(params), coords, slice_id, psf, centres_sl, chunk)
         cost, r, a = costs(s)
