@@ -54,8 +54,8 @@ from torch import Tensor
 from slice2vol.core import fused
 from slice2vol.core.geometry import grid_affine
 
-__all__ = ["PSF", "psf_kernel", "prefilter", "forward", "adjoint", "forward_jacobian", "Projector", "sample_points",
-           "backend", "FWHM_TO_SIGMA", "DEFAULT_CHUNK", "MAX_PSF_SAMPLES", "PREFILTER"]
+__all__ = ["PSF", "psf_kernel", "isotropic_sigma", "prefilter", "forward", "adjoint", "forward_jacobian", "Projector",
+           "sample_points", "backend", "FWHM_TO_SIGMA", "DEFAULT_CHUNK", "MAX_PSF_SAMPLES", "PREFILTER"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,15 @@ def _axis_nodes(sigma: float, step: float, truncate: float, max_half: int | None
     return x, w / w.sum()
 
 
+def isotropic_sigma(pixel: float, thickness: float, inplane_fwhm: float = 1.2) -> float:
+    """``PSF.volume_sigma`` (mm) of a ``"normal"`` PSF whose finest pixel spacing is ``pixel`` and
+    thinnest slice ``thickness`` (mm): the in-plane sigma of that pixel, at most the through-plane
+    one; 0 without a positive pixel spacing or with :data:`PREFILTER` off."""
+    if not PREFILTER or not pixel > 0:
+        return 0.0
+    return min(inplane_fwhm * FWHM_TO_SIGMA * pixel, FWHM_TO_SIGMA * thickness)
+
+
 def psf_kernel(
     spacing: Tensor,
     thickness: Tensor,
@@ -145,9 +154,8 @@ def psf_kernel(
     uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
     # "normal": the largest isotropic Gaussian inside every slice's PSF goes to the volume (prefilter)
     vs = 0.0
-    if quality == "normal" and PREFILTER and uniq.numel():
-        vs = float(inplane_fwhm * FWHM_TO_SIGMA * uniq[:, :2].min()) if bool((uniq[:, :2] > 0).all()) else 0.0
-        vs = min(vs, float(FWHM_TO_SIGMA * uniq[:, 2].min()))
+    if quality == "normal" and uniq.numel():
+        vs = isotropic_sigma(float(uniq[:, :2].min()), float(uniq[:, 2].min()), inplane_fwhm)
     kernels = []
     for row in uniq.tolist():
         dx, dy, th = row

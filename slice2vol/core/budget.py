@@ -130,8 +130,8 @@ def grid_shape(extent_mm: Sequence[float], resolution: float) -> tuple[int, int,
 def psf_samples(spacing: tuple[float, float], thickness: float, resolution: float, inplane_fwhm: float = 1.2,
                 truncate: float = 2.0, capped: bool = False) -> int:
     """PSF nodes per pixel of :func:`slice2vol.core.acquisition.psf_kernel` (quality ``normal``) for
-    slices of this ``spacing`` and ``thickness`` alone: the isotropic part ``vs`` (the smaller
-    in-plane sigma) goes to the volume prefilter when ``acquisition.PREFILTER``; then 3 in-plane
+    slices of this ``spacing`` and ``thickness`` alone: the isotropic part ``vs``
+    (:func:`slice2vol.core.acquisition.isotropic_sigma`) goes to the volume prefilter; then 3 in-plane
     nodes per axis whose remaining in-plane sigma exceeds ``resolution``, times
     ``2 ceil(truncate sigma_z' / resolution) + 1`` through-plane nodes with
     ``sigma_z' = sqrt(sigma_z^2 - vs^2)`` (``spacing``, ``thickness`` and ``resolution`` in mm); with
@@ -140,7 +140,7 @@ def psf_samples(spacing: tuple[float, float], thickness: float, resolution: floa
 
     sig = [inplane_fwhm * d * acq.FWHM_TO_SIGMA for d in spacing]
     sz = thickness * acq.FWHM_TO_SIGMA
-    vs = min(min(sig), sz) if acq.PREFILTER and min(spacing) > 0 and math.isfinite(sz) else 0.0
+    vs = acq.isotropic_sigma(min(spacing), thickness, inplane_fwhm)
     n_xy = 1
     for s in sig:
         if math.sqrt(max(0.0, s * s - vs * vs)) > resolution:
