@@ -63,6 +63,9 @@ class Stack:
         index: ``(N,)`` int64 slice index ``k`` in the stack file.
         order: ``(N,)`` int64 acquisition order (time index within the stack), if known.
         name: a label for logs and reports (file name).
+        psf_spacing: the in-plane pixel spacing ``(dx, dy)`` mm the slices were *acquired* with,
+            where the scanner stored them on a finer grid (:mod:`slice2vol.core.inplane`); the PSF
+            is built from it.  ``None``: stored as acquired.
     """
 
     slices: Tensor
@@ -75,10 +78,16 @@ class Stack:
     order: np.ndarray | None = None
     name: str = "stack"
     meta: dict = field(default_factory=dict)
+    psf_spacing: tuple[float, float] | None = None
 
     @property
     def n_slices(self) -> int:
         return int(self.slices.shape[0])
+
+    @property
+    def psf_pixel(self) -> tuple[float, float]:
+        """The in-plane pixel the PSF models, mm: ``psf_spacing``, else ``spacing``."""
+        return tuple(self.psf_spacing) if self.psf_spacing is not None else tuple(self.spacing)  # type: ignore[return-value]
 
     @property
     def slice_spacing(self) -> float:
@@ -109,12 +118,14 @@ class SliceSet:
         coords: ``(P, 3)`` slice-frame coordinates (mm, ``w = 0``).
         slice_id: ``(P,)`` int64 slice of each pixel.
         poses: ``(M, 4, 4)`` float32 slice-to-world transforms (the estimate being worked on).
-        spacing: ``(M, 2)`` in-plane spacing mm.
+        spacing: ``(M, 2)`` in-plane spacing mm (of the stored pixels: the geometry).
         thickness: ``(M,)`` mm.
         stack_id: ``(M,)`` int64 stack of each slice.
         flat_index: ``(P,)`` int64 position of each pixel in its stack's ``(N, H, W)`` array.
         stack_slices: ``(S + 1,)`` offsets: slices of stack ``s`` are ``stack_slices[s]:stack_slices[s+1]``.
         shapes: ``(H, W)`` per stack.
+        psf_spacing: ``(M, 2)`` in-plane pixel of the acquisition, mm (``Stack.psf_pixel``), which
+            the PSF models; ``None``: ``spacing``.  Use :attr:`psf_pixel`.
     """
 
     values: Tensor
@@ -127,6 +138,12 @@ class SliceSet:
     flat_index: Tensor
     stack_slices: list[int]
     shapes: list[tuple[int, int]]
+    psf_spacing: Tensor | None = None
+
+    @property
+    def psf_pixel(self) -> Tensor:
+        """``(M, 2)`` in-plane pixel of the PSF, mm: ``psf_spacing``, else ``spacing``."""
+        return self.spacing if self.psf_spacing is None else self.psf_spacing
 
     @property
     def n_pixels(self) -> int:
@@ -146,7 +163,7 @@ class SliceSet:
 
     @classmethod
     def from_stacks(cls, stacks: Sequence[Stack], device: torch.device | str = "cpu") -> "SliceSet":
-        values, coords, sid, fidx, poses, spacing, thick, stack_id = [], [], [], [], [], [], [], []
+        values, coords, sid, fidx, poses, spacing, thick, stack_id, psf_sp = [], [], [], [], [], [], [], [], []
         offsets = [0]
         shapes = []
         for s, st in enumerate(stacks):
@@ -160,6 +177,7 @@ class SliceSet:
             fidx.append(flat)
             poses.append(torch.as_tensor(st.poses, dtype=torch.float32, device=device))
             spacing.append(torch.tensor([st.spacing] * N, dtype=torch.float32, device=device).reshape(N, 2))
+            psf_sp.append(torch.tensor([st.psf_pixel] * N, dtype=torch.float32, device=device).reshape(N, 2))
             thick.append(torch.full((N,), float(st.thickness), dtype=torch.float32, device=device))
             stack_id.append(torch.full((N,), s, dtype=torch.int64, device=device))
             offsets.append(offsets[-1] + N)
@@ -175,6 +193,7 @@ class SliceSet:
             flat_index=torch.cat(fidx),
             stack_slices=offsets,
             shapes=shapes,
+            psf_spacing=None if all(st.psf_spacing is None for st in stacks) else torch.cat(psf_sp),
         )
 
     def with_poses(self, poses: Tensor) -> "SliceSet":

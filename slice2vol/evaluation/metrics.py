@@ -420,7 +420,7 @@ def simulate_slices(volume: Volume, slice_set: SliceSet, resolution: float | Non
         ``(P,)`` float32 on the slice set's device.
     """
     res = float(np.min(volume.resolution)) if resolution is None else float(resolution)
-    psf = psf_kernel(slice_set.spacing, slice_set.thickness, res, quality=quality)
+    psf = psf_kernel(slice_set.psf_pixel, slice_set.thickness, res, quality=quality)
     with torch.no_grad():
         return forward(volume.data.to(slice_set.device, torch.float32), volume.affine, slice_set.poses,
                        slice_set.coords, slice_set.slice_id, psf)

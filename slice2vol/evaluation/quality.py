@@ -309,7 +309,7 @@ def stack_agreement(prep, poses: Tensor, scales: Tensor, pixel_weights: Tensor |
         return (nan, nan) if heldout else nan
     res = float(np.linalg.norm(prep.affine[:3, :3], axis=0).mean())
     affine, shape, roi = coarse_grid(prep, max(1.0, resolution / res))
-    psf = acq.psf_kernel(ss.spacing, ss.thickness, float(np.linalg.norm(affine[:3, :3], axis=0).mean()))
+    psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, float(np.linalg.norm(affine[:3, :3], axis=0).mean()))
     P = poses.detach().to(ss.values.dtype)
     a = scales.detach().to(ss.values.dtype).clamp_min(1e-6)[ss.slice_id]
     w = torch.ones_like(ss.values) if pixel_weights is None else pixel_weights.detach().to(ss.values.dtype)

@@ -37,7 +37,7 @@ def naive_baseline(prep) -> NaiveBaseline:
     """The baseline of a prepared problem (:class:`~slice2vol.core.preprocess.Prepared`)."""
     header = SliceSet.from_stacks(prep.stacks, device=prep.slices.device)
     res = float(np.linalg.norm(prep.affine[:3, :3], axis=0).mean())
-    psf = acq.psf_kernel(header.spacing, header.thickness, res)
+    psf = acq.psf_kernel(header.psf_pixel, header.thickness, res)
     V = psf_average(header.values, torch.ones_like(header.values), prep.shape, prep.affine, header.poses,
                     header.coords, header.slice_id, psf)
     return NaiveBaseline(header, psf, V)

@@ -323,7 +323,7 @@ def cross_stack_measures(stacks: Sequence[Stack], reference: int, grid_mm: float
     lo = pts.min(0).values.double().cpu().numpy() - 10.0
     hi = pts.max(0).values.double().cpu().numpy() + 10.0
     affine, shape = axis_aligned_grid(lo, hi, grid_mm)
-    psf = acq.psf_kernel(ss.spacing, ss.thickness, grid_mm)
+    psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, grid_mm)
     num, den = [], []
     for s in range(S):
         w = (pstack == s).to(ss.values.dtype)

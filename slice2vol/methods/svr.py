@@ -396,8 +396,8 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor,
     y, coords, sid, M = ss.values, ss.coords, ss.slice_id, ss.n_slices
     affine, shape, roi = coarse_grid(prep, cfg.search_factor)
     vres = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-    psf = acq.psf_kernel(ss.spacing, ss.thickness, vres)
-    thin = acq.psf_kernel(ss.spacing, ss.thickness, vres, quality="thin")
+    psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, vres)
+    thin = acq.psf_kernel(ss.psf_pixel, ss.thickness, vres, quality="thin")
     sub = _subset(ss.n_pixels, cfg.search_subsample, y.device)
     srs = _subset(ss.n_pixels, cfg.search_sr_subsample, y.device)
     pivot = slice_to_world(ss.poses, coords[sub], sid[sub]).mean(0)
@@ -518,10 +518,10 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
     it = 0
     for name, affine, shape, roi, n_iter, subsample, sr_subsample in stages:
         vres = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-        psf = acq.psf_kernel(ss.spacing, ss.thickness, vres)
+        psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, vres)
         # Registration needs fewer samples than reconstruction: a coarser through-plane quadrature
         # on a subset of pixels (SVRTK likewise registers on a subsampled grid).
-        psf_reg = acq.psf_kernel(ss.spacing, ss.thickness, 2 * vres)
+        psf_reg = acq.psf_kernel(ss.psf_pixel, ss.thickness, 2 * vres)
         sub = _subset(ss.n_pixels, subsample, dev)
         # On the coarse grid there are several pixels per voxel in-plane; half of them suffice.
         srs = _subset(ss.n_pixels, sr_subsample, dev)
@@ -565,7 +565,7 @@ def reconstruct_svr(prep: Prepared, config: SVRConfig | None = None) -> SVRResul
                 break
         prev_affine = affine
     bar.close()
-    psf = acq.psf_kernel(ss.spacing, ss.thickness, res)
+    psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, res)
     for _ in range(max(1, cfg.final_rounds)):
         V = super_resolve(V, prep.affine, poses, coords, sid, y, psf, weights=w, scales=scales, mask=prep.roi,
                           lam=cfg.lam, delta=cfg.delta, edge=cfg.edge, iterations=cfg.final_cg_iterations,

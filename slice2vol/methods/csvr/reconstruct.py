@@ -144,7 +144,7 @@ def start_scores(prep: Prepared, candidates: dict[str, Tensor], factor: float = 
     lam = prep.regularisation if lam is None else lam
     affine, shape, roi = coarse_grid(prep, factor)
     vres = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-    psf = acq.psf_kernel(ss.spacing, ss.thickness, vres)
+    psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, vres)
     y, c, sid = ss.values, ss.coords, ss.slice_id
     srs = _subset(ss.n_pixels, sr_subsample, y.device)
     out = {}

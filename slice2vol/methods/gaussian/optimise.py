@@ -213,7 +213,7 @@ class _Stage:
         self.iterations = iterations
         self.lattice = SliceLattice(ss)
         self.res = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-        self.psf = acq.psf_kernel(ss.spacing, ss.thickness, self.res)
+        self.psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, self.res)
         size = self.lattice.size
         self.target = torch.zeros(size, device=ss.device, dtype=ss.values.dtype)
         self.target[self.lattice.pixel_index] = ss.values
@@ -303,7 +303,7 @@ def reconstruct_gaussian(prep: Prepared, config: GaussianConfig | None = None) -
     tv_grid = coarse_grid(prep, 2.0) if cfg.psf == "analytic" else None
 
     # ---- initial volume (eq. 2) and Gaussians
-    psf0 = acq.psf_kernel(ss.spacing, ss.thickness, res)
+    psf0 = acq.psf_kernel(ss.psf_pixel, ss.thickness, res)
     base = ss.poses.detach()
     start_w: tuple[Tensor, Tensor] | None = None  # (slice (M,), pixel (P,)) weights of the start
     if cfg.init in ("svr", "auto"):
@@ -503,7 +503,7 @@ def _simulate_all(model: GaussianModel, poses: Tensor, ss: SliceSet, prep: Prepa
     res = float(np.linalg.norm(prep.affine[:3, :3], axis=0).mean())
     if cfg.psf == "sampled":
         V = voxelise(model, prep.affine, prep.shape)
-        s = acq.forward(V, prep.affine, poses, ss.coords, ss.slice_id, acq.psf_kernel(ss.spacing, ss.thickness, res))
+        s = acq.forward(V, prep.affine, poses, ss.coords, ss.slice_id, acq.psf_kernel(ss.psf_pixel, ss.thickness, res))
     else:
         lat = SliceLattice(ss)
         s = render_slices(model, poses, lat)[lat.pixel_index]

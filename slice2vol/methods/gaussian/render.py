@@ -178,6 +178,7 @@ class SliceLattice:
         b = ss.flat_index % hw_p[:, 1]
         self.pixel_index = self.offset[ss.slice_id] + (a + pad) * self.row[ss.slice_id] + b + pad
         self.spacing = ss.spacing
+        self.psf_spacing = ss.psf_pixel  # the acquired pixel where the scanner interpolated
         self.thickness = ss.thickness
 
 
@@ -202,7 +203,7 @@ def render_slices(model: GaussianModel | dict, poses: Tensor, lattice: SliceLatt
         slices = torch.arange(poses.shape[0], device=dev)
     R = poses[slices, :3, :3]  # (B, 3, 3)
     tr = poses[slices, :3, 3]
-    sig = psf_sigmas(lattice.spacing[slices], lattice.thickness[slices]).to(dt)
+    sig = psf_sigmas(lattice.psf_spacing[slices], lattice.thickness[slices]).to(dt)
     sig = sig * torch.tensor([psf_scale, psf_scale, 1.0], device=dev, dtype=dt)
     cov = covariance(ls, q)  # (J, 3, 3)
     hw = lattice.hw[slices]

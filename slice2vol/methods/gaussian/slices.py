@@ -54,7 +54,7 @@ def downsample_slices(ss: SliceSet, factor: int = 2) -> tuple[SliceSet, Tensor]:
     coarse = SliceSet(values=torch.cat(values), coords=torch.cat(coords), slice_id=torch.cat(sid),
                       poses=ss.poses, spacing=torch.cat(spacing).to(ss.spacing.dtype), thickness=ss.thickness,
                       stack_id=ss.stack_id, flat_index=torch.cat(fidx), stack_slices=list(ss.stack_slices),
-                      shapes=shapes)
+                      shapes=shapes, psf_spacing=None if ss.psf_spacing is None else ss.psf_spacing * factor)
     return coarse, shift
 
 
