@@ -41,7 +41,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -136,6 +136,10 @@ class SimulationConfig:
             ``"gaussian"`` is the reconstruction's model (finer quadrature); ``"box"`` a rectangular
             slab ``thickness`` wide and a pixel-wide box in-plane -- a sharper, differently shaped
             PSF, so that reconstructions are also tested against a slice profile they do not model.
+        zero_fill: the scanner's in-plane interpolation: slices are acquired (rendered, with noise)
+            at ``spacing`` and stored on a grid ``zero_fill`` times finer by zero filling their 2D
+            spectrum (:func:`zero_fill_stack`; 1: stored as acquired).  Siemens' "interpolation" and
+            GE's "ZIP" store 2.
     """
 
     n_stacks: int = 3
@@ -156,6 +160,7 @@ class SimulationConfig:
     signal_loss: float = 0.0
     turn: float = 0.0
     profile: str = "gaussian"
+    zero_fill: int = 1
 
     def stack_orientations(self) -> list[str]:
         if self.orientations is None:
@@ -195,6 +200,8 @@ class SimulationConfig:
             raise Slice2VolError(f"a turn must be between 0 and 180 degrees, got {self.turn}")
         if self.bias_order < 1:
             raise Slice2VolError(f"bias field order must be at least 1, got {self.bias_order}")
+        if int(self.zero_fill) != self.zero_fill or not 1 <= self.zero_fill <= 4:
+            raise Slice2VolError(f"the in-plane zero filling must be a whole factor 1..4, got {self.zero_fill}")
         if self.profile not in PROFILES:
             raise Slice2VolError(f"unknown slice profile {self.profile!r} (use {', '.join(PROFILES)})")
         motion_level(self.motion)  # raises for an unknown level
@@ -224,6 +231,8 @@ class StackGeometry:
         stack_tilt_axis: ``(3,)`` world unit axis of the extra stack tilt
             (``SimulationConfig.stack_tilt_max``), or ``None``; ``stack_tilt_deg`` its angle.
         profile: the slice profile it is rendered with (:func:`slice_psf`).
+        zero_fill: in-plane zero-filling factor of the stored stack (``SimulationConfig.zero_fill``);
+            ``affine`` and ``shape`` are those of the acquisition.
     """
 
     name: str
@@ -240,6 +249,7 @@ class StackGeometry:
     stack_tilt_axis: list[float] | None = None
     stack_tilt_deg: float = 0.0
     profile: str = "gaussian"
+    zero_fill: int = 1
 
     @property
     def times(self) -> np.ndarray:
@@ -456,7 +466,7 @@ def _sample_geometry(points: np.ndarray, centre: np.ndarray, config: SimulationC
         order = interleaved_order(shape[2], packages)
         out.append(StackGeometry(f"stack_{s:02d}.nii.gz", name, base, axis, tilt, A.tolist(), list(shape),
                                  float(config.thickness), order.tolist(), t, packages, stack_axis, stack_deg,
-                                 config.profile))
+                                 config.profile, int(config.zero_fill)))
         t += shape[2]
     return out
 
@@ -884,17 +894,52 @@ def apply_simulation(volume: Volume, mask: Tensor | None, params: SimulationPara
             smask = render_stack(mask_values, volume.affine, P_true, g.shape, spacing, g.thickness, "thin",
                                  None, chunk) > 0.5
             slices = _apply_artefacts(signal, s, g, params)
-            stacks.append(Stack(
+            st = Stack(
                 slices=slices, mask=smask, poses=poses, spacing=spacing, thickness=g.thickness,
                 affine=np.asarray(g.affine, dtype=np.float64), index=np.arange(g.shape[2]),
                 order=np.asarray(g.order, dtype=np.int64), name=g.name,
                 meta={"path": g.name, "orientation": g.orientation, "time": g.times},
-            ))
+            )
+            if g.zero_fill > 1:
+                stored = zero_fill_stack(st, g.zero_fill)
+                # the stored grid's slice frames are centred elsewhere in the plane: the true poses
+                # move with them (slice frame change old -> new, the same for true and nominal)
+                change = np.linalg.inv(np.asarray(st.poses, dtype=np.float64)) @ np.asarray(stored.poses, dtype=np.float64)
+                true_poses[s] = np.asarray(P_true, dtype=np.float64) @ change
+                st = stored
+            stacks.append(st)
             log.debug("%s: %s %dx%dx%d rendered in %.2f s", g.name, g.orientation, *g.shape, time.perf_counter() - t0)
     finally:
         if bar is not None:
             bar.close()
     return SimulationResult(stacks, true_poses, params, config)
+
+
+def zero_fill_stack(stack: Stack, factor: int) -> Stack:
+    """``stack`` stored as a scanner's in-plane interpolation would: each slice's 2D spectrum padded
+    with zeros to ``factor`` times the pixels, the magnitude of the result (intensities kept), the
+    mask by nearest neighbour.  Pixel 0 stays where it was (the DFT's samples are anchored there),
+    so the affine keeps its origin, its in-plane columns shrink by ``factor``, and the poses follow
+    from it (:func:`~slice2vol.core.geometry.stack_slice_poses`)."""
+    if factor == 1:
+        return stack
+    x = stack.slices.to(torch.float64)
+    n, h, w = x.shape
+    H, W = h * factor, w * factor
+    spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+    padded = torch.zeros(n, H, W, dtype=spec.dtype, device=spec.device)
+    # the shifted zero frequency (index h // 2) lands on H // 2, which ifftshift returns to 0
+    padded[:, H // 2 - h // 2: H // 2 - h // 2 + h, W // 2 - w // 2: W // 2 - w // 2 + w] = spec
+    y = torch.fft.ifft2(torch.fft.ifftshift(padded, dim=(-2, -1))).abs() * (factor * factor)
+    # fine pixel i sits at coarse i / factor: nearest coarse pixel round(i / factor), not i // factor
+    idx_i = torch.clamp(torch.round(torch.arange(H) / factor).long(), max=h - 1)
+    idx_j = torch.clamp(torch.round(torch.arange(W) / factor).long(), max=w - 1)
+    m = stack.mask[:, idx_i][:, :, idx_j]
+    A = np.asarray(stack.affine, dtype=np.float64).copy()
+    A[:3, :2] /= factor
+    poses, spacing, _ = stack_slice_poses(A, (H, W, n))
+    return replace(stack, slices=y.to(stack.slices.dtype), mask=m, affine=A, spacing=spacing,
+                   poses=poses[np.asarray(stack.index)] if len(stack.index) == n else poses)
 
 
 def simulate_stacks(volume: Volume, mask: Tensor | None, config: SimulationConfig, generator=None, *,
@@ -951,7 +996,7 @@ def config_from_args(args) -> SimulationConfig:
         slice_bias=getattr(args, "slice_bias", 0.0), interleave=getattr(args, "interleave", 2),
         margin=getattr(args, "margin", 10.0), stack_tilt_max=getattr(args, "stack_tilt_max", 0.0),
         signal_loss=getattr(args, "signal_loss", 0.0), turn=getattr(args, "turn", 0.0),
-        profile=getattr(args, "slice_profile", "gaussian"),
+        profile=getattr(args, "slice_profile", "gaussian"), zero_fill=getattr(args, "zero_fill", 1),
     )
 
 
