@@ -294,6 +294,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
         stacks, resolution=args.resolution, method=args.method, mask=mask, have_stack_masks=bool(args.stack_masks),
         template=args.template, bias_field=args.bias_field, iterations=args.iterations, device=device,
         detect_signal_loss=not getattr(args, "keep_dark_pixels", False),
+        inplane=getattr(args, "inplane_resolution", "auto"),
         progress=not args.no_progress, options=_method_options(args))
     timings["selection_s"] = selection["time_s"]
     timings["total_s"] += selection["time_s"]
@@ -315,7 +316,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
              "slices": counts, "quality": quality.to_dict(), "stack_selection": selection,
-             "signal_loss": prep.signal_loss,
+             "signal_loss": prep.signal_loss, "inplane_resolution": prep.inplane,
              "noise": {**(prep.noise or {}), "regularisation": getattr(result, "regularisation", None),
                        "edge_threshold": getattr(result, "edge_threshold", None)},
              "turns": turns_record(prep, result)}

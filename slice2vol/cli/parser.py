@@ -30,6 +30,15 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _inplane_resolution(text: str) -> str | float:
+    if text in ("auto", "stored"):
+        return text
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"give auto, stored or a size in mm: {text!r}") from None
+
+
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 
 
@@ -117,6 +126,12 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
                         "SVRTK's -lambda plays this role). Default: from the stacks' estimated noise, 0.02 up to 4 %% "
                         "of the brain intensity and half the relative noise above (logged and in the transforms JSON)")
     p.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first (SimpleITK)")
+    p.add_argument("--inplane-resolution", type=_inplane_resolution, default="auto", metavar="auto|stored|MM",
+                   help="in-plane pixel size the stacks were acquired with, which the PSF models: auto (default) "
+                        "detects scanner interpolation (k-space zero filling) from each stack's spectrum; stored "
+                        "takes the stored pixel spacing (SVRTK's and NeSVoR's convention); MM gives it for every "
+                        "stack, e.g. 1.4 for stacks acquired at 1.4 mm and stored at 0.7 mm by bilinear or "
+                        "bicubic interpolation, which auto does not detect")
     p.add_argument("--keep-dark-pixels", action="store_true",
                    help="keep pixels darker than both neighbouring slices (default with stack masks: left out as "
                         "signal loss from fetal motion during the slice; see README)")
@@ -204,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-profile", default="gaussian", choices=["gaussian", "box"],
                    help="slice profile the stacks are rendered with: gaussian (the reconstruction's PSF model) or box "
                         "(a rectangular slab and pixel, a profile the reconstruction does not model) (default: gaussian)")
+    p.add_argument("--zero-fill", type=int, default=1, choices=[1, 2, 3, 4], metavar="FACTOR",
+                   help="store every stack interpolated in-plane by zero filling its spectrum to FACTOR times the "
+                        "pixels (a scanner's interpolation: acquired at --spacing, stored at --spacing / FACTOR; "
+                        "default 1: stored as acquired)")
     p.add_argument("--margin", type=float, default=10.0, help="field-of-view margin around the mask in mm (default: 10)")
     _add_common(p)
 

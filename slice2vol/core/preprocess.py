@@ -271,7 +271,7 @@ def register_stacks(ss: SliceSet, template: int, resolution: float = 1.5, sigmas
     tpix = (ss.slice_id >= tsl.start) & (ss.slice_id < tsl.stop)
     lo, hi = _bbox(slice_to_world(ss.poses, ss.coords, ss.slice_id)[tpix], 15.0)
     affine, shape = axis_aligned_grid(lo, hi, resolution)
-    psf = acq.psf_kernel(ss.spacing, ss.thickness, resolution)
+    psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, resolution)
     vol = psf_average(ss.values[tpix], torch.ones_like(ss.values[tpix]), shape, affine, ss.poses,
                       ss.coords[tpix], ss.slice_id[tpix], psf)
     group = ss.stack_id.clone()
@@ -290,8 +290,8 @@ def register_stacks(ss: SliceSet, template: int, resolution: float = 1.5, sigmas
 
 
 def _psf_keys(ss: SliceSet) -> list[tuple[float, float, float]]:
-    """The distinct ``(spacing_x, spacing_y, thickness)`` (mm) of a slice set's slices."""
-    keys = torch.cat([ss.spacing, ss.thickness[:, None]], 1).double().cpu()
+    """The distinct ``(psf pixel x, psf pixel y, thickness)`` (mm) of a slice set's slices."""
+    keys = torch.cat([ss.psf_pixel, ss.thickness[:, None]], 1).double().cpu()
     return [tuple(row) for row in torch.unique(keys, dim=0).tolist()]
 
 
@@ -308,7 +308,7 @@ def check_budget(stacks: Sequence[Stack], ss: SliceSet, resolution: float, roi: 
     a PSF with an absurd number of samples per pixel, fewer than ``budget.MIN_GRID_VOXELS`` voxels
     across the brain region, or more memory than is available (see :mod:`slice2vol.core.budget`).
     The region is the 3D mask's bounding box, else that of the masked pixels at their header poses."""
-    keys = [(float(st.spacing[0]), float(st.spacing[1]), float(st.thickness)) for st in stacks]
+    keys = [(float(st.psf_pixel[0]), float(st.psf_pixel[1]), float(st.thickness)) for st in stacks]
     pts = _roi_points(roi) if roi is not None else slice_to_world(ss.poses, ss.coords, ss.slice_id)
     lo, hi = _bbox(pts, 0.0)
     budget.check_grid(hi - lo + 2 * margin, resolution, roi_extent_mm=hi - lo, n_pixels=ss.n_pixels, keys=keys,
@@ -360,7 +360,7 @@ def output_grid(ss: SliceSet, resolution: float, roi: Volume | None = None, marg
     lo, hi = _bbox(pts, margin)
     affine, shape = axis_aligned_grid(lo, hi, resolution)
     budget.check_grid(hi - lo, resolution, n_pixels=ss.n_pixels, keys=_psf_keys(ss), device=ss.device, min_voxels=1)
-    psf = acq.psf_kernel(ss.spacing, ss.thickness, resolution)
+    psf = acq.psf_kernel(ss.psf_pixel, ss.thickness, resolution)
     need = min_stacks or max(1, math.ceil(ss.n_stacks / 2))
     count = torch.zeros(shape, device=ss.device)
     pstack = ss.pixel_stack()
@@ -426,7 +426,10 @@ class Prepared:
     ``median`` and ``per_stack``, NaN written as null; ``coarse_ratio`` and ``white``,
     :func:`slice2vol.core.noise.coarse_ratio`), from which the methods' regularisation and edge
     threshold follow (:func:`slice2vol.core.reconstruction.regularisation_for_noise`,
-    :func:`~slice2vol.core.reconstruction.edge_threshold_for_noise`)."""
+    :func:`~slice2vol.core.reconstruction.edge_threshold_for_noise`); ``inplane`` the in-plane pixel
+    each stack's PSF models (:func:`_inplane_resolution`: ``mode``, and per stack ``name``,
+    ``stored_mm``, ``psf_pixel_mm``, ``source`` and, when measured, the spectrum's ``factor``,
+    ``cutoff_cycles_per_pixel`` and ``contrast``)."""
 
     slices: SliceSet
     stacks: list[Stack]
@@ -437,6 +440,7 @@ class Prepared:
     roi: Tensor
     signal_loss: dict | None = None
     noise: dict | None = None
+    inplane: dict | None = None
 
     @property
     def regularisation(self) -> float:
@@ -468,6 +472,43 @@ def _noise_record(stacks: Sequence[Stack]) -> dict:
             "coarse_ratio": ratio if math.isfinite(ratio) else None, "white": white}
 
 
+def _inplane_resolution(stacks: list[Stack], inplane: str | float) -> tuple[list[Stack], dict]:
+    """The stacks with the in-plane pixel their PSF models (``Stack.psf_spacing``), and the record.
+
+    ``"auto"``: from the stored slices' spectra (:func:`slice2vol.core.inplane.estimate_inplane`;
+    a stack found zero-filled gets its acquired pixel, logged); ``"stored"``: the stored spacing (the
+    convention of SVRTK and NeSVoR); a number: the acquired in-plane pixel in mm for every stack
+    (never finer than a stack's stored one).  A stack that already carries ``psf_spacing`` keeps it."""
+    from slice2vol.core.inplane import estimate_inplane
+
+    mode = inplane if isinstance(inplane, str) else "given"
+    if mode not in ("auto", "stored", "given"):
+        raise Slice2VolError(f"in-plane resolution must be 'auto', 'stored' or a size in mm, got {inplane!r}")
+    if mode == "given" and not (math.isfinite(float(inplane)) and float(inplane) > 0):
+        raise Slice2VolError(f"the in-plane resolution must be a positive size in mm, got {inplane!r}")
+    out, per = [], []
+    for st in stacks:
+        rec: dict = {"name": st.name, "stored_mm": [float(v) for v in st.spacing]}
+        if st.psf_spacing is not None or mode == "stored":
+            rec["source"] = "stack" if st.psf_spacing is not None else "stored"
+        elif mode == "given":
+            v = float(inplane)
+            st = replace(st, psf_spacing=(max(v, float(st.spacing[0])), max(v, float(st.spacing[1]))))
+            rec["source"] = "given"
+        else:
+            est = estimate_inplane(st.slices)
+            rec.update(source="spectrum", **est.record())
+            if est.interpolated:
+                st = replace(st, psf_spacing=(float(st.spacing[0]) * est.factor[0], float(st.spacing[1]) * est.factor[1]))
+                log.log(NOTICE, "%s: stored at %.2f x %.2f mm but interpolated in-plane (k-space zero filling x%.2f x %.2f):"
+                        " the PSF models %.2f x %.2f mm pixels (--inplane-resolution stored turns this off)",
+                        st.name, *st.spacing, *est.factor, *st.psf_spacing)
+        rec["psf_pixel_mm"] = [float(v) for v in st.psf_pixel]
+        per.append(rec)
+        out.append(st)
+    return out, {"mode": mode, "stacks": per}
+
+
 def _leave_out_signal_loss(stacks: list[Stack]) -> tuple[list[Stack], dict]:
     """The stacks with :func:`signal_loss_pixels` taken out of their masks (logged), and the record."""
     out, record = [], {"applied": True, "stacks": []}
@@ -486,12 +527,13 @@ def _leave_out_signal_loss(stacks: list[Stack]) -> tuple[list[Stack], dict]:
 
 def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = None, have_stack_masks: bool = False,
             template: int | None = None, bias_field: bool = False, device: torch.device | str = "cpu",
-            register: bool = True, detect_signal_loss: bool = True) -> Prepared:
-    """Masks -> bias field -> signal loss left out (:func:`signal_loss_pixels`) -> template ->
-    intensities -> stack registration -> output grid."""
+            register: bool = True, detect_signal_loss: bool = True, inplane: str | float = "auto") -> Prepared:
+    """In-plane resolution (:func:`_inplane_resolution`) -> masks -> bias field -> signal loss left
+    out (:func:`signal_loss_pixels`) -> template -> intensities -> stack registration -> output grid."""
     stacks = list(stacks)
     if len(stacks) == 0:
         raise Slice2VolError("no input stacks")
+    stacks, inplane_record = _inplane_resolution(stacks, inplane)
     if template is not None and not (0 <= template < len(stacks)):
         raise Slice2VolError(f"--template {template} is out of range for {len(stacks)} stacks")
     if mask is not None:
@@ -529,4 +571,5 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
     if register and len(stacks) > 1:
         ss = ss.with_poses(register_stacks(ss, tmpl))
     affine, shape, roi = output_grid(ss, resolution, roi=mask)
-    return Prepared(ss, stacks, tmpl, factors, affine, shape, roi, signal_loss=lost, noise=_noise_record(stacks))
+    return Prepared(ss, stacks, tmpl, factors, affine, shape, roi, signal_loss=lost, noise=_noise_record(stacks),
+                    inplane=inplane_record)

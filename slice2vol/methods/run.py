@@ -66,7 +66,7 @@ def method_variant(name: str) -> tuple[str, dict]:
 def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, method: str = "svr",
                        mask: Volume | None = None, have_stack_masks: bool = False, template: int | None = None,
                        bias_field: bool = False, iterations: int | None = None, device: torch.device | str = "cpu",
-                       detect_signal_loss: bool = True,
+                       detect_signal_loss: bool = True, inplane: str | float = "auto",
                        progress: bool = True, options: dict | None = None):
     """Library entry point used by the CLI and the benchmarks.
 
@@ -99,7 +99,8 @@ def run_reconstruction(stacks: Sequence[Stack], *, resolution: float = 0.8, meth
     t0 = time.perf_counter()
     with stage("prepare"):  # core.stages: exclusive of the registrations etc. inside
         prep = prepare(stacks, resolution, mask=mask, have_stack_masks=have_stack_masks, template=template,
-                       bias_field=bias_field, device=device, detect_signal_loss=detect_signal_loss)
+                       bias_field=bias_field, device=device, detect_signal_loss=detect_signal_loss,
+                       inplane=inplane)
     synchronize(prep.slices.device)
     t1 = time.perf_counter()
     with stage("method, other"):
