@@ -88,12 +88,13 @@ def _load_atlas(data: Path, atlas: str):
 
 
 def _simulate(volume, motion: str, seed: int, orientations=("axial", "coronal", "sagittal"), signal_loss: float = 0.0,
-              noise: float = 0.02, profile: str = "gaussian"):
+              noise: float = 0.02, profile: str = "gaussian", spacing: float = 1.0, zero_fill: int = 1):
     from slice2vol.core.runtime import seed_everything
     from slice2vol.simulation.simulate import SimulationConfig, realism_for, simulate_stacks
 
-    cfg = SimulationConfig(n_stacks=len(orientations), orientations=orientations, spacing=1.0, thickness=3.0,
-                           motion=motion, noise=noise, signal_loss=signal_loss, profile=profile, **realism_for(motion))
+    cfg = SimulationConfig(n_stacks=len(orientations), orientations=orientations, spacing=spacing, thickness=3.0,
+                           motion=motion, noise=noise, signal_loss=signal_loss, profile=profile, zero_fill=zero_fill,
+                           **realism_for(motion))
     return simulate_stacks(volume, None, cfg, seed_everything(seed), progress=False)
 
 
