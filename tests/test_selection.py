@@ -173,6 +173,17 @@ def test_decision_rule_guards():
     assert decide([float("nan")] * 3, [float("nan")] * 3, [100.0] * 3)[0] == [True] * 3
 
 
+def test_an_outlier_does_not_widen_its_own_margin():
+    """A pure-noise 4th stack seen on a test atlas (agreement 0.01 against 0.45 / 0.47 / 0.60):
+    with the MAD over all four its own distance set the margin (0.450, deficit 0.449) and it was
+    kept; the spread of the other three puts it far outside."""
+    A = [0.450, 0.470, 0.602, 0.011]
+    keep, reason, _ = decide(A, [4.2, 6.0, 6.7, 7.9], [54.0, 49.0, 52.0, 51.0])
+    assert keep == [True, True, True, False] and "disagrees" in reason[3]
+    # the good ones stay inside the others' margin (floor 0.25) though they spread by 0.15
+    assert all(0.46 - a < 0.25 for a in A[:3])
+
+
 def test_a_flagged_stack_is_checked_against_a_second_reference(case, monkeypatch):
     """Measures that depend on the registration reference (scripted): a stack flagged against the
     first reference is dropped only if the second reference's registration does not explain it
