@@ -28,7 +28,7 @@ from bench_selection import DEFAULT_TEST, _load_atlas, machine, paired_change, s
 GEOMETRIES = ((1.0, 3.0, 0.0), (1.4, 3.0, 0.0), (1.5, 5.0, 0.0), (0.5, 3.0, 0.0), (1.0, 3.0, -1.5))
 
 
-def run(stacks, gt, before: bool) -> str:
+def run(stacks, gt, before: bool) -> dict:
     from slice2vol.core import preprocess
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
     from slice2vol.evaluation.metrics import compare_volumes
