@@ -6,8 +6,8 @@ GE "ZIP", a Philips reconstruction matrix above the acquisition matrix).  The st
 then understates the in-plane blur by the padding factor, and a PSF built from it (FWHM 1.2 x the
 stored pixel, :func:`slice2vol.core.acquisition.psf_kernel`, SVRTK's and NeSVoR's convention) is
 too sharp: the reconstruction has to carry the missing blur itself.  On simulated 1.4 mm stacks
-stored at 0.7 mm the PSF of the acquired pixel gave +1.2..+1.6 dB (validation atlases; the
-benchmark is ``benchmarks/bench_inplane.py``).
+stored at 0.7 mm the PSF of the acquired pixel gained +1.25..+1.67 dB on the test atlases
+(``benchmarks/bench_inplane.py``; README "In-plane resolution").
 
 Signature.  Zero filling leaves nothing above the acquired band: along an in-plane axis the power
 spectrum of the stored slices falls by orders of magnitude within a few hundredths of a cycle per
@@ -15,18 +15,20 @@ pixel at ``f_c = 0.5 / factor`` and stays there (noise included: it was padded t
 stored as acquired has no such cliff: its noise fills the band up to Nyquist, and without noise the
 spectrum of anatomy blurred by a Gaussian PSF falls smoothly.  :func:`spectral_cliff` scans
 ``f_c`` over ``[CLIFF_MIN_F, CLIFF_MAX_F]`` for the largest ratio of the mean power in the band
-just below to the band just above (:data:`CLIFF_BAND` wide, :data:`CLIFF_GAP` away from ``f_c``).
-Measured (Hann-windowed line spectra, simulated GA27 stacks, 0-8 % noise; SVRTK's phantom): stacks
-stored as acquired 1.7-8.2 (phantom 3.0-5.0); zero filled x1.25 / x1.5 / x2 90-1170, the cliff
-within 0.02 cycles/pixel of ``0.5 / factor``.  :data:`CLIFF_MIN_CONTRAST` (30) sits between.
+just below to that just above (:data:`CLIFF_BAND` wide, :data:`CLIFF_GAP` away from ``f_c``) or,
+if larger, to the mean power everywhere above.  Measured before any test-set run (training STA30,
+validation GA22 / GA27 at 0, 2 and 8 % noise, 1 mm pixels; SVRTK's phantom stacks): stacks stored as
+acquired 1.6-10.1 (phantom 2.8-5.1); stored zero-filled x1.5 or x2 78-771, the factor within 4 %;
+bilinear upsampling x2 with noise 4.6-17.  :data:`CLIFF_MIN_CONTRAST` (30) sits between.
 
 Not detected (give ``--inplane-resolution``): interpolation by a spatial kernel (bilinear,
 bicubic: the spectrum dips at Nyquist instead of ending at ``f_c``, and the factor cannot be read
-from it); factors below ``0.5 / CLIFF_MAX_F`` (1.19), whose PSF change is small.
+from it; without noise a bilinear x2 reads 30-57, as a zero filling of x2.5-2.9, which is about its
+total blur); factors below ``0.5 / CLIFF_MAX_F`` (1.19), whose PSF change is small, or above
+``0.5 / CLIFF_MIN_F`` (2.8).
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -35,8 +37,6 @@ import torch
 from torch import Tensor
 
 __all__ = ["CLIFF_MIN_CONTRAST", "InplaneEstimate", "line_spectrum", "spectral_cliff", "estimate_inplane"]
-
-log = logging.getLogger(__name__)
 
 #: Lowest and highest cut-off searched, cycles per stored pixel (padding factors 2.8 .. 1.19).
 CLIFF_MIN_F = 0.18
