@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["CLIFF_MIN_CONTRAST", "InplaneEstimate", "line_spectrum", "spectral_cliff", "estimate_inplane"]

@@ -427,7 +427,7 @@ def decide(agreement: Sequence[float], motion_mm: Sequence[float], coverage_ml: 
     score = ranking_score(A, D, C)
     keep, reason = [True] * S, [""] * S
     if S >= MIN_STACKS_TO_DROP:
-        a_med, a_margin = AGREEMENT_RULE.margin(A)
+        a_med = AGREEMENT_RULE.margin(A)[0]
         d_ratio, c_ratio = _ratio(D), _ratio(C)
         d_med = float(np.median(D[np.isfinite(D)])) if np.isfinite(D).any() else float("nan")
         c_med = float(np.median(C[C > 0])) if np.any(C > 0) else float("nan")
@@ -435,7 +435,7 @@ def decide(agreement: Sequence[float], motion_mm: Sequence[float], coverage_ml: 
         # inflated the MAD (a pure-noise stack at agreement 0.01 against 0.45 / 0.47 / 0.60 fell
         # 0.449 below a margin of 0.450).  The median stays that of all stacks, so a 2 + 2 split
         # still has no consensus to leave
-        loo = [(a_med, AGREEMENT_RULE.margin(np.delete(A, s), centre=a_med)[1]) for s in range(S)]
+        a_margin = [AGREEMENT_RULE.margin(np.delete(A, s), centre=a_med)[1] for s in range(S)]
         why: dict[int, str] = {}
         badness = np.zeros(S)  # how far beyond a threshold (1 = at it), to drop the worst first
         for s in range(S):
@@ -443,9 +443,9 @@ def decide(agreement: Sequence[float], motion_mm: Sequence[float], coverage_ml: 
             if C[s] > 0 and not np.isfinite(A[s]) and np.isfinite(a_med):  # (others do overlap each other)
                 r.append("does not overlap the other stacks")
                 badness[s] = 100.0
-            elif np.isfinite(A[s]) and loo[s][0] - A[s] > loo[s][1]:
-                r.append(f"disagrees with the other stacks (agreement {A[s]:.2f}, median {loo[s][0]:.2f})")
-                badness[s] = max(badness[s], (loo[s][0] - A[s]) / loo[s][1])
+            elif np.isfinite(A[s]) and a_med - A[s] > a_margin[s]:
+                r.append(f"disagrees with the other stacks (agreement {A[s]:.2f}, median {a_med:.2f})")
+                badness[s] = max(badness[s], (a_med - A[s]) / a_margin[s])
             elif (np.isfinite(A[s]) and np.isfinite(d_ratio[s]) and d_ratio[s] > MOTION_RATIO
                   and a_med - A[s] > MOTION_AGREEMENT_DEFICIT):
                 r.append(f"moved much more than the other stacks (motion {D[s]:.1f} mm, median {d_med:.1f}) and "
