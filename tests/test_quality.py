@@ -164,3 +164,66 @@ def test_large_estimated_motion_alone_does_not_make_a_reconstruction_doubtful():
     verdict, _, reasons, _ = verdict_of(bad)
     assert verdict == "failed"
     assert any("slice-to-slice motion" in r for r in reasons)
+
+
+@pytest.fixture(scope="module")
+def parallel_pair(two_atlases):
+    """Motion-free STA33 stacks: axial, the second axial, coronal (two parallel stacks and one
+    crossing them), prepared at the test resolution."""
+    sim = two_atlases[1]
+    return preprocess.prepare([sim.stacks[0], sim.stacks[3], sim.stacks[1]], RESOLUTION, have_stack_masks=True)
+
+
+def _moved(prep, poses: torch.Tensor, stack: int, degrees: float = 12.0, shift=(4.0, -3.0, 0.0)) -> torch.Tensor:
+    """``poses`` with every slice of ``stack`` turned by ``degrees`` about S (through the ROI
+    centre) and shifted by ``shift`` mm."""
+    import math
+
+    import numpy as np
+
+    ss = prep.slices
+    centre = prep.affine[:3, :3] @ torch.nonzero(prep.roi).double().mean(0).numpy() + prep.affine[:3, 3]
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    R = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    W = np.eye(4)
+    W[:3, :3] = R
+    W[:3, 3] = centre - R @ centre + np.asarray(shift)
+    out = poses.clone()
+    lo, hi = ss.stack_slices[stack], ss.stack_slices[stack + 1]
+    out[lo:hi] = torch.as_tensor(W, dtype=poses.dtype) @ poses[lo:hi]
+    return out
+
+
+def test_predictors_are_the_crossing_stacks(parallel_pair):
+    from slice2vol.evaluation.quality import predictors
+
+    assert predictors(parallel_pair) == [[2], [2], [0, 1]]  # the axial twins are not each other's witness
+    assert predictors(parallel_pair, cross_angle=0.0) == [[1, 2], [0, 2], [0, 1]]
+    twins = dataclasses.replace(parallel_pair, stacks=parallel_pair.stacks[:2])
+    assert predictors(twins) == [[1], [0]]  # nothing crosses: the parallel stack is all there is
+
+
+def test_heldout_prediction_ignores_a_parallel_stack(parallel_pair):
+    """Moving the parallel twin changes what the old all-others prediction says of stack 0, not
+    what the crossing prediction says; moving the crossing stack changes it."""
+    prep = parallel_pair
+    P = prep.slices.poses.clone()
+    ones = torch.ones(prep.slices.n_slices)
+    _, held = stack_agreement(prep, P, ones, heldout=True)
+    _, held_all = stack_agreement(prep, P, ones, heldout=True, cross_angle=0.0)
+    assert min(held) > 0.8 and min(held_all) > 0.8  # motion-free: every stack is predicted well
+    twin_moved = _moved(prep, P, 1)
+    _, held_tm = stack_agreement(prep, twin_moved, ones, heldout=True)
+    _, held_all_tm = stack_agreement(prep, twin_moved, ones, heldout=True, cross_angle=0.0)
+    # equal up to the coverage threshold, which follows the densest sampling of all stacks together
+    assert held_tm[0] == pytest.approx(held[0], abs=2e-3)
+    assert held_all_tm[0] < held_all[0] - 0.05
+    _, held_cm = stack_agreement(prep, _moved(prep, P, 2), ones, heldout=True)
+    assert held_cm[0] < held[0] - 0.2
+
+
+def test_crossing_rule_changes_nothing_for_orthogonal_stacks(two_atlases):
+    sim = two_atlases[1]
+    prep = preprocess.prepare(sim.stacks[:3], RESOLUTION, have_stack_masks=True)
+    P, ones = prep.slices.poses, torch.ones(prep.slices.n_slices)
+    assert stack_agreement(prep, P, ones, heldout=True) == stack_agreement(prep, P, ones, heldout=True, cross_angle=0.0)
