@@ -204,21 +204,24 @@ def test_predictors_are_the_crossing_stacks(parallel_pair):
 
 
 def test_heldout_prediction_ignores_a_parallel_stack(parallel_pair):
-    """Moving the parallel twin changes what the old all-others prediction says of stack 0, not
-    what the crossing prediction says; moving the crossing stack changes it."""
+    """Moving the parallel twin changes what the all-others prediction (the default) says of stack 0,
+    not what the crossing prediction says; moving the crossing stack changes it."""
+    from slice2vol.evaluation.quality import CROSS_ANGLE
+
     prep = parallel_pair
+    cross = {"heldout": True, "cross_angle": CROSS_ANGLE}
     P = prep.slices.poses.clone()
     ones = torch.ones(prep.slices.n_slices)
-    _, held = stack_agreement(prep, P, ones, heldout=True)
-    _, held_all = stack_agreement(prep, P, ones, heldout=True, cross_angle=0.0)
+    _, held = stack_agreement(prep, P, ones, **cross)
+    _, held_all = stack_agreement(prep, P, ones, heldout=True)
     assert min(held) > 0.8 and min(held_all) > 0.8  # motion-free: every stack is predicted well
     twin_moved = _moved(prep, P, 1)
-    _, held_tm = stack_agreement(prep, twin_moved, ones, heldout=True)
-    _, held_all_tm = stack_agreement(prep, twin_moved, ones, heldout=True, cross_angle=0.0)
+    _, held_tm = stack_agreement(prep, twin_moved, ones, **cross)
+    _, held_all_tm = stack_agreement(prep, twin_moved, ones, heldout=True)
     # equal up to the coverage threshold, which follows the densest sampling of all stacks together
     assert held_tm[0] == pytest.approx(held[0], abs=2e-3)
     assert held_all_tm[0] < held_all[0] - 0.05
-    _, held_cm = stack_agreement(prep, _moved(prep, P, 2), ones, heldout=True)
+    _, held_cm = stack_agreement(prep, _moved(prep, P, 2), ones, **cross)
     assert held_cm[0] < held[0] - 0.2
 
 
@@ -226,4 +229,4 @@ def test_crossing_rule_changes_nothing_for_orthogonal_stacks(two_atlases):
     sim = two_atlases[1]
     prep = preprocess.prepare(sim.stacks[:3], RESOLUTION, have_stack_masks=True)
     P, ones = prep.slices.poses, torch.ones(prep.slices.n_slices)
-    assert stack_agreement(prep, P, ones, heldout=True) == stack_agreement(prep, P, ones, heldout=True, cross_angle=0.0)
+    assert stack_agreement(prep, P, ones, heldout=True) == stack_agreement(prep, P, ones, heldout=True, cross_angle=45.0)

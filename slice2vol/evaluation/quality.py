@@ -13,8 +13,7 @@ looks at four kinds of evidence, none of which needs a ground truth:
     overall and per stack;
 (c) **agreement between stacks**, a cross-validation: a stack whose slices were put in the wrong
     places disagrees with the others even when the joint volume has absorbed it.  On a coarse
-    grid (:data:`AGREEMENT_RESOLUTION` mm) the PSF average of the *other* stacks that cross it
-    (slice normals at least :data:`CROSS_ANGLE` apart; all others where none does) at the final
+    grid (:data:`AGREEMENT_RESOLUTION` mm) the PSF average of all *other* stacks at the final
     poses predicts each stack's slices (held-out NCC: median per-slice NCC, the decisive
     measure), and is correlated with that stack's own PSF average (volume NCC over the region of
     interest where both are covered; blurred along each stack's slice normal, so weaker);
@@ -77,13 +76,14 @@ MIN_PIXELS = 20  # slices with fewer masked pixels are left out of NCC and motio
 REJECTED_BELOW = 0.5  # slice weight below which a slice counts as rejected (as the CLI counts them)
 AGREEMENT_RESOLUTION = 2.0  # mm, grid of the per-stack PSF averages for (c)
 MOTION_RADIUS_MM = 25.0  # reference points for (d): brain centre +- this along the world axes
-#: degrees: (c) predicts a stack only from the stacks whose slice normal makes at least this angle
-#: with its own (where there is one).  Near-parallel stacks sample the anatomy alike, so after a
-#: failed registration they can sit wrongly *together* and predict each other well: with two
-#: sagittal-ish stacks and one coronal under severe motion (validation GA22 / GA27, seed 0)
-#: reconstructions of 17.8 and 20.3 dB read held-out 0.61 / 0.78 and ``ok``, 0.12 / 0.54 from
-#: the crossing stack alone.  45 deg: the calibration's orthogonal stacks (tilted by up to 15 deg)
-#: all cross, so its values are unchanged.
+#: degrees: with ``cross_angle = CROSS_ANGLE``, :func:`stack_agreement` predicts a stack only from
+#: the stacks whose slice normal makes at least this angle with its own.  Near-parallel stacks can
+#: sit wrongly *together* and predict each other well: two sagittal-ish stacks and a coronal under
+#: severe motion (validation GA22 / GA27, seed 0) reconstructed at 17.8 / 20.3 dB read held-out
+#: 0.61 / 0.78 and ``ok``.  Measured and **not the default** (``benchmarks/bench_stack_layout.py``,
+#: README "Stack layouts"): the crossing stack alone leaves gaps wherever its slices were rejected
+#: or spread apart, so successes read as low as failures (a 26.0 dB reconstruction 0.09, and with
+#: the gaps left out the failures read 0.76-0.86).  The verdict keeps all others (``0``).
 CROSS_ANGLE = 45.0
 DOUBTFUL_BELOW = 0.6
 FAILED_BELOW = 0.3
@@ -293,9 +293,9 @@ def _masked_ncc(a: Tensor, b: Tensor, m: Tensor) -> float:
 
 def stack_agreement(prep, poses: Tensor, scales: Tensor, pixel_weights: Tensor | None = None,
                     resolution: float = AGREEMENT_RESOLUTION, heldout: bool = False, ceiling: Tensor | None = None,
-                    cross_angle: float = CROSS_ANGLE):
-    """Per stack, NCC between the PSF average of that stack's slices alone and of the other
-    stacks that cross it (:func:`predictors`).
+                    cross_angle: float = 0.0):
+    """Per stack, NCC between the PSF average of that stack's slices alone and of all others
+    (with ``cross_angle``: of the others that cross it, :func:`predictors`).
 
     Args:
         prep: the :class:`~slice2vol.core.preprocess.Prepared` data (slices, output grid, ROI).
@@ -309,7 +309,7 @@ def stack_agreement(prep, poses: Tensor, scales: Tensor, pixel_weights: Tensor |
         ceiling: ``(M,)`` per-slice factors the held-out NCCs are divided by (capped at 1): the
             noise ceilings of :func:`noise_ceiling`, relative to the calibration noise in
             :func:`assess_quality`; default none.
-        cross_angle: degrees, see :data:`CROSS_ANGLE` and :func:`predictors` (0: all others).
+        cross_angle: degrees, see :data:`CROSS_ANGLE` and :func:`predictors` (0, the default: all others).
     Returns:
         ``S`` NCCs over the region of interest where both averages have coverage (NaN with one
         stack or without overlap); with ``heldout``, ``(agreement, heldout)``.
@@ -361,9 +361,10 @@ def predictors(prep, cross_angle: float = CROSS_ANGLE) -> list[list[int]]:
     stack whose slice normal (of its header affine) makes at least ``cross_angle`` degrees with its
     own; every other stack where none does (two parallel stacks only) or ``cross_angle`` is 0.
 
-    Near-parallel stacks can agree on a wrong placement (:data:`CROSS_ANGLE`); a crossing stack
-    samples the anatomy along the directions the stack resolves worst, so it is the independent
-    witness.  Header normals, not final poses: which stacks cross is a property of the acquisition.
+    Near-parallel stacks can agree on a wrong placement; a crossing stack samples the anatomy along
+    the directions the stack resolves worst and is in that sense the independent witness, but its
+    gaps make it a noisy one (:data:`CROSS_ANGLE`).  Header normals, not final poses: which stacks
+    cross is a property of the acquisition.
     """
     n = len(prep.stacks)
     normals = [np.asarray(st.affine, dtype=np.float64)[:3, 2] for st in prep.stacks]
@@ -498,7 +499,6 @@ def assess_quality(prep, result, before_ncc: Tensor | list | None = None) -> Qua
     w = None if pw is None or pw.shape != ss.values.shape else \
         pw.detach().to(ss.values.dtype) * result.slice_weights.detach().to(ss.values.dtype)[ss.slice_id]
     agree, held = stack_agreement(prep, result.poses, result.scales, w, heldout=True, ceiling=ceiling)
-    m["heldout_predictors"] = predictors(prep)
     m["agreement_per_stack"] = agree
     m["heldout_ncc_per_stack"] = held
     m["heldout_ncc_min"], m["heldout_stack_worst"] = _worst(held, higher_is_better=True)
