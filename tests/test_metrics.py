@@ -173,6 +173,32 @@ def test_align_rigid_keeps_ras_geometry_of_oblique_grids():
     assert np.linalg.norm((T @ pts - pts)[:3], axis=0).max() < 0.3
 
 
+def test_align_rigid_keeps_the_better_of_its_two_runs(monkeypatch):
+    """A run that converges in the wrong basin (here: the sparse run made to return a transform
+    30 deg off) loses to the full-sampling run on the correlation over every masked voxel."""
+    import SimpleITK as sitk
+
+    from slice2vol.evaluation import align
+
+    ref = phantom(n=40, res=1.5)
+    real = align._register
+    runs = []
+
+    def sparse_goes_astray(f_img, m_img, mask_img, centre, sampling, threads):
+        runs.append(sampling)
+        tx = real(f_img, m_img, mask_img, centre, sampling, threads)
+        if sampling < align.FULL_SAMPLING:
+            tx = sitk.Euler3DTransform(tx)
+            tx.SetRotation(0.0, 0.0, np.radians(30.0))
+        return tx
+
+    monkeypatch.setattr(align, "_register", sparse_goes_astray)
+    T = align.align_rigid(ref, ref, ref.mask, threads=1)
+    assert runs == [0.2, align.FULL_SAMPLING]
+    pts = np.array([[20.0, 0, 0, 1], [0, 20.0, 0, 1], [0, 0, 20.0, 1]]).T
+    assert np.linalg.norm((T @ pts - pts)[:3], axis=0).max() < 0.3
+
+
 def test_evaluate_says_when_it_compares_unaligned(tmp_path, capsys):
     ref, _, _ = _case(tmp_path)
     out = tmp_path / "m.json"

@@ -20,7 +20,12 @@ What is done (:func:`align_rigid`), in the spirit of the usual ANTs/ITK rigid st
   identity, i.e. from the world frames as given (a reconstruction lives in the scanner frame its
   stacks were acquired in, which is the reference's up to the bulk motion of the fetus);
 * optimiser: regular-step gradient descent with scales from physical shift, three levels
-  (shrink 4, 2, 1; Gaussian smoothing 2, 1, 0 mm).
+  (shrink 4, 2, 1; Gaussian smoothing 2, 1, 0 mm);
+* two runs, kept is the one whose correlation over *every* masked voxel is better: the one with the
+  sparse sampling above and one with every masked voxel (:data:`FULL_SAMPLING`).  A fifth is enough
+  nearly always, but a sharp reconstruction 5.6 deg off its reference (test atlas GA21, four
+  stacks) once converged 34 deg off and read 17.6 dB; every voxel found the 5.6 deg (and
+  0.5 did too).  The second run costs about a second on a fetal brain at 0.8 mm.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from slice2vol.errors import Slice2VolError
 __all__ = ["align_rigid", "volume_to_sitk"]
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+FULL_SAMPLING = 1.0  # the second run's sampling fraction (module docstring)
 
 
 def volume_to_sitk(data: torch.Tensor | np.ndarray, affine: np.ndarray, pixel_type=None):
@@ -74,7 +80,8 @@ def align_rigid(moving: Volume, fixed: Volume, fixed_mask: torch.Tensor | None =
         fixed_mask: optional ``(Ni, Nj, Nk)`` bool on the fixed grid; the metric is evaluated there
             (default: ``fixed > 0``).
         threads: ITK threads (default: ITK's own choice).
-        sampling: fraction of the masked fixed voxels the metric uses (regular grid, deterministic).
+        sampling: fraction of the masked fixed voxels the first run's metric uses (regular grid,
+            deterministic); the second run uses every voxel (module docstring).
     Returns:
         ``(4, 4)`` float64 ``T`` in RAS millimetres mapping fixed-world points to moving-world
         points: the aligned moving image is ``moving`` sampled at ``T @ x`` for fixed points ``x``.
@@ -99,9 +106,30 @@ def align_rigid(moving: Volume, fixed: Volume, fixed_mask: torch.Tensor | None =
 
     idx = torch.nonzero(m).double().mean(0).cpu().numpy()
     centre = (_RAS_LPS @ np.asarray(fixed.affine, dtype=np.float64) @ np.r_[idx, 1.0])[:3]
+    best = None
+    for fraction in dict.fromkeys((float(sampling), FULL_SAMPLING)):
+        tx = _register(f_img, m_img, mask_img, centre, fraction, threads)
+        cost = _correlation_cost(f_img, m_img, mask_img, tx, threads)
+        if best is None or cost < best[0]:
+            best = (cost, tx)
+    tx = best[1]
+
+    R = np.asarray(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    c = np.asarray(tx.GetCenter(), dtype=np.float64)
+    t = np.asarray(tx.GetTranslation(), dtype=np.float64)
+    T_lps = np.eye(4)
+    T_lps[:3, :3] = R
+    T_lps[:3, 3] = c + t - R @ c
+    return _RAS_LPS @ T_lps @ _RAS_LPS
+
+
+def _register(f_img, m_img, mask_img, centre: np.ndarray, sampling: float, threads: int | None):
+    """One run of the registration (module docstring) from the identity about ``centre`` (LPS mm);
+    returns the fitted ``sitk.Euler3DTransform``."""
+    import SimpleITK as sitk
+
     tx = sitk.Euler3DTransform()
     tx.SetCenter(tuple(float(c) for c in centre))
-
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     reg.SetMetricFixedMask(mask_img)
@@ -122,11 +150,23 @@ def align_rigid(moving: Volume, fixed: Volume, fixed_mask: torch.Tensor | None =
     except RuntimeError as exc:  # ITK raises e.g. when too few samples fall inside the moving image
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise Slice2VolError(f"rigid alignment (SimpleITK) failed: {first}") from None
+    return tx
 
-    R = np.asarray(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
-    c = np.asarray(tx.GetCenter(), dtype=np.float64)
-    t = np.asarray(tx.GetTranslation(), dtype=np.float64)
-    T_lps = np.eye(4)
-    T_lps[:3, :3] = R
-    T_lps[:3, 3] = c + t - R @ c
-    return _RAS_LPS @ T_lps @ _RAS_LPS
+
+def _correlation_cost(f_img, m_img, mask_img, tx, threads: int | None) -> float:
+    """ITK's correlation metric (lower is better) of ``tx`` over every voxel of the fixed mask at
+    full resolution; ``inf`` where ITK cannot evaluate it (too little overlap)."""
+    import SimpleITK as sitk
+
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsCorrelation()
+    reg.SetMetricFixedMask(mask_img)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(tx)
+    if threads is not None:
+        reg.SetNumberOfThreads(int(threads))
+    try:
+        return float(reg.MetricEvaluate(f_img, m_img))
+    except RuntimeError:
+        return float("inf")
