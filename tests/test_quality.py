@@ -121,6 +121,7 @@ def test_two_atlases_fail_and_strict_exits_3(mixed_files, tmp_path, capsys):
     assert q["verdict"] == "failed" and 0.0 <= q["score"] < 0.3
     assert q["reasons"] and any("stack" in r for r in q["reasons"])
     assert isinstance(q["measures"]["agreement_per_stack"], list)
+    assert rec["layout"]["planes"] == 3  # axial, coronal, sagittal, axial: three planes
     # --strict: exit 3, and only after every output was written
     strict = tmp_path / "strict"
     assert _reconstruct(stacks, masks, strict, "--strict") == 3

@@ -316,7 +316,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
     extra = {"slice_consistency": {"before": _summary(before), "after": _summary(after)},
              "timings_s": timings, "method": args.method, "resolution_mm": args.resolution,
              "slices": counts, "quality": quality.to_dict(), "stack_selection": selection,
-             "signal_loss": prep.signal_loss, "inplane_resolution": prep.inplane,
+             "signal_loss": prep.signal_loss, "inplane_resolution": prep.inplane, "layout": prep.layout,
              "noise": {**(prep.noise or {}), "regularisation": getattr(result, "regularisation", None),
                        "edge_threshold": getattr(result, "edge_threshold", None)},
              "turns": turns_record(prep, result)}

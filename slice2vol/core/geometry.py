@@ -42,6 +42,8 @@ __all__ = [
     "slice_to_world",
     "grid_affine",
     "axis_aligned_grid",
+    "slice_normal",
+    "orientation_groups",
 ]
 
 SHEAR_TOL = 1e-3
@@ -178,3 +180,37 @@ def axis_aligned_grid(lo: np.ndarray, hi: np.ndarray, resolution: float) -> tupl
     A[:3, :3] *= resolution
     A[:3, 3] = origin
     return A, shape  # type: ignore[return-value]
+
+
+def slice_normal(affine: np.ndarray) -> np.ndarray:
+    """``(3,)`` unit world normal of a stack's slices: its affine's third (slice) axis, normalised.
+
+    >>> slice_normal(np.diag([1.0, 1.0, 3.0, 1.0])).tolist()
+    [0.0, 0.0, 1.0]
+    """
+    n = np.asarray(affine, dtype=np.float64)[:3, 2]
+    return n / max(float(np.linalg.norm(n)), 1e-12)
+
+
+def orientation_groups(affines, max_angle: float = 45.0) -> list[list[int]]:
+    """Indices of stacks grouped by slice orientation: a stack joins the first group whose first
+    stack's normal is within ``max_angle`` degrees of its own (either sign), else starts a group.
+
+    Two stacks in one group sample the anatomy alike (the same direction resolved worst), so the
+    number of groups is the number of distinct planes an exam covers.
+
+    >>> ax, cor = np.eye(4), np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+    >>> orientation_groups([ax, cor, ax])
+    [[0, 2], [1]]
+    """
+    normals = [slice_normal(A) for A in affines]
+    limit = float(np.cos(np.radians(max_angle)))
+    groups: list[list[int]] = []
+    for i, n in enumerate(normals):
+        for g in groups:
+            if abs(float(normals[g[0]] @ n)) >= limit:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups

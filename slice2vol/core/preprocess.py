@@ -16,7 +16,8 @@ from torch import Tensor
 
 from slice2vol.core import acquisition as acq
 from slice2vol.core import budget
-from slice2vol.core.geometry import axis_aligned_grid, make_right_handed, slice_pixel_coords, slice_to_world
+from slice2vol.core.geometry import (axis_aligned_grid, make_right_handed, orientation_groups, slice_pixel_coords,
+                                     slice_to_world)
 from slice2vol.core.image import SliceSet, Stack, Volume
 from slice2vol.core.noise import WHITE_RATIO_MAX, coarse_ratio, relative_noise
 from slice2vol.core.reconstruction import DEFAULT_LAM, edge_threshold_for_noise, psf_average, regularisation_for_noise
@@ -429,7 +430,8 @@ class Prepared:
     :func:`~slice2vol.core.reconstruction.edge_threshold_for_noise`); ``inplane`` the in-plane pixel
     each stack's PSF models (:func:`_inplane_resolution`: ``mode``, and per stack ``name``,
     ``stored_mm``, ``psf_pixel_mm``, ``source`` and, when measured, the spectrum's ``factor``,
-    ``cutoff_cycles_per_pixel`` and ``contrast``)."""
+    ``cutoff_cycles_per_pixel`` and ``contrast``); ``layout`` the slice orientations the stacks
+    cover (:func:`layout_record`)."""
 
     slices: SliceSet
     stacks: list[Stack]
@@ -441,6 +443,7 @@ class Prepared:
     signal_loss: dict | None = None
     noise: dict | None = None
     inplane: dict | None = None
+    layout: dict | None = None
 
     @property
     def regularisation(self) -> float:
@@ -452,6 +455,25 @@ class Prepared:
         """The super-resolution's relative edge threshold for these stacks' noise."""
         n = self.noise or {}
         return edge_threshold_for_noise(n.get("median"), white=bool(n.get("white")))
+
+
+def layout_record(stacks: Sequence[Stack]) -> dict:
+    """The distinct slice orientations the stacks cover (:func:`~slice2vol.core.geometry.orientation_groups`,
+    normals within 45 deg together), JSON-ready: ``planes`` (their number) and ``orientation_groups``
+    (stack names per group); warns where several stacks cover fewer than three planes.
+
+    Why warn: a direction no stack resolves in-plane is seen only through thick slices, and slices
+    are placed along it from what the other planes show.  On test atlases (README "Stack layouts",
+    ``benchmarks/bench_stack_layout.py``) two sagittal stacks and a coronal one reconstructed
+    below three orthogonal stacks at every motion level, and failed more often under severe motion.
+    """
+    groups = orientation_groups([st.affine for st in stacks])
+    rec = {"planes": len(groups), "orientation_groups": [[stacks[i].name for i in g] for g in groups]}
+    if len(stacks) > 1 and len(groups) < 3:
+        log.warning("the %d stacks cover %d slice orientation(s) only (%s): motion correction has less to go on "
+                    "than with stacks in three roughly orthogonal planes (README: Stack layouts)", len(stacks),
+                    len(groups), "; ".join(", ".join(names) for names in rec["orientation_groups"]))
+    return rec
 
 
 def _noise_record(stacks: Sequence[Stack]) -> dict:
@@ -572,4 +594,4 @@ def prepare(stacks: Sequence[Stack], resolution: float, mask: Volume | None = No
         ss = ss.with_poses(register_stacks(ss, tmpl))
     affine, shape, roi = output_grid(ss, resolution, roi=mask)
     return Prepared(ss, stacks, tmpl, factors, affine, shape, roi, signal_loss=lost, noise=_noise_record(stacks),
-                    inplane=inplane_record)
+                    inplane=inplane_record, layout=layout_record(stacks))

@@ -366,9 +366,10 @@ def predictors(prep, cross_angle: float = CROSS_ANGLE) -> list[list[int]]:
     gaps make it a noisy one (:data:`CROSS_ANGLE`).  Header normals, not final poses: which stacks
     cross is a property of the acquisition.
     """
+    from slice2vol.core.geometry import slice_normal
+
     n = len(prep.stacks)
-    normals = [np.asarray(st.affine, dtype=np.float64)[:3, 2] for st in prep.stacks]
-    normals = [v / max(np.linalg.norm(v), 1e-12) for v in normals]
+    normals = [slice_normal(st.affine) for st in prep.stacks]
     out = []
     for s in range(n):
         rest = [t for t in range(n) if t != s]
