@@ -205,3 +205,39 @@ def test_report_noise_line_survives_odd_records():
     assert _noise_cell({"per_stack": ["x"], "median": 0.1}) is None
     assert _noise_cell({"per_stack": [0.081, None], "median": 0.081, "regularisation": 0.0405}) == \
         "8.1 % of the mean brain intensity (per stack: 8.1 %, n/a); regularisation 0.0405"
+
+
+@pytest.mark.parametrize("noise", [0.02, 0.08])
+def test_zero_filled_stack_reads_its_noise_on_the_acquired_grid(noise):
+    """Zero filling correlates the noise of neighbouring stored pixels, so it read several times
+    low on the stored grid; with the acquired pixel known it reads as the stack acquired."""
+    import dataclasses
+
+    from slice2vol.core import noise as noise_mod
+    from slice2vol.simulation.simulate import zero_fill_stack
+
+    body = _stack(noise, h=64, w=56, mask_fraction=0.8)
+    # tissue around the brain as in a scanner's image (a zero background would ring when zero-filled)
+    g = torch.Generator().manual_seed(1)
+    around = 1000 + noise * 1000 * torch.randn(body.slices.shape, generator=g)
+    acquired = dataclasses.replace(body, slices=torch.where(body.mask, body.slices, around))
+    stored = zero_fill_stack(acquired, 2)
+    assert tuple(stored.slices.shape[1:]) == (128, 112) and stored.spacing == pytest.approx((0.5, 0.5))
+    known = dataclasses.replace(stored, psf_spacing=(1.0, 1.0))  # what in-plane detection records
+    truth = stack_noise(acquired)
+    assert stack_noise(known) == pytest.approx(truth, rel=0.1)
+    assert stack_noise(stored) < 0.5 * truth  # the stored pixel as PSF: the old, low reading
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(noise_mod, "ACQUIRED_GRID", False)
+        assert stack_noise(known) < 0.5 * truth  # the A/B switch restores it
+
+
+def test_acquired_grid_leaves_stacks_stored_as_acquired_alone():
+    from slice2vol.core.noise import acquired_grid
+
+    st = _stack(0.02)
+    x, m = acquired_grid(st.slices, st.mask.float(), st.spacing, st.spacing)
+    assert x is st.slices
+    y, mm = acquired_grid(st.slices, st.mask.float(), (1.0, 1.0), (2.0, 1.0))
+    assert tuple(y.shape) == (8, 24, 40) and tuple(mm.shape) == (8, 24, 40)
+    assert float(y[mm > 0].mean()) == pytest.approx(float(st.slices[st.mask].mean()), rel=0.05)
