@@ -15,10 +15,11 @@ a moving fetus are oblique.  Per atlas, seed and motion level, 1 mm x 3 mm slice
 
 reconstructed with ``--method`` (default ``auto``) at 0.8 mm, one torch thread, stack masks.  PSNR:
 ``compare_volumes(recon, gt, align=True, scale=True)`` as ``slice2vol demo``.  Two verdicts of
-the same reconstruction: ``all others`` (a stack's held-out prediction from every other stack,
-the verdict's rule) and ``crossing`` (only from the stacks whose normal makes at least
-:data:`slice2vol.evaluation.quality.CROSS_ANGLE` degrees with its own, measured here and not
-adopted); with the held-out NCC (``ho``) each reads.  The verdict's goal (``bench_quality.py``): nothing under 20 dB
+the same reconstruction: ``all others`` (a stack's held-out prediction from every other stack, over
+every pixel: the rule before 2026-12-07) and ``crossing`` (only from the stacks whose normal makes
+at least :data:`slice2vol.evaluation.quality.CROSS_ANGLE` degrees with its own, with the pixels
+whose prediction lacks data only because those stacks' slices were rejected left out: the rule
+now); with the held-out NCC (``ho``) each reads.  The verdict's goal (``bench_quality.py``): nothing under 20 dB
 ``ok``, what reaches 24 dB ``ok``.
 
     python benchmarks/bench_stack_layout.py | tee benchmarks/results/stack_layout_cpu.txt   # test atlases
@@ -55,14 +56,16 @@ def simulate(vol, layout: str, motion: str, seed: int):
 
 
 def both_verdicts(prep, res):
-    """``(crossing Quality, all-others Quality)`` of one reconstruction, whichever the default."""
+    """``(Quality now, Quality before)`` of one reconstruction: the held-out prediction from the
+    crossing stacks with rejection gaps left out (the default), and from all others with every
+    pixel (the rule before 2026-12-07)."""
     from slice2vol.evaluation import quality
 
     agree = quality.stack_agreement
     out = []
     try:  # assess_quality looks stack_agreement up at call time: hand it each rule
-        for angle in (quality.CROSS_ANGLE, 0.0):
-            quality.stack_agreement = lambda *a, _angle=angle, **k: agree(*a, **{**k, "cross_angle": _angle})
+        for rule in ({}, {"cross_angle": 0.0, "rejection_gaps": False}):
+            quality.stack_agreement = lambda *a, _rule=rule, **k: agree(*a, **{**k, **_rule})
             out.append(quality.assess_quality(prep, res))
     finally:
         quality.stack_agreement = agree

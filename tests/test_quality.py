@@ -205,8 +205,8 @@ def test_predictors_are_the_crossing_stacks(parallel_pair):
 
 
 def test_heldout_prediction_ignores_a_parallel_stack(parallel_pair):
-    """Moving the parallel twin changes what the all-others prediction (the default) says of stack 0,
-    not what the crossing prediction says; moving the crossing stack changes it."""
+    """Moving the parallel twin changes what an all-others prediction says of stack 0, not what the
+    crossing prediction (the default) says; moving the crossing stack changes it."""
     from slice2vol.evaluation.quality import CROSS_ANGLE
 
     prep = parallel_pair
@@ -214,11 +214,11 @@ def test_heldout_prediction_ignores_a_parallel_stack(parallel_pair):
     P = prep.slices.poses.clone()
     ones = torch.ones(prep.slices.n_slices)
     _, held = stack_agreement(prep, P, ones, **cross)
-    _, held_all = stack_agreement(prep, P, ones, heldout=True)
+    _, held_all = stack_agreement(prep, P, ones, heldout=True, cross_angle=0.0)
     assert min(held) > 0.8 and min(held_all) > 0.8  # motion-free: every stack is predicted well
     twin_moved = _moved(prep, P, 1)
     _, held_tm = stack_agreement(prep, twin_moved, ones, **cross)
-    _, held_all_tm = stack_agreement(prep, twin_moved, ones, heldout=True)
+    _, held_all_tm = stack_agreement(prep, twin_moved, ones, heldout=True, cross_angle=0.0)
     # equal up to the coverage threshold, which follows the densest sampling of all stacks together
     assert held_tm[0] == pytest.approx(held[0], abs=2e-3)
     assert held_all_tm[0] < held_all[0] - 0.05
@@ -230,4 +230,23 @@ def test_crossing_rule_changes_nothing_for_orthogonal_stacks(two_atlases):
     sim = two_atlases[1]
     prep = preprocess.prepare(sim.stacks[:3], RESOLUTION, have_stack_masks=True)
     P, ones = prep.slices.poses, torch.ones(prep.slices.n_slices)
-    assert stack_agreement(prep, P, ones, heldout=True) == stack_agreement(prep, P, ones, heldout=True, cross_angle=45.0)
+    assert stack_agreement(prep, P, ones, heldout=True) == stack_agreement(prep, P, ones, heldout=True, cross_angle=0.0)
+
+
+def test_rejected_slices_of_the_crossing_stack_are_no_evidence(parallel_pair):
+    """The middle third of the crossing (coronal) stack rejected: its average has a gap there that
+    reads as disagreement unless the pixels it reaches are left out; a moved stack is still found."""
+    prep = parallel_pair
+    ss = prep.slices
+    P, ones = ss.poses.clone(), torch.ones(ss.n_slices)
+    lo, hi = ss.stack_slices[2], ss.stack_slices[3]
+    third = (hi - lo) // 3
+    slice_w = torch.ones(ss.n_slices, dtype=ss.values.dtype)
+    slice_w[lo + third:hi - third] = 0.0
+    w = slice_w[ss.slice_id]
+    _, kept = stack_agreement(prep, P, ones, w, heldout=True)
+    _, counted = stack_agreement(prep, P, ones, w, heldout=True, rejection_gaps=False)
+    assert max(counted[:2]) < 0.25  # the gap costs the axial stacks their prediction...
+    assert min(kept[:2]) > max(counted[:2]) + 0.3  # ...unless it is left out
+    _, moved = stack_agreement(prep, _moved(prep, P, 2), ones, w, heldout=True)
+    assert moved[0] < kept[0] - 0.2
