@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, setup  # noqa: E402
+from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, run_switched, setup  # noqa: E402
 
 #: storage -> (acquired pixel mm, zero-fill factor)
 STORAGES = {"zero-fill": (1.4, 2), "acquired": (1.0, 1)}
@@ -34,22 +33,9 @@ STORAGES = {"zero-fill": (1.4, 2), "acquired": (1.0, 1)}
 
 def run(stacks, gt, method: str, acquired_grid: bool) -> dict:
     from slice2vol.core import noise
-    from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
-    from slice2vol.evaluation.metrics import compare_volumes
-    from slice2vol.evaluation.quality import assess_quality
-    from slice2vol.methods.run import crop_to_roi, run_reconstruction
 
-    saved = noise.ACQUIRED_GRID
-    noise.ACQUIRED_GRID = acquired_grid
-    try:
-        t0 = time.perf_counter()
-        prep, res, _ = run_reconstruction(stacks, method=method, have_stack_masks=True, progress=False)
-        wall = time.perf_counter() - t0
-    finally:
-        noise.ACQUIRED_GRID = saved
-    m = compare_volumes(crop_to_roi(res.volume, prep.roi, GT_MARGIN_VOX), gt, align=True, scale=True)
-    return {"psnr": float(m["psnr"]), "ssim": float(m["ssim"]), "time_s": wall, "verdict": assess_quality(prep, res).verdict,
-            "noise": float(prep.noise["median"] or float("nan")), "white": bool(prep.noise.get("white")),
+    row, prep, _ = run_switched(stacks, gt, method, noise, "ACQUIRED_GRID", acquired_grid)
+    return {**row, "noise": float(prep.noise["median"] or float("nan")), "white": bool(prep.noise.get("white")),
             "lam": float(prep.regularisation), "edge": float(prep.edge_threshold)}
 
 

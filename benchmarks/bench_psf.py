@@ -24,34 +24,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, machine, paired_change, setup, simulated_cases  # noqa: E402
+from bench_selection import DEFAULT_TEST, machine, paired_change, run_switched, setup, simulated_cases  # noqa: E402
 
 
 def run(stacks, gt, method: str, prefilter: bool) -> dict:
     from slice2vol.core import acquisition
-    from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
-    from slice2vol.evaluation.metrics import compare_volumes
-    from slice2vol.evaluation.quality import assess_quality
-    from slice2vol.methods.run import crop_to_roi, run_reconstruction
 
-    old = acquisition.PREFILTER
-    acquisition.PREFILTER = prefilter
-    try:
-        t0 = time.perf_counter()
-        prep, res, _ = run_reconstruction(stacks, method=method, have_stack_masks=True, progress=False)
-        wall = time.perf_counter() - t0
-        verdict = assess_quality(prep, res).verdict
-    finally:
-        acquisition.PREFILTER = old
-    m = compare_volumes(crop_to_roi(res.volume, prep.roi, GT_MARGIN_VOX), gt, align=True, scale=True)
-    return {"psnr": float(m["psnr"]), "ssim": float(m["ssim"]), "time_s": wall, "verdict": verdict}
+    return run_switched(stacks, gt, method, acquisition, "PREFILTER", prefilter)[0]
 
 
 def main(argv=None) -> int:

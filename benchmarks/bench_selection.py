@@ -79,6 +79,28 @@ def paired_change(d) -> str:
             f"{sum(x > 0.05 for x in d)} / {sum(x < -0.05 for x in d)} of {len(d)}")
 
 
+def run_switched(stacks, gt, method: str, module, name: str, value):
+    """One A/B arm: reconstruct ``stacks`` with ``module.name = value`` (restored after), one torch
+    thread, stack masks; returns ``(row, prepared, result)`` where ``row`` holds ``psnr``, ``ssim``
+    (``compare_volumes(..., align=True, scale=True)`` against ``gt``), ``time_s`` and ``verdict``."""
+    from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
+    from slice2vol.evaluation.metrics import compare_volumes
+    from slice2vol.evaluation.quality import assess_quality
+    from slice2vol.methods.run import crop_to_roi, run_reconstruction
+
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        t0 = time.perf_counter()
+        prep, res, _ = run_reconstruction(stacks, method=method, have_stack_masks=True, progress=False)
+        wall = time.perf_counter() - t0
+        verdict = assess_quality(prep, res).verdict
+    finally:
+        setattr(module, name, saved)
+    m = compare_volumes(crop_to_roi(res.volume, prep.roi, GT_MARGIN_VOX), gt, align=True, scale=True)
+    return {"psnr": float(m["psnr"]), "ssim": float(m["ssim"]), "time_s": wall, "verdict": verdict}, prep, res
+
+
 def _load_atlas(data: Path, atlas: str):
     from slice2vol import io
     from slice2vol.evaluation.benchmark import atlas_dir
