@@ -15,9 +15,10 @@ looks at four kinds of evidence, none of which needs a ground truth:
     places disagrees with the others even when the joint volume has absorbed it.  On a coarse
     grid (:data:`AGREEMENT_RESOLUTION` mm) the PSF average of the *other* stacks that cross it
     (slice normals at least :data:`CROSS_ANGLE` apart; all others where none does; pixels left
-    without data by rejected slices left out) at the final poses predicts each stack's slices (held-out NCC: median per-slice NCC, the decisive
-    measure), and is correlated with that stack's own PSF average (volume NCC over the region of
-    interest where both are covered; blurred along each stack's slice normal, so weaker);
+    without data by rejected slices left out) at the final poses predicts each stack's slices
+    (held-out NCC: median per-slice NCC, the decisive measure), and is correlated with that
+    stack's own PSF average (volume NCC over the region of interest where both are covered;
+    blurred along each stack's slice normal, so weaker);
 (d) **pose residuals**: per stack, how far slices moved from their stack-registered pose (median
     displacement of reference points on a sphere of :data:`MOTION_RADIUS_MM` around the brain
     centre) and how much that correction jumps between slices acquired one after the other
