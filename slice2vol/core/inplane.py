@@ -33,9 +33,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
 
-__all__ = ["CLIFF_MIN_CONTRAST", "InplaneEstimate", "line_spectrum", "spectral_cliff", "estimate_inplane"]
+__all__ = ["CLIFF_MIN_CONTRAST", "InplaneEstimate", "line_spectrum", "spectral_cliff", "estimate_inplane",
+           "fourier_resize"]
 
 #: Lowest and highest cut-off searched, cycles per stored pixel (padding factors 2.8 .. 1.19).
 CLIFF_MIN_F = 0.18
@@ -137,3 +139,35 @@ def estimate_inplane(slices: Tensor | np.ndarray) -> InplaneEstimate:
             cutoff[k] = f
             factor[k] = 0.5 / f
     return InplaneEstimate(tuple(factor), tuple(cutoff), tuple(contrast))  # type: ignore[arg-type]
+
+
+def fourier_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Real slices ``x (N, H, W)`` on ``size = (h, w)`` pixels by zero-padding (zero filling, as scanners
+    interpolate) or cutting (undoing it) their centred 2D spectrum, per axis; scaled by
+    ``h * w / (H * W)`` so intensities keep their level.  Pixel 0 stays where it was (the DFT's
+    samples are anchored there): the zero frequency, at index ``n // 2`` after ``fftshift``, is
+    placed at ``h // 2``.  Returns the complex ``(N, h, w)`` (complex128) result; callers take the
+    magnitude (a scanner's image) or the real part.
+
+    Zero filling by 2 keeps the acquired samples (on every second pixel), and cutting the spectrum
+    back returns them (odd sizes here: an even one has an unpaired Nyquist frequency):
+
+    >>> x = torch.rand(2, 7, 5, dtype=torch.float64)
+    >>> z = fourier_resize(x, (14, 10)).real
+    >>> torch.allclose(z[:, ::2, ::2], x), torch.allclose(fourier_resize(z, (7, 5)).real, x)
+    (True, True)
+    """
+    N, H, W = x.shape
+    h, w = size
+    X = torch.fft.fftshift(torch.fft.fft2(x.to(torch.float64)), dim=(-2, -1))
+    out = torch.zeros(N, h, w, dtype=X.dtype, device=X.device)
+
+    def spans(old: int, new: int) -> tuple[slice, slice]:
+        """``(source, destination)`` index ranges along one axis."""
+        if new <= old:
+            return slice(old // 2 - new // 2, old // 2 - new // 2 + new), slice(None)
+        return slice(None), slice(new // 2 - old // 2, new // 2 - old // 2 + old)
+
+    (si, di), (sj, dj) = spans(H, h), spans(W, w)
+    out[:, di, dj] = X[:, si, sj]
+    return torch.fft.ifft2(torch.fft.ifftshift(out, dim=(-2, -1))) * (h * w / (H * W))

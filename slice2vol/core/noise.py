@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from slice2vol.core.image import Stack
+from slice2vol.core.inplane import fourier_resize
 
 __all__ = ["MIN_NOISE_PIXELS", "WHITE_RATIO_MAX", "stack_noise", "relative_noise", "coarse_ratio", "acquired_grid"]
 
@@ -116,8 +117,8 @@ def acquired_grid(x: torch.Tensor, m: torch.Tensor, spacing, pixel) -> tuple[tor
     """Slices ``x (N, H, W)`` and mask ``m`` brought back to the acquired pixel ``pixel`` (mm) from the
     stored ``spacing``, where it is coarser: the spectrum is cut to the acquired band
     (``H * spacing / pixel`` frequencies per axis) and transformed back on that many pixels (scaled
-    so the mean intensity stays); the mask is sampled at the new pixel centres (nearest).  Scanner
-    zero filling is exactly undone, so the noise is white again (module docstring).  Unchanged
+    so the mean intensity stays; :func:`slice2vol.core.inplane.fourier_resize`); the mask is sampled
+    at the new pixel centres (nearest).  Scanner zero filling is exactly undone, so the noise is white again (module docstring).  Unchanged
     where ``pixel`` is not coarser than ``spacing`` by more than 5 %.
     """
     H, W = x.shape[1:]
@@ -125,10 +126,7 @@ def acquired_grid(x: torch.Tensor, m: torch.Tensor, spacing, pixel) -> tuple[tor
     w = min(W, max(3, int(round(W * float(spacing[1]) / float(pixel[1])))))
     if h >= 0.95 * H and w >= 0.95 * W:
         return x, m
-    X = torch.fft.fftshift(torch.fft.fft2(x.double()), dim=(-2, -1))
-    top, left = H // 2 - h // 2, W // 2 - w // 2
-    X = X[:, top:top + h, left:left + w]
-    y = torch.fft.ifft2(torch.fft.ifftshift(X, dim=(-2, -1))).real * (h * w / (H * W))
+    y = fourier_resize(x, (h, w)).real
     mm = torch.nn.functional.interpolate(m[:, None], size=(h, w), mode="nearest")[:, 0]
     return y.to(x.dtype), mm
 

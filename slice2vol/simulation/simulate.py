@@ -54,6 +54,7 @@ from slice2vol import __version__
 from slice2vol.core.acquisition import PSF, forward, psf_kernel
 from slice2vol.core.geometry import check_affine, slice_pixel_coords, stack_slice_poses
 from slice2vol.core.image import Stack, Volume
+from slice2vol.core.inplane import fourier_resize
 from slice2vol.core.runtime import resolve_device, seed_everything
 from slice2vol.core.transforms import axis_angle_to_matrix
 from slice2vol.errors import Slice2VolError
@@ -917,20 +918,15 @@ def apply_simulation(volume: Volume, mask: Tensor | None, params: SimulationPara
 
 def zero_fill_stack(stack: Stack, factor: int) -> Stack:
     """``stack`` stored as a scanner's in-plane interpolation would: each slice's 2D spectrum padded
-    with zeros to ``factor`` times the pixels, the magnitude of the result (intensities kept), the
+    with zeros to ``factor`` times the pixels (:func:`~slice2vol.core.inplane.fourier_resize`), the magnitude of the result (intensities kept), the
     mask by nearest neighbour.  Pixel 0 stays where it was (the DFT's samples are anchored there),
     so the affine keeps its origin, its in-plane columns shrink by ``factor``, and the poses follow
     from it (:func:`~slice2vol.core.geometry.stack_slice_poses`)."""
     if factor == 1:
         return stack
-    x = stack.slices.to(torch.float64)
-    n, h, w = x.shape
+    n, h, w = stack.slices.shape
     H, W = h * factor, w * factor
-    spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
-    padded = torch.zeros(n, H, W, dtype=spec.dtype, device=spec.device)
-    # the shifted zero frequency (index h // 2) lands on H // 2, which ifftshift returns to 0
-    padded[:, H // 2 - h // 2: H // 2 - h // 2 + h, W // 2 - w // 2: W // 2 - w // 2 + w] = spec
-    y = torch.fft.ifft2(torch.fft.ifftshift(padded, dim=(-2, -1))).abs() * (factor * factor)
+    y = fourier_resize(stack.slices, (H, W)).abs()
     # fine pixel i sits at coarse i / factor: nearest coarse pixel round(i / factor), not i // factor
     idx_i = torch.clamp(torch.round(torch.arange(H) / factor).long(), max=h - 1)
     idx_j = torch.clamp(torch.round(torch.arange(W) / factor).long(), max=w - 1)
