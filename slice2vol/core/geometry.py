@@ -44,9 +44,13 @@ __all__ = [
     "axis_aligned_grid",
     "slice_normal",
     "orientation_groups",
+    "SAME_PLANE_DEG",
 ]
 
 SHEAR_TOL = 1e-3
+#: degrees: stacks whose slice normals are closer than this sample the anatomy alike and count as
+#: one plane (:func:`orientation_groups`; the quality verdict's witnesses cross at least this much)
+SAME_PLANE_DEG = 45.0
 
 
 def check_affine(affine: np.ndarray, what: str = "image") -> np.ndarray:
@@ -192,7 +196,7 @@ def slice_normal(affine: np.ndarray) -> np.ndarray:
     return n / max(float(np.linalg.norm(n)), 1e-12)
 
 
-def orientation_groups(affines, max_angle: float = 45.0) -> list[list[int]]:
+def orientation_groups(affines, max_angle: float = SAME_PLANE_DEG) -> list[list[int]]:
     """Indices of stacks grouped by slice orientation: a stack joins the first group whose first
     stack's normal is within ``max_angle`` degrees of its own (either sign), else starts a group.
 

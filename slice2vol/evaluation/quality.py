@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from slice2vol.core import acquisition as acq
+from slice2vol.core.geometry import SAME_PLANE_DEG, slice_normal
 from slice2vol.core.image import SliceSet
 from slice2vol.evaluation.metrics import per_slice_ncc
 
@@ -88,7 +89,7 @@ MOTION_RADIUS_MM = 25.0  # reference points for (d): brain centre +- this along 
 #: (tilted by up to 15 deg, as calibrated) all cross, so only the gap rule touches them (test
 #: atlases: 48 of 48 orthogonal / re-scanned verdicts unchanged, held-out up to +0.04).  Measured:
 #: README "Stack layouts", ``benchmarks/bench_stack_layout.py``.
-CROSS_ANGLE = 45.0
+CROSS_ANGLE = SAME_PLANE_DEG
 DOUBTFUL_BELOW = 0.6
 FAILED_BELOW = 0.3
 
@@ -343,9 +344,14 @@ def stack_agreement(prep, poses: Tensor, scales: Tensor, pixel_weights: Tensor |
         den.append(acq.adjoint(w * ind, shape, affine, P, ss.coords, ss.slice_id, psf))
         if gaps:  # where the slices are, whatever their weights
             slab.append(acq.adjoint(ind, shape, affine, P, ss.coords, ss.slice_id, psf))
-    num_all, den_all = sum(num), sum(den)
-    thr = 0.05 * float(den_all.max().clamp_min(1e-12)) / ss.n_stacks
-    thr_slab = 0.05 * float(sum(slab).max().clamp_min(1e-12)) / ss.n_stacks if gaps else 0.0
+    den_all = sum(den)
+
+    def covered_above(total: Tensor) -> float:
+        """Level above which a voxel counts as covered: 5 % of the mean stack's peak density."""
+        return 0.05 * float(total.max().clamp_min(1e-12)) / ss.n_stacks
+
+    thr = covered_above(den_all)
+    thr_slab = covered_above(sum(slab)) if gaps else 0.0
     others = predictors(prep, cross_angle)
     out, held = [], []
     for s in range(ss.n_stacks):
@@ -386,8 +392,6 @@ def predictors(prep, cross_angle: float = CROSS_ANGLE) -> list[list[int]]:
     gaps make it a noisy one (:data:`CROSS_ANGLE`).  Header normals, not final poses: which stacks
     cross is a property of the acquisition.
     """
-    from slice2vol.core.geometry import slice_normal
-
     n = len(prep.stacks)
     normals = [slice_normal(st.affine) for st in prep.stacks]
     out = []
