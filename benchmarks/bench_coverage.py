@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, machine, paired_change, setup  # noqa: E402
+from bench_selection import _load_atlas, add_atlas_arguments, machine, paired_change, setup  # noqa: E402
 
 #: (pixel mm, thickness mm, gap mm): the default, clinical pixels (1.4 mm: the cSVR paper's clinical
 #: data were 1.3-1.4 mm), thick slices with coarse pixels, fine pixels, overlapping slices
@@ -60,10 +60,9 @@ def main(argv=None) -> int:
     from slice2vol.simulation.simulate import SimulationConfig, realism_for, simulate_stacks
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--motion", default="moderate")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     print(f"Coverage rule: atlases {', '.join(atlases)}, seeds {args.seeds}, motion {args.motion}, 2 % noise; 3 orthogonal "

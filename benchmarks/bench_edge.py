@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, machine, paired_change, setup, simulated_cases  # noqa: E402
+from bench_selection import add_atlas_arguments, machine, paired_change, setup, simulated_cases  # noqa: E402
 
 
 def upsampled(stack):
@@ -113,14 +113,13 @@ def sweep(atlases, args, data) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--motions", nargs="+", default=["moderate", "severe"])
     p.add_argument("--noises", type=float, nargs="+", default=[0.01, 0.02, 0.04, 0.08])
     p.add_argument("--upsample", action="store_true", help="store the stacks 2x upsampled in-plane (bilinear)")
     p.add_argument("--sweep", type=float, nargs="+", default=None, metavar="EDGE",
                    help="the tuning: PSNR with each fixed relative threshold in every SR instead of the A/B")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     import torch

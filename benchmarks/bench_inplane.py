@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, setup  # noqa: E402
+from bench_selection import _load_atlas, _simulate, add_atlas_arguments, machine, paired_change, setup  # noqa: E402
 
 #: storage -> (acquired pixel mm, zero-fill factor, bilinear upsampling)
 STORAGES = {"acquired": (1.0, 1, False), "zero-fill": (1.4, 2, False), "bilinear": (1.4, 1, True)}
@@ -60,13 +60,12 @@ def main(argv=None) -> int:
     from slice2vol.methods.run import crop_to_roi
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--motions", nargs="+", default=["moderate", "severe"])
     p.add_argument("--noises", type=float, nargs="+", default=[0.02])
     p.add_argument("--bilinear", action="store_true", help="also stacks upsampled bilinearly (auto does not detect them)")
     p.add_argument("--method", default="auto", help="reconstruction method (default: auto)")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     storages = [s for s in STORAGES if s != "bilinear" or args.bilinear]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, setup  # noqa: E402
+from bench_selection import _load_atlas, _simulate, add_atlas_arguments, machine, paired_change, setup  # noqa: E402
 
 SWEEP_LAMS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 
@@ -114,14 +114,13 @@ def compare(atlases, args, data) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--noises", type=float, nargs="+", default=[0.02, 0.05, 0.08, 0.12])
     p.add_argument("--motion", default="moderate")
     p.add_argument("--seed", type=int, default=0)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="svr over a grid of lam (tuning)")
     mode.add_argument("--estimate", action="store_true", help="the noise estimate only")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     (sweep if args.sweep else estimate if args.estimate else compare)(atlases, args, data)

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, paired_change, run_switched, setup  # noqa: E402
+from bench_selection import _load_atlas, _simulate, add_atlas_arguments, machine, paired_change, run_switched, setup  # noqa: E402
 
 #: storage -> (acquired pixel mm, zero-fill factor)
 STORAGES = {"zero-fill": (1.4, 2), "acquired": (1.0, 1)}
@@ -44,13 +44,12 @@ def main(argv=None) -> int:
     from slice2vol.methods.run import crop_to_roi
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--motions", nargs="+", default=["moderate", "severe"])
     p.add_argument("--noises", type=float, nargs="+", default=[0.02, 0.08])
     p.add_argument("--control", action="store_true", help="also 1 mm stacks stored as acquired (must not change)")
     p.add_argument("--method", default="auto", help="reconstruction method (default: auto)")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     storages = ["zero-fill"] + (["acquired"] if args.control else [])

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, machine, paired_change, run_switched, setup, simulated_cases  # noqa: E402
+from bench_selection import add_atlas_arguments, machine, paired_change, run_switched, setup, simulated_cases  # noqa: E402
 
 
 def run(stacks, gt, method: str, prefilter: bool) -> dict:
@@ -41,13 +41,12 @@ def run(stacks, gt, method: str, prefilter: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--motions", nargs="+", default=["moderate", "severe"])
     p.add_argument("--noises", type=float, nargs="+", default=[0.01, 0.02, 0.08])
     p.add_argument("--profiles", nargs="+", default=["gaussian", "box"], choices=["gaussian", "box"])
     p.add_argument("--method", default="auto", help="reconstruction method (default: auto)")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     print(f"PSF model (in-plane prefilter): atlases {', '.join(atlases)}, seeds {args.seeds}, profiles "

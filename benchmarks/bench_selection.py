@@ -56,6 +56,12 @@ def other_atlas(atlas: str) -> str:
     raise SystemExit(f"bench_selection: {atlas} is in no split")
 
 
+def add_atlas_arguments(p: argparse.ArgumentParser) -> None:
+    """The options :func:`setup` reads: ``--atlases`` (default: the 6 test atlases) and ``--data``."""
+    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    p.add_argument("--data", type=Path, default=None, help="shared data folder (default: ../shared/data or $SLICE2VOL_SHARED)")
+
+
 def setup(args) -> tuple[Path, list[str]]:
     """The atlas benchmarks' common start: one torch thread, the shared data folder (``args.data``
     or the default) and ``args.atlases`` with split names expanded."""
@@ -293,10 +299,8 @@ def reconstruct(folder: Path, variant: str, out: Path, keep_all: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST),
-                   help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", type=Path, default=None)
     p.add_argument("--output", type=Path, default=Path("bench_out/selection"))
     p.add_argument("--assess-only", action="store_true", help="only the assessment tables (no reconstruction)")
     p.add_argument("--tables", action="store_true", help="print every assessment table")

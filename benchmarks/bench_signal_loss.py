@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, _simulate, machine, setup  # noqa: E402
+from bench_selection import _load_atlas, _simulate, add_atlas_arguments, machine, setup  # noqa: E402
 
 VARIANTS = ("auto", "auto-kept", "auto-oracle", "gaussian", "gaussian-before")
 LABELS = {"auto": "auto", "auto-kept": "auto, dark kept", "auto-oracle": "auto, lost removed", "gaussian": "gaussian",
@@ -75,11 +75,10 @@ def run(stacks, variant: str, gt) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.15, 0.3])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
     from slice2vol.methods.run import crop_to_roi

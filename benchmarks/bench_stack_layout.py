@@ -33,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, machine, setup  # noqa: E402
+from bench_selection import _load_atlas, add_atlas_arguments, machine, setup  # noqa: E402
 
 #: layout -> (orientations, extra SimulationConfig settings)
 LAYOUTS = {
@@ -78,12 +78,11 @@ def main(argv=None) -> int:
     from slice2vol.methods.run import crop_to_roi, run_reconstruction
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--motions", nargs="+", default=["moderate", "severe"])
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--method", default="auto", help="reconstruction method (default: auto)")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     print(f"Stack layouts: atlases {', '.join(atlases)}, seeds {args.seeds}, motion {', '.join(args.motions)}, "

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import DEFAULT_TEST, _load_atlas, machine, paired_change, setup  # noqa: E402
+from bench_selection import _load_atlas, add_atlas_arguments, machine, paired_change, setup  # noqa: E402
 
 
 def turned_simulation(vol, seed: int, angle_deg: float, motion: str = "moderate"):
@@ -71,11 +71,10 @@ def run(stacks, gt, turn_search: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atlases", nargs="+", default=list(DEFAULT_TEST), help="atlases or a split name (default: 6 test atlases)")
+    add_atlas_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--angles", type=float, nargs="+", default=[0.0, 90.0, 135.0, 180.0])
     p.add_argument("--motion", default="moderate", help="motion level under the turn (default: moderate)")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     data, atlases = setup(args)
     from slice2vol.evaluation.benchmark.settings import GT_MARGIN_VOX
