@@ -27,8 +27,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_selection import _load_atlas, _simulate, add_atlas_arguments, machine, paired_change, setup  # noqa: E402
 

@@ -35,7 +35,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_selection import _load_atlas, _simulate, add_atlas_arguments, machine, setup  # noqa: E402

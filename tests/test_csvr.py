@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slice2vol.core.image import SliceSet, Stack, Volume
-from slice2vol.methods.csvr.infer import DEFAULT_WEIGHTS, load_model, register_csvr
+from slice2vol.methods.csvr.infer import load_model, register_csvr
 from slice2vol.methods.csvr.inputs import prepare_inputs, to_network_poses, to_original_poses
 from slice2vol.methods.csvr.network import CSVRConfig, CSVRNet
 from slice2vol.methods.csvr.operators import pull, push, push_normalised, trilinear_corners

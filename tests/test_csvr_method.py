@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import slice2vol
 from slice2vol.cli.parser import main
 from slice2vol.core.geometry import slice_to_world
-from slice2vol.core.image import SliceSet
 from slice2vol.core.preprocess import prepare
 from slice2vol.core.transforms import params_to_matrix
 from slice2vol.errors import Slice2VolError

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from slice2vol.core.transforms import params_to_matrix, rotation_angle, rotation_about
+from slice2vol.core.transforms import params_to_matrix, rotation_angle
 from slice2vol.methods.svr import (SVRConfig, _consensus, _plausible, nearest_reference, reconstruct_svr)
 
 F64 = torch.float64

@@ -294,7 +294,6 @@ def search_poses(
     c, v = coords[pix], values[pix]
     sid = smap[slice_id[pix]]
     grp = gmap[group[sl_idx]]  # (m,) group of each kept slice, 0..g-1
-    pgrp = grp[sid]
     w = None if weights is None else weights[pix]
     sub_psf = psf.select(sl_idx)
     P0 = poses[sl_idx]

@@ -37,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from slice2vol.core.geometry import slice_pixel_coords
 from slice2vol.core.transforms import kabsch
 from slice2vol.methods.csvr.inputs import NetworkInput
 from slice2vol.methods.csvr.operators import pull, push_normalised

@@ -11,7 +11,6 @@ slightly negative Gaussian can sharpen an edge); the rendered volume is clamped 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch

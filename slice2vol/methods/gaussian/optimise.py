@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
