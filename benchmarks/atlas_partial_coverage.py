@@ -8,8 +8,13 @@ region of interest (the brain mask dilated by 3 mm, as a reconstruction's) is cu
 normal to one atlas axis at a quantile of the brain's extent along it: ``top`` / ``bottom``
 (superior / inferior), ``front`` / ``back`` (anterior / posterior), ``:F`` the fraction removed
 (default 0.25).  Printed: the angle and brain-centre shift of the output frame against the truth
-(as ``bench_atlas_space.py``'s "GT itself"), the week and NCC.  No reconstruction: what the atlas
-step does when the brain itself is incomplete.
+(as ``bench_atlas_space.py``'s "GT itself"), the week and NCC, the fraction of the registered
+atlas brain inside the region of interest (``cover``, :func:`slice2vol.methods.atlas.brain_coverage`),
+the rotation between the forward and the reverse registration (``apart``), the NCC of the volume
+with its mirror image across the placed mid-sagittal plane (``mirror``) and the reliability check
+they feed (``ok``: :attr:`slice2vol.methods.atlas.AtlasRegistration.reliable`; ``--output-space
+atlas`` falls back to the scanner frame otherwise).  No reconstruction: what the atlas step does when the
+brain itself is incomplete.
 
     python benchmarks/atlas_partial_coverage.py --atlases validation STA22 STA26 STA30 STA34 --seeds 0,1
 """
@@ -52,14 +57,15 @@ def main(argv=None) -> int:
     from slice2vol.core.image import Volume
     from slice2vol.core.resample import max_filter
     from slice2vol.io import shared_data_dir
-    from slice2vol.methods.atlas import register_to_atlas
+    from slice2vol.methods.atlas import MAX_DISAGREEMENT_DEG, MIN_SYMMETRY_NCC, register_to_atlas
     from slice2vol.simulation.splits import expand_atlases
 
     torch.set_num_threads(args.threads)
     data = args.data or shared_data_dir()
     pose_args = argparse.Namespace(max_rotation=180.0, max_offset=20.0)
     cuts = args.cuts.split(",")
-    print(f"{'atlas':<18} {'seed':>4} {'cut':<10} {'rot deg':>7} {'shift mm':>8} {'week':>4} {'NCC':>6} {'s':>5}")
+    print(f"{'atlas':<18} {'seed':>4} {'cut':<10} {'rot deg':>7} {'shift mm':>8} {'week':>4} {'NCC':>6} {'cover':>6} "
+          f"{'apart':>6} {'mirror':>6} {'ok':>3} {'s':>5}")
     rows = []
     for atlas in expand_atlases(args.atlases):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -74,13 +80,17 @@ def main(argv=None) -> int:
                 reg = register_to_atlas(placed, roi & keep)
                 dt = time.perf_counter() - t0
                 rot, shift, _ = bas.frame_error(reg.transform @ M, centre, brain)
-                rows.append((cut, rot))
+                rows.append((cut, rot, reg.reliable))
                 print(f"{atlas:<18} {seed:>4} {cut:<10} {rot:>7.2f} {shift:>8.2f} {reg.week:>4} {reg.score:>6.3f} "
+                      f"{reg.coverage:>6.3f} {reg.disagreement_deg:>6.1f} {reg.symmetry_ncc:>6.2f} {'yes' if reg.reliable else 'NO':>3} "
                       f"{dt:>5.1f}", flush=True)
-    print("\ncut        cases  within 3 deg  off by more than 20 deg")
+    print(f"\nreliable: directions at most {MAX_DISAGREEMENT_DEG:g} deg apart and mirror NCC at least {MIN_SYMMETRY_NCC:g}")
+    print("cut        cases  within 3 deg  off by more than 20 deg  reliable  of them off by more than 20 deg")
     for cut in cuts:
-        r = np.array([x for c, x in rows if c == cut])
-        print(f"{cut:<10} {r.size:>5} {int((r <= 3).sum()):>13} {int((r > 20).sum()):>24}")
+        r = np.array([x for c, x, _ in rows if c == cut])
+        ok = np.array([k for c, _, k in rows if c == cut])
+        print(f"{cut:<10} {r.size:>5} {int((r <= 3).sum()):>13} {int((r > 20).sum()):>24} {int(ok.sum()):>9} "
+              f"{int((ok & (r > 20)).sum()):>32}")
     return 0
 
 

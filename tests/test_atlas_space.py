@@ -81,6 +81,62 @@ def test_recovers_a_large_known_rotation_and_offset(placed):
     assert np.allclose(res.transform[3], [0, 0, 0, 1])
 
 
+def test_whole_brain_passes_the_reliability_check(placed):
+    _, _, res = placed
+    assert res.disagreement_deg < 2.0  # forward and reverse registrations agree on a whole brain
+    assert res.reliable
+    assert res.coverage > 0.95  # the placed atlas brain lies inside the volume's region of interest
+    assert res.symmetry_ncc > 0.9  # the placed mid-sagittal plane is the brain's plane of symmetry
+    rec = res.to_dict()
+    assert rec["reliable"] is True and rec["directions_disagree_deg"] == pytest.approx(res.disagreement_deg)
+    assert rec["doubts"] == [] and rec["symmetry_ncc"] == pytest.approx(res.symmetry_ncc)
+
+
+def test_mirror_ncc_is_high_only_about_the_mid_sagittal_plane(placed):
+    vol, M, _ = placed
+    data = vol.data.float()
+    brain = data > 0
+    T = np.linalg.inv(M)  # the true scanner -> atlas transform
+    assert atlas_mod.mirror_ncc(data, vol.affine, brain, T) > 0.95  # the atlas weeks are exactly symmetric
+    swap = np.eye(4)
+    swap[:3, :3] = _rotation([0, 0, 1], 90.0)  # the atlas turned 90 deg about its vertical axis
+    assert atlas_mod.mirror_ncc(data, vol.affine, brain, swap @ T) < 0.5
+
+
+def _cut(week: int, axis: int, keep_below: bool, M: np.ndarray):
+    """Shipped ``week`` at head pose ``M`` with a quarter of its brain (along atlas ``axis``, the
+    top / front when ``keep_below``) outside the volume and its region of interest."""
+    from slice2vol.core.resample import max_filter
+
+    atlas = load_atlas()
+    w = atlas.weeks.index(week)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n) for n in atlas.mask[w].shape], indexing="ij"), -1).double()
+    world = idx @ torch.as_tensor(atlas.affine[:3, :3]).T + torch.as_tensor(atlas.affine[:3, 3])
+    v = world[atlas.mask[w]][:, axis].numpy()
+    keep = world[..., axis] <= np.quantile(v, 0.75) if keep_below else world[..., axis] >= np.quantile(v, 0.25)
+    roi = (max_filter(atlas.mask[w].float(), 2) > 0) & keep
+    return Volume(atlas.t2[w] * 1000.0 * atlas.mask[w] * keep, M @ atlas.affine), roi
+
+
+def test_reliability_check_catches_a_brain_misplaced_for_lack_of_its_back(placed):
+    """The back quarter missing, the brain comes out ~90 deg off and both directions fail the
+    same way only rarely; here they disagree (measured 89.7 deg apart).  The top quarter missing,
+    the placement stays right and the check passes: it flags a wrong placement, not a cut."""
+    torch.set_num_threads(1)
+    try:
+        _, M, _ = placed
+        vol, roi = _cut(WEEK, 1, False, M)
+        bad = register_to_atlas(vol, roi, weeks=(24, 26, 28, 30, 32))
+        assert _angle_deg(bad.transform @ M) > 20.0
+        assert not bad.reliable and bad.disagreement_deg > atlas_mod.MAX_DISAGREEMENT_DEG
+        vol, roi = _cut(WEEK, 2, True, M)
+        good = register_to_atlas(vol, roi, weeks=(24, 26, 28, 30, 32))
+        assert _angle_deg(good.transform @ M) < 3.0
+        assert good.reliable
+    finally:
+        torch.set_num_threads(2)
+
+
 def test_week_is_the_best_match(placed):
     _, _, res = placed
     assert res.week == WEEK
@@ -200,6 +256,29 @@ def test_atlas_output_space_records_week_and_transform(placed, monkeypatch, tmp_
     assert f"week {WEEK}" in capsys.readouterr().out
 
 
+def test_unreliable_placement_keeps_the_scanner_frame(placed, monkeypatch, tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    from slice2vol import io
+    from slice2vol.cli.commands import _to_output_space
+
+    vol, _, res = placed
+    unreliable = dataclasses.replace(res, disagreement_deg=90.0, symmetry_ncc=0.2)
+    monkeypatch.setattr(atlas_mod, "register_to_atlas", lambda volume, mask=None, **kw: unreliable)
+    monkeypatch.setattr(atlas_mod, "to_atlas_space", lambda *a, **kw: pytest.fail("resampled an unreliable placement"))
+    extra = {}
+    with caplog.at_level(logging.WARNING, logger="slice2vol"):
+        out = _to_output_space(argparse.Namespace(output_space="atlas", resolution=1.5), vol, vol.data > 0, extra)
+    assert out is vol  # the scanner frame, untouched
+    assert extra["output_space"] == "scanner" and extra["output_space_requested"] == "atlas"
+    rec = json.loads(io.write_json(extra, tmp_path / "t.json").read_text())
+    assert rec["atlas"]["reliable"] is False and rec["atlas"]["directions_disagree_deg"] == pytest.approx(90.0)
+    assert len(rec["atlas"]["doubts"]) == 2
+    assert np.allclose(rec["atlas"]["transform_scanner_to_atlas"], res.transform)  # the attempt is kept
+    assert "atlas space refused" in caplog.text and "90 deg apart" in caplog.text and "NCC 0.20" in caplog.text
+
+
 @pytest.mark.slow
 def test_registration_does_not_depend_on_the_head_pose(atlas_lowres):
     """A brain that is not a shipped week (CRL STA30 as distributed, 1.6 mm) registered at two head
@@ -310,3 +389,13 @@ def test_dense_correction_ignores_what_the_volume_does_not_cover():
     assert _angle_deg(T) < 0.3 and shift(T) < 0.2
     assert shift(atlas_mod._dense_rigid(moving, atlas.affine, I, atlas, w).numpy()) > 0.5
     torch.set_num_threads(2)
+
+
+def test_report_names_a_refused_atlas_space():
+    from slice2vol.report.data import _record_info
+
+    doubt = "registering the atlas to the volume and the volume to the atlas gave orientations 90 deg apart"
+    rows = dict(_record_info({"output_space": "scanner", "output_space_requested": "atlas",
+                              "atlas": {"directions_disagree_deg": 89.7, "reliable": False, "doubts": [doubt]}}))
+    assert "refused" in rows["output space"] and "90 deg apart" in rows["output space"]
+    assert dict(_record_info({"output_space": "scanner"}))["output space"] == "scanner"

@@ -228,7 +228,10 @@ def _write_results(args, prep: Prepared, result, inputs: list[str], extra: dict,
 def _to_output_space(args, vol: Volume, roi, extra: dict) -> Volume:
     """``--output-space atlas``: the volume registered to the shipped fetal atlas and resampled on its
     axes (slice2vol.methods.atlas); records the space, week, NCC and the scanner -> atlas transform in
-    ``extra`` (the poses in the transforms JSON stay in the scanner world)."""
+    ``extra`` (the poses in the transforms JSON stay in the scanner world).  Where the registration's
+    reliability check fails (:attr:`~slice2vol.methods.atlas.AtlasRegistration.reliable`) the volume
+    stays in the scanner frame, with a warning, ``output_space`` "scanner" and
+    ``output_space_requested`` "atlas"."""
     space = getattr(args, "output_space", "scanner")
     extra["output_space"] = space
     if space != "atlas":
@@ -237,9 +240,20 @@ def _to_output_space(args, vol: Volume, roi, extra: dict) -> Volume:
 
     t0 = time.perf_counter()
     reg = register_to_atlas(vol, roi)
-    out = to_atlas_space(vol, reg.transform, args.resolution, mask=roi)
     extra["atlas"] = {**reg.to_dict(), "atlas": "CRL 2017 fetal brain atlas (Gholipour et al. 2017), symmetrised",
                       "poses_frame": "scanner (map them with transform_scanner_to_atlas)"}
+    if not reg.reliable:
+        # a failed reliability check (a brain cut by the field of view is the usual cause): a volume
+        # on the wrong "standard" planes reads as a plausible brain; the scanner frame is at least
+        # what was acquired
+        extra["output_space"] = "scanner"
+        extra["output_space_requested"] = "atlas"
+        extra.setdefault("timings_s", {})["atlas_s"] = time.perf_counter() - t0
+        log.warning("atlas space refused: %s, so the placement cannot be trusted (is the whole brain inside the "
+                    "volume?); the volume is written in the scanner frame (the attempted transform is under 'atlas' "
+                    "in --output-transforms)", "; ".join(reg.doubts()))
+        return vol
+    out = to_atlas_space(vol, reg.transform, args.resolution, mask=roi)
     extra.setdefault("timings_s", {})["atlas_s"] = time.perf_counter() - t0
     print(f"slice2vol: atlas space: estimated gestational week {reg.week} (NCC {reg.score:.3f}), "
           f"registered and resampled in {time.perf_counter() - t0:.1f} s")

@@ -49,6 +49,25 @@ What :func:`register_to_atlas` does (rotations of any size, the head can lie any
    rigid map of those pairs corrects the pose (:func:`_dense_rigid`).  The rigid intensity fit of
    a brain shaped unlike the atlas trades the misfit of one region against another; the rigid
    part of the dense correspondence is the estimate a landmark (Procrustes) alignment would give.
+5. *Reliability checks.*  (a) With ``check=True`` (the default) the volume's brain is registered
+   the other way round, into the chosen week, from the same kind of starts
+   (:func:`_reverse_transform`), and the rotation between the two results is recorded
+   (``disagreement_deg``); more than :data:`MAX_DISAGREEMENT_DEG` marks the placement unreliable.
+   (b) The volume must be mirror-symmetric about the mid-sagittal plane the placement gives
+   (:func:`mirror_ncc` at least :data:`MIN_SYMMETRY_NCC`).  ``--output-space atlas`` keeps the
+   scanner frame, with a warning, when either fails.  The forward direction matches the whole atlas brain
+   and so assumes the volume holds the whole brain; the reverse matches only what the volume holds.
+   A brain cut by the field of view is often placed far off (90 or 180 deg) with an NCC like a
+   good placement's, and the two directions then mostly disagree.  Measured with
+   ``benchmarks/atlas_partial_coverage.py`` (validation atlases and four training weeks, a quarter
+   of the brain cut away, figures in the README, Output space): whole brains 0.1-1.2 deg apart,
+   gross misplacements caught where the two directions fail differently, not where both turn the
+   brain the same way (missing front or back, principal axes swapped: a turn of about 90 deg,
+   which moves the mid-sagittal plane and which check (b) catches).  A half turn about an axis in
+   the mid-sagittal plane, when both directions make it, passes both.  15 deg is far above the
+   agreement of whole brains and below every caught misplacement; 0.5 lies between the mirror NCC
+   of correct (0.70-0.97) and turned (0.05-0.40) placements; neither was tuned further.  Cost:
+   one more registration, about 2 s on one thread.
 
 :func:`to_atlas_space` then samples the volume on an axis-aligned grid of the atlas frame covering
 the brain (cubic B-spline).
@@ -92,7 +111,8 @@ from slice2vol.core.transforms import kabsch
 from slice2vol.errors import Slice2VolError
 
 __all__ = ["ATLAS_DIR", "Atlas", "AtlasRegistration", "load_atlas", "register_to_atlas", "to_atlas_space",
-           "OUTPUT_SPACES"]
+           "brain_coverage", "mirror_ncc", "OUTPUT_SPACES", "MAX_DISAGREEMENT_DEG",
+           "MIN_SYMMETRY_NCC"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +121,12 @@ ATLAS_DIR = Path(__file__).resolve().parents[1] / "data" / "atlas"
 #: Values of ``--output-space``.
 OUTPUT_SPACES = ("atlas", "scanner")
 _FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
+#: Largest rotation (deg) between the forward and the reverse registration for which the placement
+#: counts as reliable (:func:`register_to_atlas`, ``check``).
+MAX_DISAGREEMENT_DEG = 15.0
+#: Least NCC of the volume with its mirror image across the placed mid-sagittal plane for which the
+#: placement counts as reliable (:func:`mirror_ncc`).
+MIN_SYMMETRY_NCC = 0.5
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,13 @@ class AtlasRegistration:
         scores: NCC of every week tried, ``{week: ncc}``.
         time_s: wall time of the registration, s.
         dense: whether the dense correction (module docstring, step 4) made the transform.
+        coverage: fraction (0..1) of the chosen week's brain that the registration places inside
+            the volume's region of interest (:func:`brain_coverage`); ``nan`` when not measured.
+        disagreement_deg: rotation (deg) between this transform and the reverse registration's
+            (the volume's brain registered into the chosen week, :func:`_reverse_transform`);
+            ``nan`` when not run.
+        symmetry_ncc: NCC of the volume's brain with its mirror image across the mid-sagittal
+            plane this transform places (:func:`mirror_ncc`); ``nan`` when not measured.
     """
 
     week: int
@@ -145,13 +178,38 @@ class AtlasRegistration:
     scores: dict[int, float] = field(default_factory=dict)
     time_s: float = 0.0
     dense: bool = False
+    coverage: float = float("nan")
+    disagreement_deg: float = float("nan")
+    symmetry_ncc: float = float("nan")
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the placement passed both checks (module docstring, step 5): the two registration
+        directions agree within :data:`MAX_DISAGREEMENT_DEG` and the placed mid-sagittal plane is a
+        plane of symmetry of the volume (:data:`MIN_SYMMETRY_NCC`); a check not run counts as passed."""
+        return not self.doubts()
+
+    def doubts(self) -> list[str]:
+        """Why the placement is not :attr:`reliable`, one phrase per failed check (empty if none)."""
+        out = []
+        if self.disagreement_deg > MAX_DISAGREEMENT_DEG:
+            out.append(f"registering the atlas to the volume and the volume to the atlas gave orientations "
+                       f"{self.disagreement_deg:.0f} deg apart")
+        if self.symmetry_ncc < MIN_SYMMETRY_NCC:
+            out.append(f"the volume is not mirror-symmetric about the mid-sagittal plane this placement gives "
+                       f"(NCC {self.symmetry_ncc:.2f} with its mirror image)")
+        return out
 
     def to_dict(self) -> dict:
         """JSON-ready record (what the transforms JSON stores under ``atlas``)."""
         return {"week": int(self.week), "transform_scanner_to_atlas": np.asarray(self.transform).tolist(),
                 "similarity_ncc": float(self.score),
                 "week_scores_ncc": {str(w): float(s) for w, s in sorted(self.scores.items())},
-                "dense_correction": bool(self.dense), "time_s": float(self.time_s)}
+                "dense_correction": bool(self.dense), "time_s": float(self.time_s),
+                "brain_coverage": None if math.isnan(self.coverage) else float(self.coverage),
+                "directions_disagree_deg": None if math.isnan(self.disagreement_deg) else float(self.disagreement_deg),
+                "symmetry_ncc": None if math.isnan(self.symmetry_ncc) else float(self.symmetry_ncc),
+                "reliable": bool(self.reliable), "doubts": self.doubts()}
 
 
 @functools.lru_cache(maxsize=2)
@@ -406,6 +464,96 @@ def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w
     return pose @ kabsch(torch.from_numpy(P), torch.from_numpy(Q))
 
 
+def brain_coverage(pose: Tensor, atlas: Atlas, w: int, roi: Tensor, affine: np.ndarray) -> float:
+    """Fraction of atlas week ``w``'s brain that ``pose`` places inside ``roi``.
+
+    Args:
+        pose: ``(4, 4)`` atlas -> scanner world transform (the registration's result).
+        atlas: the atlas; ``w`` the week's index in it.
+        roi: ``(Ni, Nj, Nk)`` bool, where the volume has data, on the voxel-to-world ``affine``.
+    Returns:
+        The fraction in 0..1 of the week's brain voxels whose scanner position falls inside ``roi``.
+
+    Recorded for information: about 1 for a whole brain inside a dilated region of interest, but
+    lower inside a tight brain mask when the atlas week is larger than the brain (0.68 for
+    validation GA22 inside its exact mask), and a brain cut by the field of view that the
+    registration turned to fit the remaining region reads as high as a whole one (0.94-0.97, 90
+    deg off: ``benchmarks/atlas_partial_coverage.py``), so it decides nothing; the reliability check
+    is the two registration directions' agreement (:func:`_reverse_transform`).
+    """
+    pts = _points(atlas.mask[w], atlas.affine)
+    P = pose.to(torch.float64)
+    x = pts @ P[:3, :3].T + P[:3, 3]
+    inside = sample_at(roi.float(), affine, x) >= 0.5
+    return float(inside.double().mean())
+
+
+def mirror_ncc(work: Tensor, affine: np.ndarray, brain: Tensor, transform: np.ndarray) -> float:
+    """NCC of a volume's brain with its mirror image across the atlas's mid-sagittal plane.
+
+    Args:
+        work: ``(Ni, Nj, Nk)`` volume on the voxel-to-scanner-world ``affine``; ``brain`` its bool
+            brain mask (the voxels compared).
+        transform: ``(4, 4)`` scanner world -> atlas world; the plane is the atlas's x = 0.
+    Returns:
+        The NCC (-1..1) of ``work`` at the brain voxels and at their reflections.
+
+    A fetal brain is nearly mirror-symmetric about its mid-sagittal plane and about no other: on
+    the ground truths of the validation atlases and four training weeks, whole or with a quarter
+    cut away, the reflection across the plane a correct placement gives correlates at 0.70-0.97,
+    across the coronal or axial plane at -0.14..0.37.  A placement turned by about 90 deg (what
+    a brain missing its front or back often gets, and the two registration directions then often
+    agree on) puts another plane there and reads 0.05-0.40.  A half turn about an axis in the
+    mid-sagittal plane keeps the plane and is not seen here.
+    """
+    T = np.asarray(transform, dtype=np.float64)
+    F = np.diag([-1.0, 1.0, 1.0, 1.0])
+    mirror = torch.as_tensor(np.linalg.inv(T) @ F @ T)  # scanner -> scanner reflection
+    pts = _points(brain, affine)
+    a = sample_at(work, affine, pts).double()
+    b = sample_at(work, affine, pts @ mirror[:3, :3].T + mirror[:3, 3]).double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def _reverse_transform(work: Tensor, affine: np.ndarray, brain: Tensor, atlas: Atlas, w: int, rim_mm: float,
+                       spin_step_deg: float, keep: int) -> Tensor:
+    """The scanner -> atlas transform ``(4, 4)`` found the other way round: the volume's brain (and
+    a ``rim_mm`` rim) registered into atlas week ``w``, from the same kind of starts as the forward
+    search (the volume's principal axes onto the atlas's, spun; :func:`_start_rotations`).
+
+    The forward registration matches the whole atlas brain to the volume, so it assumes the volume
+    holds the whole brain; this one matches only what the volume holds.  On whole brains the two
+    agree within a few degrees; where the volume lacks part of the brain one or the other (or
+    both) goes wrong, and rarely the same way (``benchmarks/atlas_partial_coverage.py``).
+    """
+    r = max(1, int(round(rim_mm / float(np.linalg.norm(affine[:3, :3], axis=0).mean()))))
+    region = _dilate(brain[None], r)[0]
+    atlas_brain = _points(atlas.mask[w], atlas.affine)
+    c_a, E_a = _principal_axes(atlas_brain)
+    pm = _points(brain, affine)
+    c_m, E_m = _principal_axes(pm)
+    # the moving brain's axes onto the atlas's long axis, as forward: x_a = R (x_s - c_m) + c_a
+    R = _start_rotations(E_m, E_a, spin_step_deg)
+    starts = _rigid(R, c_a - R @ c_m)
+
+    def points(stride: int) -> _Fixed:
+        sub = torch.zeros_like(region)
+        sub[::stride, ::stride, ::stride] = region[::stride, ::stride, ::stride]
+        return _Fixed(_points(sub, affine).float(), work[sub], torch.zeros(int(sub.sum()), dtype=torch.long), [0])
+
+    target = atlas.t2[w]
+    coarse = points(2)
+    poses, _ = _register_groups(target, atlas.affine, coarse, starts, (4.0,), 4, replicate=True)
+    n = coarse.coords.shape[0]
+    ncc0 = _scores(target, atlas.affine, _Fixed(coarse.coords.repeat(len(poses), 1), coarse.values.repeat(len(poses)),
+                                                torch.arange(len(poses)).repeat_interleave(n), list(range(len(poses)))),
+                   poses, 4.0, np.full(3, atlas.resolution))
+    best = torch.argsort(ncc0, descending=True)[:keep]
+    poses, cost = _register_groups(target, atlas.affine, points(1), poses[best], (4.0, 2.0, 1.0), 8, replicate=True)
+    return poses[int(torch.argmin(cost))]
+
+
 def _working_volume(volume: Volume, mask: Tensor | None, resolution: float) -> tuple[Tensor, np.ndarray, Tensor, Tensor]:
     """The volume on a ``resolution`` mm grid (anti-aliased), divided by its brain mean, its affine,
     its brain mask and its region of interest (``mask``, default the nonzero voxels) on that grid."""
@@ -443,7 +591,8 @@ def _working_volume(volume: Volume, mask: Tensor | None, resolution: float) -> t
 
 def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tuple[int, ...] | None = None,
                       working_resolution: float = 2.0, spin_step_deg: float = 30.0, keep: int = 4,
-                      rim_mm: float = 4.5, dense: bool = True, atlas: Atlas | None = None) -> AtlasRegistration:
+                      rim_mm: float = 4.5, dense: bool = True, check: bool = True,
+                      atlas: Atlas | None = None) -> AtlasRegistration:
     """Register a brain volume rigidly to the shipped atlas, choosing the week that matches best.
 
     Args:
@@ -459,6 +608,8 @@ def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tupl
             the fit also matches the brain's outline.
         dense: correct the final pose by the rigid part of a dense (demons) correspondence with
             the chosen week (:func:`_dense_rigid`); False keeps the intensity registration's pose.
+        check: also register the other way round (:func:`_reverse_transform`) and record how far
+            the two disagree (``disagreement_deg``; :attr:`AtlasRegistration.reliable`).
         atlas: an :class:`Atlas` (default: :func:`load_atlas`).
     Returns:
         :class:`AtlasRegistration` (week, scanner -> atlas transform, NCC score, per-week scores).
@@ -514,14 +665,24 @@ def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tupl
         # the brain only: the smeared rim of a reconstruction's region of interest has no atlas counterpart
         pose = _dense_rigid(work * brain, A, pose[0], atlas, week_idx[g], roi)[None]
     score = float(_scores(work, A, final, pose, 0.0, spacing)[0])
-    log.debug("atlas registration: search %.2f s, refine %.2f s, weeks %.2f s, final %.2f s, dense %.2f s",
-              t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4)
+    coverage = brain_coverage(pose[0], atlas, week_idx[g], roi, A)
+    t5 = time.perf_counter()
     transform = np.linalg.inv(pose[0].numpy())
     transform[3] = (0.0, 0.0, 0.0, 1.0)
+    symmetry = mirror_ncc(work, A, brain, transform)
+    disagreement = float("nan")
+    if check:
+        rev = _reverse_transform(work, A, brain, atlas, week_idx[g], rim_mm, spin_step_deg, keep).numpy()
+        Rd = transform[:3, :3].T @ rev[:3, :3]
+        disagreement = math.degrees(math.acos(max(-1.0, min(1.0, (float(np.trace(Rd)) - 1.0) / 2.0))))
+    log.debug("atlas registration: search %.2f s, refine %.2f s, weeks %.2f s, final %.2f s, dense %.2f s, "
+              "reverse %.2f s", t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, time.perf_counter() - t5)
     out = AtlasRegistration(week=fixed.weeks[g], transform=transform, score=score,
                             scores={w: float(s) for w, s in zip(fixed.weeks, ncc.tolist())},
-                            time_s=time.perf_counter() - t0, dense=dense)
-    log.info("atlas registration: week %d (NCC %.3f), %.1f s", out.week, out.score, out.time_s)
+                            time_s=time.perf_counter() - t0, dense=dense, coverage=coverage,
+                            disagreement_deg=disagreement, symmetry_ncc=symmetry)
+    log.info("atlas registration: week %d (NCC %.3f, %.0f %% of its brain inside the volume, directions %.1f deg "
+             "apart, mirror NCC %.2f), %.1f s", out.week, out.score, 100 * coverage, disagreement, symmetry, out.time_s)
     return out
 
 

@@ -287,6 +287,10 @@ def _record_info(record: dict, json_path: Path | None = None) -> list[tuple[str,
         ncc = f"{ncc:.3f}" if isinstance(ncc, (int, float)) else "?"
         rows.append(("output space", f"atlas (CRL 2017, standard planes): estimated week {_e(a.get('week'))}, "
                                      f"NCC {ncc}"))
+    elif record.get("output_space_requested") == "atlas" and isinstance(record.get("atlas"), dict):
+        doubts = record["atlas"].get("doubts")
+        why = "; ".join(str(d) for d in doubts) if isinstance(doubts, list) and doubts else "a reliability check failed"
+        rows.append(("output space", _e(f"scanner: atlas space was refused ({why}; is the whole brain in the volume?)")))
     elif record.get("output_space"):
         rows.append(("output space", _e(record["output_space"])))
     t = record.get("timings_s") or {}
