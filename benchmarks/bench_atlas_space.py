@@ -143,7 +143,8 @@ def run_case(data: Path, atlas: str, seed: int, args) -> dict:
             "rot_err_deg": rot, "shift_err_mm": shift, "max_err_mm": mx,
             "svr_rot_deg": svr_rot, "svr_shift_mm": svr_shift, "frame_rot_deg": frame_rot, "frame_shift_mm": frame_shift,
             "week": reg.week, "true_week": true_week(atlas), "ncc": reg.score,
-            "apart_deg": reg.disagreement_deg, "mirror_ncc": reg.symmetry_ncc, "reliable": reg.reliable,
+            "apart_deg": reg.disagreement_deg, "mirror_ncc": reg.symmetry_ncc[0],
+            "mirror_margin": reg.symmetry_margin, "reliable": reg.reliable,
             "recon_s": recon_s, "atlas_s": atlas_s, "register_s": reg.time_s, "axis_aligned": axis_aligned,
             "M": M.tolist(), "D": D.tolist(), "T_est": np.asarray(reg.transform).tolist()}
 
@@ -180,17 +181,17 @@ def line(r: dict) -> str:
             f"{r['week']:>3} {r['true_week']:>3} {r['week'] - r['true_week']:+3d} {r['ncc']:6.3f} | "
             f"{r['gt_rot_deg']:6.2f} {r['gt_shift_mm']:6.2f} {r['gt_week']:>3} | "
             f"{r['recon_s']:7.1f} {r['atlas_s']:6.1f} {r['atlas_min_s']:6.1f} | {r.get('apart_deg', float('nan')):6.1f} "
-            f"{r.get('mirror_ncc', float('nan')):6.2f}")
+            f"{r.get('mirror_ncc', float('nan')):6.2f} {r.get('mirror_margin', float('nan')):6.2f}")
 
 
 HEADER = (f"{'':<18} {'':>4} {'head pose':>14} | {'output vs truth':>20} | {'recon frame':>13} | {'T_est vs M^-1':>13} | "
-          f"{'week':>17} | {'GT itself':>17} | {'time':>21} | {'check':>13}\n"
+          f"{'week':>17} | {'GT itself':>17} | {'time':>21} | {'check':>20}\n"
           f"{'atlas':<18} {'seed':>4} {'rot':>7} {'offs':>6} | {'rot':>6} {'shift':>6} {'max':>6} | {'rot':>6} "
           f"{'shift':>6} | {'rot':>6} {'shift':>6} | {'est':>3} {'GA':>3} {'d':>3} {'NCC':>6} | {'rot':>6} {'shift':>6} "
-          f"{'wk':>3} | {'recon':>7} {'atlas':>6} {'min':>6} | {'apart':>6} {'mirror':>6}\n"
+          f"{'wk':>3} | {'recon':>7} {'atlas':>6} {'min':>6} | {'apart':>6} {'mirror':>6} {'margin':>6}\n"
           f"{'':<18} {'':>4} {'deg':>7} {'mm':>6} | {'deg':>6} {'mm':>6} {'mm':>6} | {'deg':>6} {'mm':>6} | "
           f"{'deg':>6} {'mm':>6} | {'':>3} {'':>3} {'':>3} {'':>6} | {'deg':>6} {'mm':>6} {'':>3} | {'s':>7} {'s':>6} {'s':>6} | "
-          f"{'deg':>6} {'NCC':>6}")
+          f"{'deg':>6} {'NCC':>6} {'NCC':>6}")
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -212,16 +213,17 @@ def summary(rows: list[dict]) -> list[str]:
            f"{np.median(a['atlas_min_s']):.1f} / {a['atlas_min_s'].max():.1f} s least of {rows[0].get('repeats', '?')} "
            f"repeats on the ground truth (<= {TARGET_S:g}); reconstruction {np.median(a['recon_s']):.1f} s median",
            f"  output grid axis-aligned (RAS, identity rotation): {sum(r['axis_aligned'] for r in rows)}/{len(rows)}"]
-    if all("mirror_ncc" in r for r in rows):
-        from slice2vol.methods.atlas import MAX_DISAGREEMENT_DEG, MIN_SYMMETRY_NCC
+    if all("mirror_margin" in r for r in rows):
+        from slice2vol.methods.atlas import MAX_DISAGREEMENT_DEG, MIN_SYMMETRY_MARGIN
 
         apart = np.array([r["apart_deg"] for r in rows], dtype=float)
         mirror = np.array([r["mirror_ncc"] for r in rows], dtype=float)
+        margin = np.array([r["mirror_margin"] for r in rows], dtype=float)
         out.append(f"  reliability check (forward and reverse registration within {MAX_DISAGREEMENT_DEG:g} deg, mirror NCC "
-                   f">= {MIN_SYMMETRY_NCC:g}; else the CLI keeps the scanner frame): "
+                   f"margin >= {MIN_SYMMETRY_MARGIN:g}; else the CLI keeps the scanner frame): "
                    f"{int(sum(r['reliable'] for r in rows))}/{len(rows)} passed; apart {np.median(apart):.1f} / "
-                   f"{apart.max():.1f} deg (median / max), mirror NCC {np.median(mirror):.2f} / {mirror.min():.2f} "
-                   f"(median / min)")
+                   f"{apart.max():.1f} deg (median / max), mirror NCC {np.median(mirror):.2f} / {mirror.min():.2f}, "
+                   f"margin {np.median(margin):.2f} / {margin.min():.2f} (median / min)")
     # the same atlas under different head poses (and reconstructions): how repeatable the output frame is
     by_atlas: dict[str, list[np.ndarray]] = {}
     for r in rows:

@@ -86,10 +86,11 @@ def test_whole_brain_passes_the_reliability_check(placed):
     assert res.disagreement_deg < 2.0  # forward and reverse registrations agree on a whole brain
     assert res.reliable
     assert res.coverage > 0.95  # the placed atlas brain lies inside the volume's region of interest
-    assert res.symmetry_ncc > 0.9  # the placed mid-sagittal plane is the brain's plane of symmetry
+    assert res.symmetry_ncc[0] > 0.9  # the placed mid-sagittal plane is the brain's plane of symmetry
+    assert res.symmetry_margin > 0.5 and res.symmetry_margin == res.symmetry_ncc[0] - max(res.symmetry_ncc[1:])
     rec = res.to_dict()
     assert rec["reliable"] is True and rec["directions_disagree_deg"] == pytest.approx(res.disagreement_deg)
-    assert rec["doubts"] == [] and rec["symmetry_ncc"] == pytest.approx(res.symmetry_ncc)
+    assert rec["doubts"] == [] and rec["mirror_ncc_sagittal_coronal_axial"] == pytest.approx(list(res.symmetry_ncc))
 
 
 def test_mirror_ncc_is_high_only_about_the_mid_sagittal_plane(placed):
@@ -98,9 +99,12 @@ def test_mirror_ncc_is_high_only_about_the_mid_sagittal_plane(placed):
     brain = data > 0
     T = np.linalg.inv(M)  # the true scanner -> atlas transform
     assert atlas_mod.mirror_ncc(data, vol.affine, brain, T) > 0.95  # the atlas weeks are exactly symmetric
+    assert atlas_mod.mirror_ncc(data, vol.affine, brain, T, axis=1) < 0.5  # front-back: no symmetry
+    assert atlas_mod.mirror_ncc(data, vol.affine, brain, T, axis=2) < 0.5
     swap = np.eye(4)
     swap[:3, :3] = _rotation([0, 0, 1], 90.0)  # the atlas turned 90 deg about its vertical axis
     assert atlas_mod.mirror_ncc(data, vol.affine, brain, swap @ T) < 0.5
+    assert atlas_mod.mirror_ncc(data, vol.affine, brain, swap @ T, axis=1) > 0.95  # the symmetry plane moved there
 
 
 def _cut(week: int, axis: int, keep_below: bool, M: np.ndarray):
@@ -264,7 +268,7 @@ def test_unreliable_placement_keeps_the_scanner_frame(placed, monkeypatch, tmp_p
     from slice2vol.cli.commands import _to_output_space
 
     vol, _, res = placed
-    unreliable = dataclasses.replace(res, disagreement_deg=90.0, symmetry_ncc=0.2)
+    unreliable = dataclasses.replace(res, disagreement_deg=90.0, symmetry_ncc=(0.51, 0.47, 0.2))
     monkeypatch.setattr(atlas_mod, "register_to_atlas", lambda volume, mask=None, **kw: unreliable)
     monkeypatch.setattr(atlas_mod, "to_atlas_space", lambda *a, **kw: pytest.fail("resampled an unreliable placement"))
     extra = {}
@@ -276,7 +280,7 @@ def test_unreliable_placement_keeps_the_scanner_frame(placed, monkeypatch, tmp_p
     assert rec["atlas"]["reliable"] is False and rec["atlas"]["directions_disagree_deg"] == pytest.approx(90.0)
     assert len(rec["atlas"]["doubts"]) == 2
     assert np.allclose(rec["atlas"]["transform_scanner_to_atlas"], res.transform)  # the attempt is kept
-    assert "atlas space refused" in caplog.text and "90 deg apart" in caplog.text and "NCC 0.20" in caplog.text
+    assert "atlas space refused" in caplog.text and "90 deg apart" in caplog.text and "reflection 0.51" in caplog.text
 
 
 @pytest.mark.slow
