@@ -109,7 +109,7 @@ from slice2vol.core.geometry import axis_aligned_grid
 from slice2vol.core.image import Volume
 from slice2vol.core.registration import register
 from slice2vol.core.resample import gaussian_blur, resample, sample_at
-from slice2vol.core.transforms import kabsch
+from slice2vol.core.transforms import kabsch, rotation_angle
 from slice2vol.errors import Slice2VolError
 
 __all__ = ["ATLAS_DIR", "Atlas", "AtlasRegistration", "load_atlas", "register_to_atlas", "to_atlas_space",
@@ -406,6 +406,20 @@ def _scores(moving: Tensor, affine: np.ndarray, fixed: _Fixed, poses: Tensor, si
     return _ncc(s.double(), fixed.values.double(), fixed.group, len(fixed.weeks))
 
 
+def _best_of_starts(moving: Tensor, affine: np.ndarray, starts: Tensor, coarse: _Fixed, fine: _Fixed, keep: int,
+                    spacing: np.ndarray) -> Tensor:
+    """The wide start search of both registration directions: every start ``(N, 4, 4)`` (fixed ->
+    moving world) refined a little on the ``coarse`` points (sigma 4 mm), the ``keep`` best by NCC
+    refined on the ``fine`` points (sigma 4, 2, 1 mm), the lowest cost returned ``(4, 4)``."""
+    poses, _ = _register_groups(moving, affine, coarse, starts, (4.0,), 4, replicate=True)
+    n = coarse.coords.shape[0]
+    each = _Fixed(coarse.coords.repeat(len(poses), 1), coarse.values.repeat(len(poses)),
+                  torch.arange(len(poses)).repeat_interleave(n), list(range(len(poses))))
+    best = torch.argsort(_scores(moving, affine, each, poses, 4.0, spacing), descending=True)[:keep]
+    poses, cost = _register_groups(moving, affine, fine, poses[best], (4.0, 2.0, 1.0), 8, replicate=True)
+    return poses[int(torch.argmin(cost))]
+
+
 def _dense_rigid(work: Tensor, affine: np.ndarray, pose: Tensor, atlas: Atlas, w: int, covered: Tensor | None = None,
                  sigma_vox: float = 2.0, iterations: int = 50) -> Tensor:
     """The rigid part of a dense correspondence between atlas week ``w`` and the volume.
@@ -528,8 +542,7 @@ def mirror_ncc(work: Tensor, affine: np.ndarray, brain: Tensor, transform: np.nd
     pts = _points(brain, affine)
     a = sample_at(work, affine, pts).double()
     b = sample_at(work, affine, pts @ mirror[:3, :3].T + mirror[:3, 3]).double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+    return float(_ncc(a, b, torch.zeros(a.shape[0], dtype=torch.long), 1)[0])
 
 
 def _reverse_transform(work: Tensor, affine: np.ndarray, brain: Tensor, atlas: Atlas, w: int, rim_mm: float,
@@ -558,16 +571,7 @@ def _reverse_transform(work: Tensor, affine: np.ndarray, brain: Tensor, atlas: A
         sub[::stride, ::stride, ::stride] = region[::stride, ::stride, ::stride]
         return _Fixed(_points(sub, affine).float(), work[sub], torch.zeros(int(sub.sum()), dtype=torch.long), [0])
 
-    target = atlas.t2[w]
-    coarse = points(2)
-    poses, _ = _register_groups(target, atlas.affine, coarse, starts, (4.0,), 4, replicate=True)
-    n = coarse.coords.shape[0]
-    ncc0 = _scores(target, atlas.affine, _Fixed(coarse.coords.repeat(len(poses), 1), coarse.values.repeat(len(poses)),
-                                                torch.arange(len(poses)).repeat_interleave(n), list(range(len(poses)))),
-                   poses, 4.0, np.full(3, atlas.resolution))
-    best = torch.argsort(ncc0, descending=True)[:keep]
-    poses, cost = _register_groups(target, atlas.affine, points(1), poses[best], (4.0, 2.0, 1.0), 8, replicate=True)
-    return poses[int(torch.argmin(cost))]
+    return _best_of_starts(atlas.t2[w], atlas.affine, starts, points(2), points(1), keep, np.full(3, atlas.resolution))
 
 
 def _working_volume(volume: Volume, mask: Tensor | None, resolution: float) -> tuple[Tensor, np.ndarray, Tensor, Tensor]:
@@ -654,16 +658,8 @@ def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tupl
     Rt = R.transpose(-1, -2)
     starts = _rigid(Rt, c_m - (Rt @ c_a))  # atlas -> scanner: x_s = R^T (x_a - c_a) + c_m
     region = _dilate(atlas.mask, max(1, int(round(rim_mm / atlas.resolution))))
-    coarse = _fixed_points(atlas, region, [ref], stride=3)
-    poses, _ = _register_groups(work, A, coarse, starts, (4.0,), 4, replicate=True)
-    ncc0 = _scores(work, A, _Fixed(coarse.coords.repeat(len(poses), 1), coarse.values.repeat(len(poses)),
-                                   torch.arange(len(poses)).repeat_interleave(coarse.coords.shape[0]),
-                                   list(range(len(poses)))), poses, 4.0, spacing)
-    best = torch.argsort(ncc0, descending=True)[:keep]
-    fine = _fixed_points(atlas, region, [ref], stride=2)
-    t1 = time.perf_counter()
-    poses, cost = _register_groups(work, A, fine, poses[best], (4.0, 2.0, 1.0), 8, replicate=True)
-    start = poses[int(torch.argmin(cost))]
+    start = _best_of_starts(work, A, starts, _fixed_points(atlas, region, [ref], stride=3),
+                            _fixed_points(atlas, region, [ref], stride=2), keep, spacing)
     t2 = time.perf_counter()
 
     # 2. every week from that pose (points 4.5 mm apart); the best NCC names the week
@@ -689,10 +685,9 @@ def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tupl
     disagreement = float("nan")
     if check:
         rev = _reverse_transform(work, A, brain, atlas, week_idx[g], rim_mm, spin_step_deg, keep).numpy()
-        Rd = transform[:3, :3].T @ rev[:3, :3]
-        disagreement = math.degrees(math.acos(max(-1.0, min(1.0, (float(np.trace(Rd)) - 1.0) / 2.0))))
-    log.debug("atlas registration: search %.2f s, refine %.2f s, weeks %.2f s, final %.2f s, dense %.2f s, "
-              "reverse %.2f s", t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, time.perf_counter() - t5)
+        disagreement = math.degrees(float(rotation_angle(torch.from_numpy(transform[:3, :3].T @ rev[:3, :3]))))
+    log.debug("atlas registration: start search %.2f s, weeks %.2f s, final %.2f s, dense %.2f s, reverse %.2f s",
+              t2 - t0, t3 - t2, t4 - t3, t5 - t4, time.perf_counter() - t5)
     out = AtlasRegistration(week=fixed.weeks[g], transform=transform, score=score,
                             scores={w: float(s) for w, s in zip(fixed.weeks, ncc.tolist())},
                             time_s=time.perf_counter() - t0, dense=dense, coverage=coverage,
