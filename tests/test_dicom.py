@@ -160,6 +160,37 @@ def test_geometry_agrees_with_nibabels_dicom_wrapper(sim, tmp_path):
         np.testing.assert_allclose(w.get_data().T, s.data[:, :, k], rtol=1e-6)
 
 
+def test_a_series_written_by_simpleitk_reads_to_the_nifti_geometry(sim, tmp_path):
+    """SimpleITK's GDCM writer, used the way its DICOM-series example does (one 2D slice per file,
+    position and orientation as metadata, no SliceThickness: GDCM then writes SpacingBetweenSlices 1)."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(sim / "nifti" / "stack_01.nii.gz"))
+    img = sitk.Cast(sitk.RescaleIntensity(img, 0, 4000), sitk.sitkInt16)
+    d = img.GetDirection()
+    folder = tmp_path / "sitk"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    names = np.random.default_rng(1).permutation(img.GetDepth())
+    for k in range(img.GetDepth()):
+        s = img[:, :, k]
+        for tag, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.99.1"), ("0008|0060", "MR"),
+                           ("0008|103e", "T2 SSFSE"), ("0020|0013", str(k + 1)),
+                           ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
+                           ("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))):
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"IM{names[k]:04d}.dcm"))
+        writer.Execute(s)
+    st = io.load_stack(folder)
+    ref = io.load_stack(sim / "nifti" / "stack_01.nii.gz")
+    np.testing.assert_allclose(st.affine, ref.affine, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(st.poses, ref.poses, rtol=0, atol=1e-5)
+    assert st.thickness == pytest.approx(4.0)  # the positions' spacing, not GDCM's SpacingBetweenSlices of 1
+    expected = sitk.GetArrayFromImage(img).astype(np.float32)  # (k, j, i)
+    np.testing.assert_array_equal(st.slices.numpy(), np.swapaxes(expected, 1, 2))
+
+
 def test_a_real_scanner_file_reads_like_nibabel_reads_it(tmp_path):
     """pydicom's MR_small.dcm (a real 64 x 64 MR image, 0.8 mm thick) as a one-image series."""
     from pydicom.data import get_testdata_file
@@ -176,20 +207,25 @@ def test_a_real_scanner_file_reads_like_nibabel_reads_it(tmp_path):
     np.testing.assert_array_equal(s.data[:, :, 0], w.get_data().T.astype(np.float32))
 
 
-def test_thickness_falls_back_to_spacing_between_slices_then_positions(sim, tmp_path):
+def test_thickness_falls_back_to_the_slice_positions(sim, tmp_path, caplog):
     data, affine = _nifti(sim, 0)
 
     def no_thickness(k, ds):
         del ds.SliceThickness
 
-    def spacing_only(k, ds):
+    def sitk_spacing(k, ds):  # SimpleITK / GDCM writing 2D slices: no SliceThickness, SpacingBetweenSlices 1
         del ds.SliceThickness
-        ds.SpacingBetweenSlices = "4.5"
+        ds.SpacingBetweenSlices = "1"
 
-    assert dicom.read_dicom_folder(_series(tmp_path, data, affine, "a", edit=no_thickness))[0].thickness == \
-        pytest.approx(4.0)
-    s = dicom.read_dicom_folder(_series(tmp_path, data, affine, "b", edit=spacing_only))[0]
-    assert (s.thickness, s.thickness_source) == (pytest.approx(4.5), "SpacingBetweenSlices")
+    s = dicom.read_dicom_folder(_series(tmp_path, data, affine, "a", edit=no_thickness))[0]
+    assert (s.thickness, s.thickness_source) == (pytest.approx(4.0), "slice positions")
+    with caplog.at_level("WARNING", logger="slice2vol.io.dicom"):
+        s = dicom.read_dicom_folder(_series(tmp_path, data, affine, "b", edit=sitk_spacing))[0]
+    assert (s.thickness, s.thickness_source) == (pytest.approx(4.0), "slice positions")
+    assert "SpacingBetweenSlices 1 mm disagrees with the slice positions (4 mm apart)" in caplog.text
+    # one image: its SpacingBetweenSlices is all there is
+    s = dicom.read_dicom_folder(_series(tmp_path, data[:, :, :1], affine, "one", edit=sitk_spacing))[0]
+    assert (s.thickness, s.thickness_source) == (pytest.approx(1.0), "SpacingBetweenSlices")
     # the header's thickness is used unless --thickness is given
     assert io.load_stack(_series(tmp_path, data, affine, "c", thickness=3.0)).thickness == pytest.approx(3.0)
     assert io.load_stack(tmp_path / "c", thickness=2.0).thickness == 2.0

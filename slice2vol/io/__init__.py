@@ -326,7 +326,7 @@ def load_stack(
         path: NIfTI file, or a folder holding one DICOM series (or several, one of them picked by
             ``series_description``; :mod:`slice2vol.io.dicom`).
         thickness: slice thickness in mm; default the slice spacing from the NIfTI header (DICOM:
-            ``SliceThickness``, else ``SpacingBetweenSlices``, else the spacing of the positions).
+            ``SliceThickness``, else the spacing of the positions; see :mod:`slice2vol.io.dicom`).
         mask: optional mask in the stack's voxel grid (same shape and affine; for a DICOM stack
             any grid with the same voxels, its axes in another order or direction, is accepted).
         name: label of the stack; default the file name (DICOM: series description and number).

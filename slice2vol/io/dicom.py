@@ -21,8 +21,10 @@ Reading
       and deflate always, JPEG (baseline, extended, lossless, JPEG-LS) and JPEG 2000 with the
       optional decoders of ``pip install "slice2vol[dicom-compressed]"`` (pylibjpeg); without
       them such a series is refused with a line that names its syntax and that command;
-    * the thickness is ``SliceThickness``, else ``SpacingBetweenSlices``, else the spacing of
-      the positions.
+    * the thickness is ``SliceThickness``, else the spacing of the positions (``SpacingBetweenSlices``
+      only for a one-image series: it is by definition that spacing, and writers that put something
+      else there exist -- SimpleITK / GDCM writing 2D slices put 1 -- so a value that disagrees with
+      the positions is logged and not used).
 
     Refused, each with one line: no DICOM file; non-MR ``Modality``; enhanced (multi-frame) MR or
     any ``NumberOfFrames > 1``; colour images; missing geometry tags; mixed orientations, pixel
@@ -487,10 +489,18 @@ def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
         files.append(p)
     affine = LPS_TO_RAS @ A_lps
     check_affine(affine, where)
+    sbs = _positive(first, "SpacingBetweenSlices")
+    if len(order) > 1 and sbs is not None and abs(sbs - abs(spacing)) > max(1e-3, POSITION_TOL * abs(spacing)):
+        # SpacingBetweenSlices is by definition the centre-to-centre step the positions give; writers that
+        # disagree exist (SimpleITK / GDCM writing 2D slices put 1; some vendors wrote the gap between slices)
+        log.warning("%s: SpacingBetweenSlices %g mm disagrees with the slice positions (%.4g mm apart); the "
+                    "positions are used%s", where, sbs, abs(spacing),
+                    "" if slice_thickness is not None else ", and as the slice thickness (no SliceThickness; "
+                    "give --thickness if the slices are thinner or thicker than their spacing)")
     if slice_thickness is not None:
         th, src = slice_thickness, "SliceThickness"
-    elif _positive(first, "SpacingBetweenSlices") is not None:
-        th, src = float(_positive(first, "SpacingBetweenSlices")), "SpacingBetweenSlices"
+    elif len(order) == 1 and sbs is not None:
+        th, src = sbs, "SpacingBetweenSlices"
     else:
         th, src = abs(spacing), "slice positions"
     meta = _meta(first)
