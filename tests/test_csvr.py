@@ -93,6 +93,20 @@ def test_forward_returns_one_finite_rigid_pose_per_slice():
     assert torch.allclose(same, torch.as_tensor(np.concatenate([s.poses for s in stacks])), atol=1e-3)
 
 
+def test_network_input_size_does_not_hinge_on_the_last_digits_of_the_pixel_spacing():
+    """A 39-pixel crop of 1 mm pixels is 19.5 working pixels of 2 mm: the same stack from NIfTI
+    (float32 spacing 1 +- 3e-8) or DICOM must give the network one input size (it gave 19 or 20,
+    and poses up to 3.8 mm apart, in the DICOM benchmark)."""
+    N, H, W = 3, 40, 40
+    mask = torch.zeros(N, H, W, dtype=torch.bool)
+    mask[:, 4:37, 4:37] = True  # 33 pixels, + 3 margin each side: 39
+    sizes = set()
+    for dx in (1.0 - 3e-8, 1.0, 1.0 + 3e-8):
+        st = Stack(torch.ones(N, H, W), mask, np.tile(np.eye(4), (N, 1, 1)), (dx, dx), 3.0, np.eye(4), np.arange(N))
+        sizes.add(tuple(prepare_inputs([st], 2.0).stacks[0].images.shape))
+    assert sizes == {(N, 2, 20, 20)}  # 39 * 1 / 2 = 19.5 -> 20 (halves to even)
+
+
 def _atlas_tre(atlas, motion: str) -> tuple[float, float]:
     """Median-over-stacks TRE (mm) of the shipped network and of the header poses on one case."""
     cfg = SimulationConfig(n_stacks=3, orientations=("axial", "coronal", "sagittal"), spacing=2.0, thickness=3.0,

@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from slice2vol import io
 from slice2vol.core.geometry import (
+    COUNT_TOL,
     axis_aligned_grid,
     check_affine,
     grid_affine,
@@ -157,6 +158,15 @@ def test_world_to_grid_maps_corner_voxel_centres_to_plus_minus_one(make_affine, 
         np.testing.assert_allclose(g, expected, atol=1e-9)
 
 
+def test_a_box_a_rounding_error_over_a_whole_count_gets_the_same_grid():
+    """The same stack read from NIfTI (float32) or DICOM (decimal) spans 31.0 or 31.0000001 voxels."""
+    lo = np.array([-10.0, 4.0, 0.5])
+    for eps in (-1e-7, 0.0, 1e-7):
+        A, shape = axis_aligned_grid(lo, lo + np.array([31.0, 39.5, 26.0]) * 0.8 + eps, 0.8)
+        assert shape == (32, 41, 27)
+    assert axis_aligned_grid(lo, lo + 31.01 * 0.8, 0.8)[1] == (33, 33, 33)  # a real excess still counts
+
+
 def test_grid_affine_samples_voxel_values_with_grid_sample(make_affine):
     shape = (4, 5, 3)
     A = make_affine(Rotation.from_euler("zyx", [30, 10, -60], degrees=True).as_matrix(), (1.0, 2.0, 0.5), (3, 4, 5))
@@ -180,7 +190,8 @@ def test_axis_aligned_grid_covers_the_box(lo, size, res):
     A, shape = axis_aligned_grid(lo, hi, res)
     np.testing.assert_allclose(A[:3, :3], res * np.eye(3))
     first, last = A[:3, 3], A[:3, :3] @ (np.array(shape) - 1) + A[:3, 3]
-    assert np.all(first <= lo + 1e-9) and np.all(last >= hi - 1e-9)
+    slack = COUNT_TOL * res / 2 + 1e-9  # a box a hair (COUNT_TOL voxel) over a whole count gets no extra voxel
+    assert np.all(first <= lo + slack) and np.all(last >= hi - slack)
     assert np.all((np.array(shape) - 1) * res < hi - lo + res + 1e-9)  # no more than one spare voxel
     np.testing.assert_allclose((first + last) / 2, (lo + hi) / 2, atol=1e-9)
 

@@ -19,6 +19,14 @@ Slice frame
     :func:`make_right_handed` flips the ``i`` axis of a stack whose affine has a negative
     determinant (the world position of every voxel is unchanged).
 
+Counts from lengths
+    A number of voxels or pixels derived from a length in mm (a grid covering a box, a stack
+    resampled to another spacing) is rounded by :func:`count_ceil` / :func:`count_round`, which
+    treat a ratio within :data:`COUNT_TOL` of an integer (or of a half) as exactly that: the same
+    stack read from NIfTI (float32 affine) or from DICOM (decimal strings) differs in the 7th
+    digit, and a plain ``ceil`` or ``round`` at an exact boundary (1 mm pixels, a 2 mm working
+    grid, an odd width) then gives grids one voxel apart and visibly different reconstructions.
+
 Sampling
     ``torch.nn.functional.grid_sample`` with ``align_corners=True``: normalised coordinate -1 is
     the centre of voxel 0 and +1 the centre of voxel ``N - 1``; the grid's last dimension is
@@ -33,6 +41,9 @@ from torch import Tensor
 from slice2vol.errors import Slice2VolError
 
 __all__ = [
+    "COUNT_TOL",
+    "count_ceil",
+    "count_round",
     "check_affine",
     "make_right_handed",
     "nearest_rotation",
@@ -164,6 +175,34 @@ def world_to_grid(x: Tensor, affine: Tensor, shape: tuple[int, int, int]) -> Ten
     return x @ G[:3, :3].T + G[:3, 3]
 
 
+#: Ratios this close (in voxels) to an integer or a half count as exactly it (module docstring).
+COUNT_TOL = 1e-4
+
+
+def count_ceil(x):
+    """``ceil(x)`` with ``x`` within :data:`COUNT_TOL` above an integer taken as that integer.
+
+    >>> count_ceil(31.0000001), count_ceil(31.0), count_ceil(31.01)
+    (31, 31, 32)
+    >>> count_ceil(np.array([2.00000003, 2.5])).tolist()
+    [2, 3]
+    """
+    c = np.ceil(np.asarray(x, dtype=np.float64) - COUNT_TOL).astype(int)
+    return int(c) if c.ndim == 0 else c
+
+
+def count_round(x: float) -> int:
+    """``round(x)`` (halves to even, as Python's) with ``x`` within :data:`COUNT_TOL` of a half
+    taken as exactly the half.
+
+    >>> count_round(32.49999999), count_round(32.5), count_round(32.50000003), count_round(33.5000001)
+    (32, 32, 32, 34)
+    """
+    x = float(x)
+    half = np.floor(x) + 0.5
+    return int(round(half)) if abs(x - half) <= COUNT_TOL else int(round(x))
+
+
 def axis_aligned_grid(lo: np.ndarray, hi: np.ndarray, resolution: float) -> tuple[np.ndarray, tuple[int, int, int]]:
     """World-axis-aligned voxel grid covering the box ``[lo, hi]`` (mm) at ``resolution`` mm.
 
@@ -177,7 +216,7 @@ def axis_aligned_grid(lo: np.ndarray, hi: np.ndarray, resolution: float) -> tupl
         raise Slice2VolError(f"grid resolution must be a positive number of mm, got {resolution}")
     if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
         raise Slice2VolError("grid box corners must be two finite 3-vectors (mm)")
-    shape = tuple(int(n) for n in np.maximum(np.ceil((hi - lo) / resolution).astype(int) + 1, 1))
+    shape = tuple(int(n) for n in np.maximum(count_ceil((hi - lo) / resolution) + 1, 1))
     centre = (lo + hi) / 2
     origin = centre - (np.asarray(shape) - 1) / 2 * resolution
     A = np.eye(4)

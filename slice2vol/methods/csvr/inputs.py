@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slice2vol.core.geometry import slice_pixel_coords
+from slice2vol.core.geometry import count_round, slice_pixel_coords
 from slice2vol.core.image import Stack
 from slice2vol.errors import Slice2VolError
 
@@ -93,8 +93,8 @@ def _stack_to_input(st: Stack, spacing: float, margin_px: int) -> tuple[StackInp
     N, H, W = x.shape
     i0, i1, j0, j1 = _crop_box(m, margin_px)
     dx, dy = float(st.spacing[0]), float(st.spacing[1])
-    h = max(1, int(round((i1 - i0 + 1) * dx / spacing)))
-    w = max(1, int(round((j1 - j0 + 1) * dy / spacing)))
+    h = max(1, count_round((i1 - i0 + 1) * dx / spacing))
+    w = max(1, count_round((j1 - j0 + 1) * dy / spacing))
     sp = ((i1 - i0 + 1) * dx / h, (j1 - j0 + 1) * dy / w)
     crop = torch.stack([x * m, m.float()], 1)[:, :, i0:i1 + 1, j0:j1 + 1]
     if (h, w) != tuple(crop.shape[-2:]):
