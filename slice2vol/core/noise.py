@@ -58,6 +58,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from slice2vol.core.geometry import count_round
 from slice2vol.core.image import Stack
 from slice2vol.core.inplane import fourier_resize
 
@@ -122,8 +123,8 @@ def acquired_grid(x: torch.Tensor, m: torch.Tensor, spacing, pixel) -> tuple[tor
     where ``pixel`` is not coarser than ``spacing`` by more than 5 %.
     """
     H, W = x.shape[1:]
-    h = min(H, max(3, int(round(H * float(spacing[0]) / float(pixel[0])))))
-    w = min(W, max(3, int(round(W * float(spacing[1]) / float(pixel[1])))))
+    h = min(H, max(3, count_round(H * float(spacing[0]) / float(pixel[0]))))
+    w = min(W, max(3, count_round(W * float(spacing[1]) / float(pixel[1]))))
     if h >= 0.95 * H and w >= 0.95 * W:
         return x, m
     y = fourier_resize(x, (h, w)).real
