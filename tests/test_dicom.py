@@ -267,8 +267,12 @@ def _other_size(k, ds):
         ds.PixelData = ds.PixelData[: ds.Rows * ds.Columns * 2]
 
 
-def _enhanced(k, ds):
-    ds.SOPClassUID = ENHANCED_MR
+def _enhanced_colour(k, ds):
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.3"  # Enhanced MR Color Image
+    ds.NumberOfFrames = 2
+
+
+def _classic_multiframe(k, ds):
     ds.NumberOfFrames = 2
 
 
@@ -302,12 +306,117 @@ REFUSALS = {
     "mixed_pixel_spacing": (_other_spacing, "mixed pixel spacings"),
     "mixed_size": (_other_size, "mixed image sizes"),
     "mixed_thickness": (_mixed_thickness, "mixed SliceThickness"),
-    "enhanced_multiframe": (_enhanced, "enhanced multi-frame MR is not supported"),
+    "enhanced_colour": (_enhanced_colour, "Enhanced MR Color Image .* does not read"),
+    "classic_multiframe": (_classic_multiframe, "multi-frame image .* does not read"),
     "gantry_tilt": (_tilted, "not stacked along their normal .* deg off"),
     "uneven_spacing": (_uneven, "uneven slice spacing"),
     "no_orientation": (_no_orientation, "ImageOrientationPatient is missing"),
     "colour": (_colour, "samples per pixel"),
 }
+
+
+def write_enhanced(path: Path, data: np.ndarray, affine: np.ndarray, *, order=None, shared_geometry=True,
+                   edit=None) -> Path:
+    """``data (H, W, N)`` on RAS ``affine`` as ONE Enhanced MR Image file, frames in ``order`` (a
+    permutation of the slices; default shuffled), positions per frame, orientation / pixel
+    measures / rescale shared (or per frame with ``shared_geometry=False``); ``edit(f, item)`` may
+    change frame ``f``'s functional-group item."""
+    A = LPS @ np.asarray(affine, dtype=np.float64)
+    sp = np.linalg.norm(A[:3, :3], axis=0)
+    row_cos, col_cos = A[:3, 0] / sp[0], A[:3, 1] / sp[1]
+    stored = _quantise(data)
+    n = data.shape[2]
+    order = list(order if order is not None else np.random.default_rng(7).permutation(n))
+
+    def measures():
+        m = Dataset()
+        m.PixelSpacing = [f"{sp[1]:.10f}", f"{sp[0]:.10f}"]
+        m.SliceThickness = f"{sp[2]:.10f}"
+        return m
+
+    def orientation():
+        o = Dataset()
+        o.ImageOrientationPatient = [f"{v:.12f}" for v in (*row_cos, *col_cos)]
+        return o
+
+    def rescale():
+        r = Dataset()
+        r.RescaleSlope, r.RescaleIntercept, r.RescaleType = "0.05", "-5", "US"
+        return r
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_MR, generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID = "MR", "Doe^Jane", "P123"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4.5.6.7", generate_uid()
+    ds.SeriesNumber, ds.SeriesDescription, ds.InstanceNumber = 7, "T2 HASTE enhanced", 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.NumberOfFrames = len(order)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = data.shape[1], data.shape[0]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    shared = Dataset()
+    if shared_geometry:
+        shared.PixelMeasuresSequence = [measures()]
+        shared.PlaneOrientationSequence = [orientation()]
+        shared.PixelValueTransformationSequence = [rescale()]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for f, k in enumerate(order):
+        item = Dataset()
+        pos = Dataset()
+        pos.ImagePositionPatient = [f"{v:.10f}" for v in A[:3, :3] @ [0, 0, k] + A[:3, 3]]
+        item.PlanePositionSequence = [pos]
+        if not shared_geometry:
+            item.PixelMeasuresSequence = [measures()]
+            item.PlaneOrientationSequence = [orientation()]
+            item.PixelValueTransformationSequence = [rescale()]
+        if edit is not None:
+            edit(f, item)
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.ascontiguousarray(np.stack([stored[:, :, k].T for k in order])).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_groups", "per_frame_groups"])
+def test_enhanced_mr_file_reads_to_the_nifti_geometry(shared, sim, tmp_path):
+    """One Enhanced MR Image file, frames shuffled, reads as the stack the NIfTI holds."""
+    data, affine = _nifti(sim, 1)
+    write_enhanced(tmp_path / "enh" / "IM0001", data, affine, shared_geometry=shared)
+    st = io.load_stack(tmp_path / "enh")
+    ref = io.load_stack(sim / "nifti" / "stack_01.nii.gz")
+    np.testing.assert_allclose(st.affine, ref.affine, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(st.poses, ref.poses, rtol=0, atol=1e-5)
+    assert st.thickness == pytest.approx(4.0) and st.name == "T2_HASTE_enhanced_s7"
+    np.testing.assert_array_equal(st.slices.numpy(), np.moveaxis(_rescaled(_quantise(data)), 2, 0))
+
+
+def test_enhanced_mr_file_holding_two_echoes_or_a_gap_is_refused_like_a_series(sim, tmp_path):
+    data, affine = _nifti(sim, 1)
+    n = data.shape[2]
+    twice = np.concatenate([data, data], axis=2)  # frames n.. repeat the positions of 0..: two echoes
+    A = affine.copy()
+    write_enhanced(tmp_path / "echoes" / "x", twice, A, order=list(range(n)) + list(range(n)))
+    with pytest.raises(Slice2VolError, match=r"frame \d+ and .* frame \d+ lie at the same position"):
+        io.load_stack(tmp_path / "echoes")
+    write_enhanced(tmp_path / "gap" / "x", data, affine, order=[k for k in range(n) if k != 4])
+    with pytest.raises(Slice2VolError, match="missing slices"):
+        io.load_stack(tmp_path / "gap")
+
+    def turn(f, item):
+        if f == 2:
+            o = Dataset()
+            o.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
+            item.PlaneOrientationSequence = [o]
+    write_enhanced(tmp_path / "turned" / "x", data, affine, edit=turn)
+    with pytest.raises(Slice2VolError, match="mixed orientations .* frame"):
+        io.load_stack(tmp_path / "turned")
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSALS))

@@ -26,8 +26,15 @@ Reading
       else there exist -- SimpleITK / GDCM writing 2D slices put 1 -- so a value that disagrees with
       the positions is logged and not used).
 
-    Refused, each with one line: no DICOM file; non-MR ``Modality``; enhanced (multi-frame) MR or
-    any ``NumberOfFrames > 1``; colour images; missing geometry tags; mixed orientations, pixel
+    * an Enhanced MR Image or Legacy Converted Enhanced MR Image file (one file, many frames, as
+      recent scanner software exports) is read frame by frame: each frame is an image whose
+      position, orientation, pixel spacing, thickness and rescale come from its functional groups
+      (per-frame, else shared; :data:`FRAME_GROUPS`), and the frames of a series then go through
+      everything above and below exactly as single-frame images do (so a file holding several
+      stacks, echoes or orientations is refused as a series holding them would be).
+
+    Refused, each with one line: no DICOM file; non-MR ``Modality``; Enhanced MR Color,
+    MR Spectroscopy, or a classic image with ``NumberOfFrames > 1``; colour images; missing geometry tags; mixed orientations, pixel
     spacing, image size or slice thickness inside one series; two images at one position
     (several echoes, repetitions or acquisitions in one series); missing slices or otherwise
     uneven position spacing; slices not stacked along their normal (gantry tilt: the voxel grid
@@ -79,13 +86,25 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-#: SOP classes read as "enhanced multi-frame MR", refused with a hint.
+#: Enhanced (multi-frame) MR SOP classes.  The first two are read frame by frame (module docstring);
+#: the others are refused with a hint.
 ENHANCED_MR = {
     "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image",
-    "1.2.840.10008.5.1.4.1.1.4.3": "Enhanced MR Color Image",
     "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image",
+    "1.2.840.10008.5.1.4.1.1.4.3": "Enhanced MR Color Image",
     "1.2.840.10008.5.1.4.1.1.4.2": "MR Spectroscopy",
 }
+ENHANCED_READ = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4")
+#: Functional-group sequence -> the attributes a frame takes from it (per-frame group first, else shared).
+FRAME_GROUPS = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+}
+#: Attributes of the enhanced file every frame keeps (with :data:`SOURCE_TAGS`).
+FRAME_KEEP = ("SOPClassUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+              "BitsStored", "HighBit", "PixelRepresentation", "ImageType")
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 
 #: LPS (DICOM patient coordinates) <-> RAS (nibabel's world): negate x and y.
@@ -235,6 +254,45 @@ def _has_preamble(p: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _frames(ds, where: str) -> list:
+    """An enhanced MR file's frames, each as a header of its own: the file's :data:`FRAME_KEEP` and
+    :data:`SOURCE_TAGS`, and the geometry and rescale of its functional groups (:data:`FRAME_GROUPS`,
+    the per-frame group before the shared one).  ``frame_index`` (0-based) says which frame."""
+    from pydicom.dataset import Dataset
+
+    try:
+        n = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise Slice2VolError(f"{where}: NumberOfFrames is {_text(ds.get('NumberOfFrames'))!r}, not a number") from None
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if per_frame and len(per_frame) != n:
+        raise Slice2VolError(f"{where}: {len(per_frame)} per-frame functional groups for {n} frames")
+    frames = []
+    for f in range(n):
+        out = Dataset()
+        for key in (*FRAME_KEEP, *SOURCE_TAGS):
+            if key in ds:
+                setattr(out, key, ds.get(key))
+        for seq, keys in FRAME_GROUPS.items():
+            for groups in (per_frame[f] if per_frame else None, shared):
+                item = (groups.get(seq) or [None])[0] if groups is not None else None
+                if item is not None and any(k in item for k in keys):
+                    for k in keys:
+                        if k in item:
+                            setattr(out, k, item.get(k))
+                    break
+        out.frame_index = f
+        frames.append(out)
+    return frames
+
+
+def _image_name(p: Path, ds) -> str:
+    """How messages name one image: the file name, and the frame of an enhanced file."""
+    f = getattr(ds, "frame_index", None)
+    return p.name if f is None else f"{p.name} frame {f + 1}"
+
+
 def _scan(folder: Path, what: str) -> dict[str, list[tuple[Path, object]]]:
     """Headers of every DICOM file under ``folder``, grouped by ``SeriesInstanceUID``."""
     pydicom = _pydicom()
@@ -255,7 +313,10 @@ def _scan(folder: Path, what: str) -> dict[str, list[tuple[Path, object]]]:
         uid = _text(ds.get("SeriesInstanceUID")).strip()
         if not uid:
             raise Slice2VolError(f"{what} {folder}: {p.name} has no SeriesInstanceUID")
-        groups.setdefault(uid, []).append((p, ds))
+        if _text(ds.get("SOPClassUID")).strip() in ENHANCED_READ:
+            groups.setdefault(uid, []).extend((p, f) for f in _frames(ds, f"{what} {folder}: {p.name}"))
+        else:
+            groups.setdefault(uid, []).append((p, ds))
     if skipped:
         log.debug("%s %s: %d non-DICOM files left out", what, folder, skipped)
     return groups
@@ -361,17 +422,17 @@ def _check_series_headers(ref: SeriesRef, where: str) -> None:
             n_frames = int(frames) if frames not in (None, "") else 1
         except (TypeError, ValueError):
             n_frames = 1
-        if sop in ENHANCED_MR or n_frames > 1:
+        if (sop in ENHANCED_MR and sop not in ENHANCED_READ) or (n_frames > 1 and sop not in ENHANCED_READ):
             kind = ENHANCED_MR.get(sop, "multi-frame image")
-            raise Slice2VolError(f"{where}: {p.name} is an {kind} ({n_frames} frames); enhanced multi-frame MR "
-                                 f"is not supported: export the series as classic single-frame MR images (or convert "
-                                 f"it to NIfTI, e.g. with dcm2niix)")
+            raise Slice2VolError(f"{where}: {_image_name(p, ds)} is an {kind} ({n_frames} frames), which slice2vol does not "
+                                 f"read (it reads classic MR images and Enhanced MR Image frames): export the series "
+                                 f"as classic single-frame MR images (or convert it to NIfTI, e.g. with dcm2niix)")
         spp = ds.get("SamplesPerPixel", 1)
         if spp not in (None, "") and int(spp) != 1:
-            raise Slice2VolError(f"{where}: {p.name} has {int(spp)} samples per pixel (colour); MR magnitude images "
+            raise Slice2VolError(f"{where}: {_image_name(p, ds)} has {int(spp)} samples per pixel (colour); MR magnitude images "
                                  f"(one sample per pixel) are needed")
         if _text(ds.get("PhotometricInterpretation")).strip() == "MONOCHROME1":
-            raise Slice2VolError(f"{where}: {p.name} is MONOCHROME1 (inverted grey scale), not supported")
+            raise Slice2VolError(f"{where}: {_image_name(p, ds)} is MONOCHROME1 (inverted grey scale), not supported")
     sizes = sorted({(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for ds in headers})
     if len(sizes) > 1:
         raise Slice2VolError(f"{where}: mixed image sizes (rows x columns {', '.join(f'{r}x{c}' for r, c in sizes)}) "
@@ -382,12 +443,12 @@ def _check_series_headers(ref: SeriesRef, where: str) -> None:
 
 def _geometry(ref: SeriesRef, where: str):
     """``(order, affine_lps, slice_spacing, pixel spacing (row, col), thicknesses)`` of a series."""
-    iop = np.array([_floats(ds, "ImageOrientationPatient", 6, f"{where}: {p.name}") for p, ds in ref.files])
+    iop = np.array([_floats(ds, "ImageOrientationPatient", 6, f"{where}: {_image_name(p, ds)}") for p, ds in ref.files])
     if np.abs(iop - iop[0]).max() > ORIENTATION_TOL:
         bad = int(np.argmax(np.abs(iop - iop[0]).max(axis=1)))
         angle = np.degrees(np.arccos(np.clip(min(iop[0, :3] @ iop[bad, :3], iop[0, 3:] @ iop[bad, 3:]), -1, 1)))
-        raise Slice2VolError(f"{where}: mixed orientations in one series ({ref.files[bad][0].name} is turned "
-                             f"{angle:.1f} deg from {ref.files[0][0].name}); a stack must have parallel slices "
+        raise Slice2VolError(f"{where}: mixed orientations in one series ({_image_name(*ref.files[bad])} is turned "
+                             f"{angle:.1f} deg from {_image_name(*ref.files[0])}); a stack must have parallel slices "
                              f"(a localizer? pick another series)")
     row_cos, col_cos = iop[0, :3], iop[0, 3:]
     if (abs(np.linalg.norm(row_cos) - 1) > ORIENTATION_TOL * 10 or abs(np.linalg.norm(col_cos) - 1) > ORIENTATION_TOL * 10
@@ -399,7 +460,7 @@ def _geometry(ref: SeriesRef, where: str):
     normal = np.cross(row_cos, col_cos)
     normal = normal / np.linalg.norm(normal)
 
-    ps = np.array([_floats(ds, "PixelSpacing", 2, f"{where}: {p.name}") for p, ds in ref.files])
+    ps = np.array([_floats(ds, "PixelSpacing", 2, f"{where}: {_image_name(p, ds)}") for p, ds in ref.files])
     if np.any(ps <= 0):
         raise Slice2VolError(f"{where}: PixelSpacing {_text(ps[np.argmin(ps.min(1))].tolist())} is not positive")
     if np.abs(ps - ps[0]).max() > SPACING_TOL:
@@ -410,7 +471,7 @@ def _geometry(ref: SeriesRef, where: str):
     if known and max(known) - min(known) > SPACING_TOL:
         raise Slice2VolError(f"{where}: mixed SliceThickness in one series ({min(known):g} to {max(known):g} mm)")
 
-    ipp = np.array([_floats(ds, "ImagePositionPatient", 3, f"{where}: {p.name}") for p, ds in ref.files])
+    ipp = np.array([_floats(ds, "ImagePositionPatient", 3, f"{where}: {_image_name(p, ds)}") for p, ds in ref.files])
     d = ipp @ normal
     order = np.argsort(d, kind="stable")
     d, ipp = d[order], ipp[order]
@@ -424,7 +485,7 @@ def _geometry(ref: SeriesRef, where: str):
         step_vec, spacing = normal * t, t
     else:
         gaps = np.diff(d)
-        names = [ref.files[i][0].name for i in order]
+        names = [_image_name(*ref.files[i]) for i in order]
         if gaps.min() < max(1e-3, POSITION_TOL * dx):
             k = int(np.argmin(gaps))
             raise Slice2VolError(f"{where}: {names[k]} and {names[k + 1]} lie at the same position (several echoes, "
@@ -474,17 +535,26 @@ def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
     budget.check_image_size((cols, rows, len(order)), 4, where)
     data = np.empty((cols, rows, len(order)), dtype=np.float32)
     files = []
+    multi: dict[Path, np.ndarray] = {}  # an enhanced file's frames, decoded once
     for k, idx in enumerate(order):
-        p = ref.files[idx][0]
+        p, head = ref.files[idx]
+        frame = getattr(head, "frame_index", None)
         ds = None
         try:
-            ds = pydicom.dcmread(p)
-            pixels = ds.pixel_array
-            values = apply_modality_lut(pixels, ds)
+            if frame is None:
+                ds = pydicom.dcmread(p)
+                values = apply_modality_lut(ds.pixel_array, ds)
+            else:
+                if p not in multi:
+                    ds = pydicom.dcmread(p)
+                    multi[p] = ds.pixel_array.reshape(-1, rows, cols)
+                # the frame's own rescale (its functional groups; `head` holds them as classic tags)
+                values = apply_modality_lut(multi[p][frame], head)
         except Exception as exc:  # compressed without a decoder, truncated pixel data, ...
             raise Slice2VolError(_pixel_error(where, p, ds, exc)) from None
         if values.shape != (rows, cols):
-            raise Slice2VolError(f"{where}: {p.name} holds pixel data of shape {values.shape}, not {rows} x {cols}")
+            raise Slice2VolError(f"{where}: {_image_name(p, head)} holds pixel data of shape {values.shape}, not "
+                                 f"{rows} x {cols}")
         data[:, :, k] = np.asarray(values, dtype=np.float64).T
         files.append(p)
     affine = LPS_TO_RAS @ A_lps
