@@ -207,6 +207,34 @@ def test_a_real_scanner_file_reads_like_nibabel_reads_it(tmp_path):
     np.testing.assert_array_equal(s.data[:, :, 0], w.get_data().T.astype(np.float32))
 
 
+@pytest.mark.filterwarnings("ignore:Unable to find Philips private scale factor")
+def test_a_real_philips_enhanced_mr_file_reads_like_nibabel_reads_it(tmp_path):
+    """nibabel's own test file: a Philips Enhanced MR Image of 176 frames (an MPRAGE, 1 mm)."""
+    import gzip
+
+    import nibabel
+
+    src = Path(nibabel.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
+    if not src.is_file():
+        pytest.skip("this nibabel install has no test data")
+    (tmp_path / "mr").mkdir()
+    (tmp_path / "mr" / "x").write_bytes(gzip.open(src).read())
+    s = dicom.read_dicom_folder(tmp_path / "mr")[0]
+    w = dicomwrappers.wrapper_from_file(str(tmp_path / "mr" / "x"))
+    assert s.data.shape == w.image_shape == (256, 256, 176) and s.thickness_source == "SliceThickness"
+    theirs = LPS @ w.affine  # voxel (row, column, frame in nibabel's order) -> RAS
+    ours = s.affine  # voxel (column, row, slice by position) -> RAS
+    np.testing.assert_allclose(ours[:3, 0], theirs[:3, 1], atol=1e-6)
+    np.testing.assert_allclose(ours[:3, 1], theirs[:3, 0], atol=1e-6)
+    n = s.data.shape[2]
+    same = np.allclose(ours[:3, 2], theirs[:3, 2], atol=1e-5)
+    k = np.arange(n) if same else np.arange(n)[::-1]  # nibabel may stack the frames the other way
+    np.testing.assert_allclose(ours[:3, :3] @ [0, 0, n - 1] + ours[:3, 3],
+                               theirs[:3, :3] @ [0, 0, k[-1]] + theirs[:3, 3], atol=1e-4)
+    np.testing.assert_allclose(s.data, np.asarray(w.get_data(), dtype=np.float64).transpose(1, 0, 2)[:, :, k],
+                               rtol=1e-5, atol=1e-3)
+
+
 def test_thickness_falls_back_to_the_slice_positions(sim, tmp_path, caplog):
     data, affine = _nifti(sim, 0)
 
