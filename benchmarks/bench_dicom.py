@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import locale
 import os
 import platform
 import random
@@ -65,14 +66,18 @@ def write_simpleitk(stack: Path, series: Path, number: int) -> None:
     series.mkdir(parents=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(img.GetDepth()):
-        s = img[:, :, k]
-        for tag, value in tags.items():
-            s.SetMetaData(tag, value)
-        s.SetMetaData("0020|0013", str(k + 1))
-        s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
-        writer.SetFileName(str(series / f"{k:04d}.dcm"))
-        writer.Execute(s)
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves LC_CTYPE at "C"
+    try:
+        for k in range(img.GetDepth()):
+            s = img[:, :, k]
+            for tag, value in tags.items():
+                s.SetMetaData(tag, value)
+            s.SetMetaData("0020|0013", str(k + 1))
+            s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
+            writer.SetFileName(str(series / f"{k:04d}.dcm"))
+            writer.Execute(s)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def make_case(atlas: str, out: Path, data: Path, seed: int, writer: str = "slice2vol") -> Path:

@@ -9,6 +9,7 @@ geometry is cross-checked with nibabel's independent DICOM wrapper.
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 import warnings
 from pathlib import Path
@@ -97,6 +98,15 @@ def write_test_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, des
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.save_as(folder / names[k], enforce_file_format=True)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _locale_kept():
+    """SimpleITK's GDCM DICOM writer leaves the process's LC_CTYPE at "C" (ASCII), after which
+    ``Path.read_text()`` in later tests fails on UTF-8 text; put it back after every test here."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(scope="module")
