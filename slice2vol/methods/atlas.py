@@ -237,7 +237,7 @@ def load_atlas(folder: str | None = None) -> Atlas:
     if not manifest.exists():
         raise Slice2VolError(f"the atlas for --output-space atlas is missing from the installation ({root}); "
                              f"use --output-space scanner")
-    meta = json.loads(manifest.read_text())
+    meta = json.loads(manifest.read_text(encoding="utf-8"))
     weeks, t2s, masks, ml = [], [], [], []
     affine = np.asarray(meta["affine"], dtype=np.float64)
     for w in meta["weeks"]:

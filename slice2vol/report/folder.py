@@ -40,7 +40,7 @@ def _find_record(folder: Path) -> tuple[Path, Path]:
     cands = []
     for p in sorted(folder.glob("*.json")):
         try:
-            obj = json.loads(p.read_text())
+            obj = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             continue
         if isinstance(obj, dict) and "stacks" in obj and "convention" in obj:
@@ -95,7 +95,7 @@ def report_data_from_dir(recon_dir, device: torch.device | str = "cpu") -> tuple
     json_path, default_out = _find_record(folder)
     base = json_path.parent
     try:
-        record = json.loads(json_path.read_text())
+        record = json.loads(json_path.read_text(encoding="utf-8"))
         entries = record["stacks"]
         if not isinstance(entries, list) or not entries:
             raise ValueError("no stacks")

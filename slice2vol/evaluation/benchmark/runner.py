@@ -66,7 +66,7 @@ def result_path(output: Path, job: Job) -> Path:
 def read_result(path: Path) -> dict | None:
     """A job's stored result, or None when missing or unreadable (then it is run again)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -110,7 +110,7 @@ def run_worker(cfg: BenchmarkConfig, job: Job, device: str) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    (job_dir / "worker.log").write_text(proc.stdout + proc.stderr)
+    (job_dir / "worker.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     res = read_result(result_path(cfg.output, job)) if proc.returncode == 0 else None
     if res is None or res.get("status") != "ok":
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -190,7 +190,8 @@ def write_results(records: Sequence[dict], cfg: BenchmarkConfig) -> list[Path]:
 
     out = cfg.output
     write_csv(records, out / RESULTS_CSV)
-    io.atomic_write(out / RESULTS_MD, lambda tmp: Path(tmp).write_text(results_markdown(records, cfg)))
+    text = results_markdown(records, cfg)
+    io.atomic_write(out / RESULTS_MD, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     rows = aggregate(records)
     written = [out / RESULTS_CSV, out / RESULTS_MD]
     if any(r["n"] for r in rows):

@@ -209,7 +209,7 @@ def _check_settings(cfg: BenchmarkConfig) -> None:
     if not path.is_file():
         return
     try:
-        theirs = json.loads(path.read_text()).get("settings", {})
+        theirs = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
     except (OSError, ValueError):
         theirs = {}
     mine = {k: getattr(cfg, k) for k in _RESULT_SETTINGS}

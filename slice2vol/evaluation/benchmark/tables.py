@@ -68,7 +68,7 @@ def machine_description() -> str:
     """CPU model (from /proc/cpuinfo) and logical core count, e.g. ``Intel Xeon ... (2 cores)``."""
     model = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.lower().startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
@@ -123,7 +123,7 @@ def write_csv(records: Sequence[dict], path: Path) -> None:
     w = csv.DictWriter(buf, fieldnames=fields, restval="")
     w.writeheader()
     w.writerows(rows)
-    io.atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    io.atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
 
 
 def _flat(record: dict) -> dict:

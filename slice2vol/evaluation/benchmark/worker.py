@@ -46,7 +46,7 @@ def run_job(case_dir: Path, method_name: str, device: str = "cpu", resolution: f
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     seed_everything(0)
-    meta = json.loads((case_dir / CASE_JSON).read_text())
+    meta = json.loads((case_dir / CASE_JSON).read_text(encoding="utf-8"))
     stacks = io.load_stacks([case_dir / f for f in meta["stacks"]], meta["thickness"],
                             [case_dir / f for f in meta["stack_masks"]])
 
