@@ -65,13 +65,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--motions", nargs="+", default=["moderate", "severe"])
     p.add_argument("--copies", type=int, default=3, help="jittered copies per case")
-    p.add_argument("--jitter", type=float, default=1e-4, help="rigid shift of each stack of a copy, mm")
+    p.add_argument("--jitter", type=float, default=1e-4, help="shift of each stack of a copy, mm (it is also turned by jitter / 100 rad)")
     p.add_argument("--method", default="auto")
     args = p.parse_args(argv)
     data, atlases = setup(args)
     print(f"Repeatability: atlases {', '.join(atlases)}, seeds {args.seeds}, motion {', '.join(args.motions)}; "
-          f"{args.copies} copies with every stack moved {args.jitter:g} mm, turned {args.jitter / 100:g} rad, header float32; 3 orthogonal stacks, 1 x 3 mm, 2 % noise; "
-          f"{args.method}, 0.8 mm, 1 torch thread; {machine()}", flush=True)
+          f"{args.copies} copies with every stack moved {args.jitter:g} mm, turned {args.jitter / 100:g} rad, header "
+          f"float32; 3 orthogonal stacks, 1 x 3 mm, 2 % noise; {args.method}, 0.8 mm, 1 torch thread; {machine()}",
+          flush=True)
     print(f"{'atlas':<18} {'seed':>4} {'motion':<9} {'PSNR as simulated, then each copy':<44} {'spread':>6} "
           f"{'max|diff|':>9} {'s':>5}")
     spreads = []
