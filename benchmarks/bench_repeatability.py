@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--motions", nargs="+", default=["moderate", "severe"])
     p.add_argument("--copies", type=int, default=3, help="jittered copies per case")
-    p.add_argument("--jitter", type=float, default=1e-4, help="shift of each stack of a copy, mm (it is also turned by jitter / 100 rad)")
+    p.add_argument("--jitter", type=float, default=1e-4,
+                   help="shift of each stack of a copy, mm (it is also turned by jitter / 100 rad)")
     p.add_argument("--method", default="auto")
     args = p.parse_args(argv)
     data, atlases = setup(args)
