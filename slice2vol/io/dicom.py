@@ -202,10 +202,14 @@ class SeriesRef:
         return _text(self.files[0][1].get("SeriesDescription")).strip()
 
     def label(self) -> str:
-        """``series 5 'T2 HASTE COR' (40 images)``: how messages name the series."""
+        """``series 5 'T2 HASTE COR' (40 images)`` (``(40 frames in 1 file)`` for an enhanced file):
+        how messages name the series."""
         num = f"series {self.number}" if self.number is not None else "series"
         desc = f" '{self.description}'" if self.description else " (no SeriesDescription)"
-        return f"{num}{desc} ({len(self.files)} image{'s' if len(self.files) != 1 else ''})"
+        n, n_files = len(self.files), len({p for p, _ in self.files})
+        if n_files < n:  # enhanced multi-frame files
+            return f"{num}{desc} ({n} frames in {n_files} file{'s' if n_files != 1 else ''})"
+        return f"{num}{desc} ({n} image{'s' if n != 1 else ''})"
 
     def sort_key(self):
         return (self.number if self.number is not None else 1 << 62, self.description, self.uid)
