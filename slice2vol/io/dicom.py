@@ -34,11 +34,12 @@ Reading
       stacks, echoes or orientations is refused as a series holding them would be).
 
     Refused, each with one line: no DICOM file; non-MR ``Modality``; Enhanced MR Color,
-    MR Spectroscopy, or a classic image with ``NumberOfFrames > 1``; colour images; missing geometry tags; mixed orientations, pixel
-    spacing, image size or slice thickness inside one series; two images at one position
-    (several echoes, repetitions or acquisitions in one series); missing slices or otherwise
-    uneven position spacing; slices not stacked along their normal (gantry tilt: the voxel grid
-    would be sheared); several series and no (or no matching) ``--series-description``.
+    MR Spectroscopy, or a classic image with ``NumberOfFrames > 1``; colour images; missing
+    geometry tags; mixed orientations, pixel spacing, image size or slice thickness inside one
+    series; two images at one position (several echoes, repetitions or acquisitions in one
+    series); missing slices or otherwise uneven position spacing; slices not stacked along their
+    normal (gantry tilt: the voxel grid would be sheared); several series and no (or no matching)
+    ``--series-description``.
 
 Writing
     :func:`write_series` writes a volume (or a stack) as an MR Image Storage series, one file per
@@ -426,15 +427,16 @@ def _check_series_headers(ref: SeriesRef, where: str) -> None:
             n_frames = int(frames) if frames not in (None, "") else 1
         except (TypeError, ValueError):
             n_frames = 1
-        if (sop in ENHANCED_MR and sop not in ENHANCED_READ) or (n_frames > 1 and sop not in ENHANCED_READ):
+        if sop not in ENHANCED_READ and (sop in ENHANCED_MR or n_frames > 1):
             kind = ENHANCED_MR.get(sop, "multi-frame image")
-            raise Slice2VolError(f"{where}: {_image_name(p, ds)} is an {kind} ({n_frames} frames), which slice2vol does not "
-                                 f"read (it reads classic MR images and Enhanced MR Image frames): export the series "
-                                 f"as classic single-frame MR images (or convert it to NIfTI, e.g. with dcm2niix)")
+            raise Slice2VolError(f"{where}: {_image_name(p, ds)} is an {kind} ({n_frames} frames), which slice2vol "
+                                 f"does not read (it reads classic MR images and Enhanced MR Image frames): export "
+                                 f"the series as classic single-frame MR images (or convert it to NIfTI, e.g. with "
+                                 f"dcm2niix)")
         spp = ds.get("SamplesPerPixel", 1)
         if spp not in (None, "") and int(spp) != 1:
-            raise Slice2VolError(f"{where}: {_image_name(p, ds)} has {int(spp)} samples per pixel (colour); MR magnitude images "
-                                 f"(one sample per pixel) are needed")
+            raise Slice2VolError(f"{where}: {_image_name(p, ds)} has {int(spp)} samples per pixel (colour); MR "
+                                 f"magnitude images (one sample per pixel) are needed")
         if _text(ds.get("PhotometricInterpretation")).strip() == "MONOCHROME1":
             raise Slice2VolError(f"{where}: {_image_name(p, ds)} is MONOCHROME1 (inverted grey scale), not supported")
     sizes = sorted({(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for ds in headers})
@@ -447,7 +449,8 @@ def _check_series_headers(ref: SeriesRef, where: str) -> None:
 
 def _geometry(ref: SeriesRef, where: str):
     """``(order, affine_lps, slice_spacing, pixel spacing (row, col), thicknesses)`` of a series."""
-    iop = np.array([_floats(ds, "ImageOrientationPatient", 6, f"{where}: {_image_name(p, ds)}") for p, ds in ref.files])
+    iop = np.array([_floats(ds, "ImageOrientationPatient", 6, f"{where}: {_image_name(p, ds)}")
+                    for p, ds in ref.files])
     if np.abs(iop - iop[0]).max() > ORIENTATION_TOL:
         bad = int(np.argmax(np.abs(iop - iop[0]).max(axis=1)))
         angle = np.degrees(np.arccos(np.clip(min(iop[0, :3] @ iop[bad, :3], iop[0, 3:] @ iop[bad, 3:]), -1, 1)))
@@ -475,7 +478,8 @@ def _geometry(ref: SeriesRef, where: str):
     if known and max(known) - min(known) > SPACING_TOL:
         raise Slice2VolError(f"{where}: mixed SliceThickness in one series ({min(known):g} to {max(known):g} mm)")
 
-    ipp = np.array([_floats(ds, "ImagePositionPatient", 3, f"{where}: {_image_name(p, ds)}") for p, ds in ref.files])
+    ipp = np.array([_floats(ds, "ImagePositionPatient", 3, f"{where}: {_image_name(p, ds)}")
+                    for p, ds in ref.files])
     d = ipp @ normal
     order = np.argsort(d, kind="stable")
     d, ipp = d[order], ipp[order]
