@@ -344,17 +344,24 @@ def _dilate(masks: Tensor, r: int) -> Tensor:
     return x[:, 0] > 0
 
 
+def _stride_points(region: Tensor, image: Tensor, affine: np.ndarray, stride: int) -> tuple[Tensor, Tensor]:
+    """Every ``stride``-th voxel (per axis) of the bool ``region``: world points ``(P, 3)`` float32
+    (on ``affine``) and ``image``'s values there ``(P,)``."""
+    sub = (slice(None, None, stride),) * 3
+    keep = torch.zeros_like(region)
+    keep[sub] = region[sub]
+    return _points(keep, affine).float(), image[keep]
+
+
 def _fixed_points(atlas: Atlas, region: Tensor, week_idx: list[int], stride: int) -> _Fixed:
     """Every ``stride``-th voxel (per axis) of ``region[w]`` (each week's dilated brain mask) of
     the weeks ``week_idx``, with their atlas intensities, grouped by week."""
     coords, values, group = [], [], []
-    sub = (slice(None, None, stride),) * 3
     for g, w in enumerate(week_idx):
-        keep = torch.zeros_like(region[w])
-        keep[sub] = region[w][sub]
-        coords.append(_points(keep, atlas.affine).float())
-        values.append(atlas.t2[w][keep])
-        group.append(torch.full((int(keep.sum()),), g, dtype=torch.long))
+        c, v = _stride_points(region[w], atlas.t2[w], atlas.affine, stride)
+        coords.append(c)
+        values.append(v)
+        group.append(torch.full((len(v),), g, dtype=torch.long))
     return _Fixed(torch.cat(coords), torch.cat(values), torch.cat(group), [atlas.weeks[w] for w in week_idx])
 
 
@@ -567,9 +574,8 @@ def _reverse_transform(work: Tensor, affine: np.ndarray, brain: Tensor, atlas: A
     starts = _rigid(R, c_a - R @ c_m)
 
     def points(stride: int) -> _Fixed:
-        sub = torch.zeros_like(region)
-        sub[::stride, ::stride, ::stride] = region[::stride, ::stride, ::stride]
-        return _Fixed(_points(sub, affine).float(), work[sub], torch.zeros(int(sub.sum()), dtype=torch.long), [0])
+        c, v = _stride_points(region, work, affine, stride)
+        return _Fixed(c, v, torch.zeros(len(v), dtype=torch.long), [0])
 
     return _best_of_starts(atlas.t2[w], atlas.affine, starts, points(2), points(1), keep, np.full(3, atlas.resolution))
 
@@ -686,7 +692,7 @@ def register_to_atlas(volume: Volume, mask: Tensor | None = None, *, weeks: tupl
     if check:
         rev = _reverse_transform(work, A, brain, atlas, week_idx[g], rim_mm, spin_step_deg, keep).numpy()
         disagreement = math.degrees(float(rotation_angle(torch.from_numpy(transform[:3, :3].T @ rev[:3, :3]))))
-    log.debug("atlas registration: start search %.2f s, weeks %.2f s, final %.2f s, dense %.2f s, reverse %.2f s",
+    log.debug("atlas registration: start search %.2f s, weeks %.2f s, final %.2f s, dense %.2f s, checks %.2f s",
               t2 - t0, t3 - t2, t4 - t3, t5 - t4, time.perf_counter() - t5)
     out = AtlasRegistration(week=fixed.weeks[g], transform=transform, score=score,
                             scores={w: float(s) for w, s in zip(fixed.weeks, ncc.tolist())},
