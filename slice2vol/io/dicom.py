@@ -448,7 +448,9 @@ def _check_series_headers(ref: SeriesRef, where: str) -> None:
 
 
 def _geometry(ref: SeriesRef, where: str):
-    """``(order, affine_lps, slice_spacing, pixel spacing (row, col), thicknesses)`` of a series."""
+    """``(order, affine_lps, slice_spacing, thickness, thickness_source)`` of a series: the images'
+    order by position, the LPS voxel-to-world affine, the spacing of the slice positions (mm), and
+    the slice thickness (mm) with where it came from (module docstring)."""
     iop = np.array([_floats(ds, "ImageOrientationPatient", 6, f"{where}: {_image_name(p, ds)}")
                     for p, ds in ref.files])
     if np.abs(iop - iop[0]).max() > ORIENTATION_TOL:
@@ -485,8 +487,9 @@ def _geometry(ref: SeriesRef, where: str):
     d, ipp = d[order], ipp[order]
     n = len(d)
     dx = float(min(ps[0]))
+    sbs = _positive(ref.files[0][1], "SpacingBetweenSlices")
     if n == 1:
-        t = known[0] if known else _positive(ref.files[0][1], "SpacingBetweenSlices")
+        t = known[0] if known else sbs
         if t is None:
             raise Slice2VolError(f"{where}: one image without SliceThickness or SpacingBetweenSlices; its slice "
                                  f"thickness is unknown")
@@ -527,7 +530,18 @@ def _geometry(ref: SeriesRef, where: str):
     A[:3, 1] = col_cos * ps[0][0]  # down a column: row index j, spaced PixelSpacing[0]
     A[:3, 2] = step_vec
     A[:3, 3] = ipp[0]
-    return order, A, float(spacing), known[0] if known else None
+    if n > 1 and sbs is not None and abs(sbs - abs(spacing)) > max(1e-3, POSITION_TOL * abs(spacing)):
+        # SpacingBetweenSlices is by definition the centre-to-centre step the positions give; writers that
+        # disagree exist (SimpleITK / GDCM writing 2D slices put 1; some vendors wrote the gap between slices)
+        log.warning("%s: SpacingBetweenSlices %g mm disagrees with the slice positions (%.4g mm apart); the "
+                    "positions are used%s", where, sbs, abs(spacing),
+                    "" if known else ", and as the slice thickness (no SliceThickness; "
+                    "give --thickness if the slices are thinner or thicker than their spacing)")
+    if known:
+        return order, A, float(spacing), known[0], "SliceThickness"
+    if n == 1:
+        return order, A, float(spacing), float(sbs), "SpacingBetweenSlices"
+    return order, A, float(spacing), abs(float(spacing)), "slice positions"
 
 
 def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
@@ -537,7 +551,7 @@ def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
     pydicom = _pydicom()
     where = f"{what} {ref.folder} ({ref.label()})"
     _check_series_headers(ref, where)
-    order, A_lps, spacing, slice_thickness = _geometry(ref, where)
+    order, A_lps, spacing, th, src = _geometry(ref, where)
     first = ref.files[0][1]
     rows, cols = int(first.Rows), int(first.Columns)
     budget.check_image_size((cols, rows, len(order)), 4, where)
@@ -567,20 +581,6 @@ def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
         files.append(p)
     affine = LPS_TO_RAS @ A_lps
     check_affine(affine, where)
-    sbs = _positive(first, "SpacingBetweenSlices")
-    if len(order) > 1 and sbs is not None and abs(sbs - abs(spacing)) > max(1e-3, POSITION_TOL * abs(spacing)):
-        # SpacingBetweenSlices is by definition the centre-to-centre step the positions give; writers that
-        # disagree exist (SimpleITK / GDCM writing 2D slices put 1; some vendors wrote the gap between slices)
-        log.warning("%s: SpacingBetweenSlices %g mm disagrees with the slice positions (%.4g mm apart); the "
-                    "positions are used%s", where, sbs, abs(spacing),
-                    "" if slice_thickness is not None else ", and as the slice thickness (no SliceThickness; "
-                    "give --thickness if the slices are thinner or thicker than their spacing)")
-    if slice_thickness is not None:
-        th, src = slice_thickness, "SliceThickness"
-    elif len(order) == 1 and sbs is not None:
-        th, src = sbs, "SpacingBetweenSlices"
-    else:
-        th, src = abs(spacing), "slice positions"
     meta = _meta(first)
     num = meta.get("SeriesNumber")
     name = _safe_name(f"{ref.description or 'series'}_s{num}" if num is not None else (ref.description or "series"))
