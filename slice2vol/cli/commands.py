@@ -76,6 +76,7 @@ def _method_options(args: argparse.Namespace) -> dict:
         if len(packages) not in (1, n):
             raise Slice2VolError(f"--packages: give one value for all stacks or one per stack ({n}), got {len(packages)}")
         shared["packages"] = tuple(packages)
+        shared["packages_from_order"] = False  # the user's packages win over the files' slice timing
     if method == "svr":
         return shared
     return gauss if method == "gaussian" else {**csvr, **shared}

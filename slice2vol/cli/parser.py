@@ -120,7 +120,9 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packages", nargs="+", type=int, metavar="P",
                    help="interleave packages per stack (one value for all or one per stack; slice k is in package "
                         "k %% P, as SVRTK's -packages): the global pose search then also registers whole packages and "
-                        "their halves before single slices (default: 2, an interleaved acquisition; give 1 for sequential)")
+                        "their halves before single slices (default: from the stack's slice timing where its files give it -- DICOM "
+                        "acquisition times, a JSON sidecar's SliceTiming, the NIfTI header -- else 2, an interleaved "
+                        "acquisition; give 1 for sequential; given values override the files)")
     p.add_argument("--regularisation", type=float, metavar="LAM",
                    help="relative weight of the super-resolution's edge-preserving smoothness term (svr, auto, csvr; "
                         "SVRTK's -lambda plays this role). Default: from the stacks' estimated noise, 0.02 up to 4 %% "

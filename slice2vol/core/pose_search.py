@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,18 +38,53 @@ from slice2vol.core.similarity import per_slice_ncc
 from slice2vol.core.stages import timed
 from slice2vol.core.transforms import rotation_about
 
-__all__ = ["package_groups", "rotation_grid", "candidate_transforms", "neighbour_candidates", "score_candidates", "SearchResult",
+__all__ = ["package_groups", "packages_from_order", "rotation_grid", "candidate_transforms", "neighbour_candidates", "score_candidates", "SearchResult",
            "search_poses", "slice_centres"]
 
 log = logging.getLogger(__name__)
 
 
-def package_groups(indices: list[np.ndarray], packages: list[int], halves: bool = False) -> Tensor:
+def packages_from_order(index: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``(N,)`` package of every slice of one stack whose acquisition order is known.
+
+    A package is a run of slices acquired one after another while their file index keeps moving
+    in one direction (the stack's usual direction: the sign most steps between consecutive
+    acquisitions take); a step back starts the next package.  So an interleaved acquisition with
+    ``p`` packages, ascending or descending, gives exactly its ``p`` packages, a sequential one a
+    single package, and an order of another kind (e.g. centre-out) its monotone runs.
+
+    Args:
+        index: ``(N,)`` file index ``k`` of each slice.
+        order: ``(N,)`` acquisition time rank of each slice (any increasing measure of time).
+    Returns:
+        ``(N,)`` int64 packages ``0..P-1`` numbered in acquisition order.
+
+    >>> packages_from_order(np.arange(7), np.array([0, 4, 1, 5, 2, 6, 3])).tolist()  # interleaved, 2
+    [0, 1, 0, 1, 0, 1, 0]
+    >>> packages_from_order(np.arange(6), np.array([5, 2, 4, 1, 3, 0])).tolist()  # descending, 2 packages
+    [1, 0, 1, 0, 1, 0]
+    >>> packages_from_order(np.arange(4), np.arange(4)).tolist()  # sequential
+    [0, 0, 0, 0]
+    """
+    k = np.asarray(index, dtype=np.int64)
+    t = np.argsort(np.asarray(order), kind="stable")  # slices in acquisition order
+    steps = np.diff(k[t])
+    direction = 1 if (steps > 0).sum() >= (steps < 0).sum() else -1
+    pkg_in_time = np.concatenate([[0], np.cumsum(steps * direction < 0)])
+    out = np.empty_like(k)
+    out[t] = pkg_in_time
+    return out
+
+
+def package_groups(indices: list[np.ndarray], packages: list[int], halves: bool = False,
+                   orders: Sequence[np.ndarray | None] | None = None) -> Tensor:
     """Group of every slice for hierarchical registration by acquisition package (SVRTK ``-packages``).
 
     With ``p`` interleave packages, slice ``k`` of a stack (its index in the file) belongs to
     package ``k % p``, and the packages are acquired one after another, each in increasing ``k``
-    (:func:`slice2vol.simulation.simulate.interleaved_order` follows the same convention).  The slices of a
+    (:func:`slice2vol.simulation.simulate.interleaved_order` follows the same convention).  Where a
+    stack's acquisition order is known (``orders``, from the files' slice timing) its packages come
+    from that order instead (:func:`packages_from_order`; ``p`` is then not used).  The slices of a
     package are acquired consecutively, so they share most of their motion and can be registered
     as one rigid group before single slices are; with ``halves`` each package is further split into
     its first and second half in acquisition time (SVRTK's next level).
@@ -57,6 +93,8 @@ def package_groups(indices: list[np.ndarray], packages: list[int], halves: bool 
         indices: per stack, ``(N_s,)`` the file index ``k`` of each of its slices, in slice-set order.
         packages: per stack, its number of packages ``p >= 1``.
         halves: split every package in two halves in time.
+        orders: optional, per stack ``(N_s,)`` acquisition time ranks of its slices or ``None``
+            (unknown: the ``k % p`` convention).
     Returns:
         ``(M,)`` int64 group ids ``0..G-1``, numbered stack by stack, package by package, in time order.
 
@@ -64,16 +102,27 @@ def package_groups(indices: list[np.ndarray], packages: list[int], halves: bool 
     [0, 1, 0, 1, 0, 1]
     >>> package_groups([np.arange(6)], [2], halves=True).tolist()
     [0, 2, 0, 2, 1, 3]
+    >>> package_groups([np.arange(6)], [2], orders=[np.arange(6)]).tolist()  # known: sequential
+    [0, 0, 0, 0, 0, 0]
     """
     if len(indices) != len(packages):
         raise ValueError(f"{len(packages)} package counts for {len(indices)} stacks")
+    orders = list(orders) if orders is not None else [None] * len(indices)
+    if len(orders) != len(indices):
+        raise ValueError(f"{len(orders)} acquisition orders for {len(indices)} stacks")
     out, base = [], 0
-    for k, p in zip(indices, packages):
+    for k, p, o in zip(indices, packages, orders):
         k = np.asarray(k, dtype=np.int64)
-        p = int(p)
-        if p < 1:
-            raise ValueError(f"a stack needs at least 1 package, got {p}")
-        pkg = k % p
+        if o is not None:
+            if len(o) != len(k):
+                raise ValueError(f"an acquisition order of {len(o)} slices for a stack of {len(k)}")
+            pkg, time = packages_from_order(k, o), np.asarray(o)
+            p = int(pkg.max()) + 1 if len(k) else 1
+        else:
+            p = int(p)
+            if p < 1:
+                raise ValueError(f"a stack needs at least 1 package, got {p}")
+            pkg, time = k % p, k
         if not halves:
             g = pkg
             n = p
@@ -81,7 +130,7 @@ def package_groups(indices: list[np.ndarray], packages: list[int], halves: bool 
             g = np.empty_like(k)
             for j in range(p):
                 sel = np.nonzero(pkg == j)[0]
-                order = sel[np.argsort(k[sel], kind="stable")]  # acquisition order within the package
+                order = sel[np.argsort(time[sel], kind="stable")]  # acquisition order within the package
                 first = order[: (len(order) + 1) // 2]
                 g[order] = 2 * j + 1
                 g[first] = 2 * j

@@ -268,10 +268,9 @@ def _mm(v: float) -> str:
     return text + "0" if text.endswith(".") else text
 
 
-def _sidecar_thickness(path: PathLike) -> tuple[float | None, Path | None]:
-    """``SliceThickness`` (mm) of the BIDS-style JSON sidecar of a NIfTI file (``X.json`` beside
-    ``X.nii.gz``) and the sidecar's path; ``(None, ...)`` where there is none or it cannot be used
-    (a warning says why)."""
+def _sidecar(path: PathLike) -> tuple[dict | None, Path | None]:
+    """The BIDS-style JSON sidecar of a NIfTI file (``X.json`` beside ``X.nii.gz``) and its path;
+    ``(None, ...)`` where there is none or it cannot be read (a warning says why)."""
     p = Path(path)
     stem = next((p.name[: -len(s)] for s in (".nii.gz", ".nii") if p.name.endswith(s)), None)
     side = p.with_name(f"{stem}.json") if stem else None
@@ -282,31 +281,50 @@ def _sidecar_thickness(path: PathLike) -> tuple[float | None, Path | None]:
             raise ValueError("larger than 10 MB")
         obj = json.loads(side.read_text(encoding="utf-8"))
     except RecursionError:
-        log.warning("sidecar %s: not read (nested too deeply); SliceThickness not checked", side)
+        log.warning("sidecar %s: not read (nested too deeply); SliceThickness and SliceTiming not used", side)
         return None, side
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        log.warning("sidecar %s: not read (%s); SliceThickness not checked", side, _one_line(exc)[:120])
+        log.warning("sidecar %s: not read (%s); SliceThickness and SliceTiming not used", side,
+                    _one_line(exc)[:120])
         return None, side
-    v = obj.get("SliceThickness") if isinstance(obj, dict) else None
+    return (obj if isinstance(obj, dict) else None), side
+
+
+def _sidecar_thickness(sidecar: dict | None, side: Path | None) -> float | None:
+    """``SliceThickness`` (mm) of a read sidecar (:func:`_sidecar`); ``None`` where it has none or
+    it cannot be used (a warning says why)."""
+    v = sidecar.get("SliceThickness") if sidecar is not None else None
     if v is None:
-        return None, side
+        return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
         log.warning("sidecar %s: SliceThickness %.40r is not a positive number of mm; ignored", side, v)
-        return None, side
-    return float(v), side
+        return None
+    return float(v)
 
 
-def _report_thickness(name: str, th: float, given: bool, path: PathLike) -> None:
+def _report_thickness(name: str, th: float, given: bool, sidecar: dict | None, side: Path | None) -> None:
     """Say which thickness a stack gets (shown at normal verbosity) and warn where its JSON
     sidecar's SliceThickness says otherwise."""
     log.log(NOTICE, "%s: thickness %s mm (%s)", name, _mm(th), "given" if given else
             "slice spacing; give --thickness to change")
-    side_th, side = _sidecar_thickness(path)
+    side_th = _sidecar_thickness(sidecar, side)
     if side_th is not None and not math.isclose(th, side_th, rel_tol=1e-3, abs_tol=1e-3):
         how = "given" if given else "slice spacing"
         hint = "" if given else f"; give --thickness {_mm(side_th)} to use it"
         log.warning("stack %s: thickness %s mm (%s) differs from SliceThickness %s mm in %s%s", name, _mm(th), how,
                     _mm(side_th), side, hint)
+
+
+def _nifti_order(path: PathLike, sidecar: dict | None, side: Path | None, n: int) -> tuple[np.ndarray | None, str]:
+    """A NIfTI stack's acquisition order (:mod:`slice2vol.io.timing`): the sidecar's
+    ``SliceTiming``, else the header's slice timing; ``(None, "")`` where neither gives it."""
+    from slice2vol.io import timing
+
+    if sidecar is not None:
+        order, src = timing.sidecar_order(sidecar, side, n)
+        if order is not None:
+            return order, f"{src} in {side.name}"
+    return timing.header_order(_open_nifti(Path(path), "stack"), n)
 
 
 def load_stack(
@@ -347,16 +365,30 @@ def load_stack(
     if not np.any(data):
         raise Slice2VolError(f"stack {path}: all voxels are zero")
     th = _checked_thickness(thickness, float(np.linalg.norm(affine[:3, 2])), path)
-    _report_thickness(name or Path(path).name, th, thickness is not None, path)
+    sidecar, side = _sidecar(path)
+    _report_thickness(name or Path(path).name, th, thickness is not None, sidecar, side)
     use = finite & (data > 0)
     if mask is not None:
         use &= load_mask(mask, data.shape, affine, "stack mask")
-    return _make_stack(path, data, affine, use, th, name or Path(path).name, {})
+    order, source = _nifti_order(path, sidecar, side, data.shape[2])
+    return _make_stack(path, data, affine, use, th, name or Path(path).name, {}, order, source)
+
+
+def _order_text(order: np.ndarray, show: int = 12) -> str:
+    """``"slices 0 2 4 ... 1 3 5 in time"``: the file indices in acquisition order, for a log line."""
+    k = np.argsort(order, kind="stable")
+    text = " ".join(map(str, k[:show])) + (" ..." if k.size > show else "")
+    return f"slices {text} in time"
 
 
 def _make_stack(path: PathLike, data: np.ndarray, affine: np.ndarray, use: np.ndarray, th: float, name: str,
-                meta: dict) -> Stack:
-    """The :class:`Stack` of checked ``data (H, W, N)`` on ``affine``, pixels ``use`` kept."""
+                meta: dict, order: np.ndarray | None = None, order_source: str = "") -> Stack:
+    """The :class:`Stack` of checked ``data (H, W, N)`` on ``affine``, pixels ``use`` kept;
+    ``order``: the acquisition time rank of every slice where the files give it (``order_source``
+    says which field, :mod:`slice2vol.io.timing`)."""
+    if order is not None:
+        log.info("%s: acquisition order from %s: %s", name, order_source, _order_text(order))
+        meta = {**meta, "order_source": order_source}
     if not use.any():
         raise Slice2VolError(f"stack {path}: no positive voxel inside its mask")
     data, affine_rh, flipped = make_right_handed(data, affine)
@@ -370,6 +402,7 @@ def _make_stack(path: PathLike, data: np.ndarray, affine: np.ndarray, use: np.nd
         thickness=th,
         affine=affine_rh,
         index=np.arange(data.shape[2]),
+        order=None if order is None else np.asarray(order, dtype=np.int64),
         name=name,
         meta={"path": str(path), "flipped_i": flipped, **meta},
     )
@@ -418,7 +451,7 @@ def _dicom_stack(path: PathLike, ref, thickness: float | None, mask: PathLike | 
     if mask is not None:
         use &= _mask_on_grid(mask, data.shape, affine)
     return _make_stack(path, data, affine, use, th, label,
-                       {"series_uid": ref.uid, "dicom": series.meta})
+                       {"series_uid": ref.uid, "dicom": series.meta}, series.order, series.order_source)
 
 
 def _per_stack(values: Sequence | None, n: int, noun: str, broadcast: bool, note: str = "") -> list:

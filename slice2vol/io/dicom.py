@@ -24,7 +24,11 @@ Reading
     * the thickness is ``SliceThickness``, else the spacing of the positions (``SpacingBetweenSlices``
       only for a one-image series: it is by definition that spacing, and writers that put something
       else there exist -- SimpleITK / GDCM writing 2D slices put 1 -- so a value that disagrees with
-      the positions is logged and not used).
+      the positions is logged and not used);
+    * the acquisition order, where every image has its own acquisition time
+      (:mod:`slice2vol.io.timing`: ``AcquisitionDateTime``, ``AcquisitionTime``, an enhanced frame's
+      ``FrameAcquisitionDateTime``), becomes the stack's ``order``; the package search then groups
+      slices by the packages actually acquired instead of assuming two.
 
     * an Enhanced MR Image or Legacy Converted Enhanced MR Image file (one file, many frames, as
       recent scanner software exports) is read frame by frame: each frame is an image whose
@@ -102,6 +106,7 @@ FRAME_GROUPS = {
     "PlaneOrientationSequence": ("ImageOrientationPatient",),
     "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),
     "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+    "FrameContentSequence": ("FrameAcquisitionDateTime",),
 }
 #: Attributes of the enhanced file every frame keeps (with :data:`SOURCE_TAGS`).
 FRAME_KEEP = ("SOPClassUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
@@ -230,6 +235,9 @@ class DicomSeries:
         name: a file-name-safe label (series description and number).
         meta: :data:`SOURCE_TAGS` present in the first image, as plain strings/numbers.
         files: the image files in slice order.
+        order: ``(N,)`` acquisition time rank of every slice where the images' acquisition times
+            give it, else ``None`` (:func:`slice2vol.io.timing.dicom_order`); ``order_source``
+            names the tag.
     """
 
     data: np.ndarray
@@ -240,6 +248,8 @@ class DicomSeries:
     name: str
     meta: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    order: np.ndarray | None = None
+    order_source: str = ""
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -584,8 +594,12 @@ def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
     meta = _meta(first)
     num = meta.get("SeriesNumber")
     name = _safe_name(f"{ref.description or 'series'}_s{num}" if num is not None else (ref.description or "series"))
+    from slice2vol.io.timing import dicom_order
+
+    acq_order, acq_source = dicom_order([ref.files[i][1] for i in order], where)
     return DicomSeries(data=data, affine=affine, thickness=float(th), thickness_source=src,
-                       slice_spacing=abs(float(spacing)), name=name or "series", meta=meta, files=files)
+                       slice_spacing=abs(float(spacing)), name=name or "series", meta=meta, files=files,
+                       order=acq_order, order_source=acq_source)
 
 
 def read_dicom_folder(folder: PathLike, series_description: Sequence[str] | str | None = None,

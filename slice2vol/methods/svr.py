@@ -102,6 +102,7 @@ from slice2vol.core.registration import register
 from slice2vol.core.resample import max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
 from slice2vol.core.robust import RobustState, em_weights, fit_scales
+from slice2vol.errors import Slice2VolError
 
 __all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "dilated_roi", "coarse_grid"]
 
@@ -142,6 +143,9 @@ class SVRConfig:
     # severe cases with 2 packages it gained +0.4..+5.5 dB, on extreme cases with 1-4 packages per
     # stack (mostly not 2) it changed -0.2..+0.2 dB
     packages: tuple[int, ...] | None = (2,)
+    # where a stack's files give its acquisition order (slice timing), its packages come from
+    # that order instead (search_groups); the CLI turns this off when --packages is given
+    packages_from_order: bool = True
     search_stacks: bool = True
     search_factor: float = 2.5
     search_step_deg: float = 15.0
@@ -372,6 +376,52 @@ def _turn_round(V: Tensor, affine, poses: Tensor, stack_poses: Tensor, ncc: Tens
     return torch.where(turned[:, None, None], res_poses, poses), turns, record
 
 
+def acquisition_orders(prep: Prepared, cfg: SVRConfig) -> list[np.ndarray | None]:
+    """Per stack, the acquisition order the package search may use, else ``None``.
+
+    Only an order read from the stack's files counts (``Stack.meta["order_source"]``: DICOM
+    acquisition times, a JSON sidecar's ``SliceTiming``, the NIfTI header's slice timing;
+    :mod:`slice2vol.io`), and only while ``cfg.packages_from_order`` (the CLI turns it off when
+    ``--packages`` is given).  A simulated stack in memory also records its true order
+    (``Stack.order``, which the quality verdict and the report use), but a NIfTI written without
+    slice timing loses it, so the benchmarks that reconstruct simulated stacks in memory measure
+    what a user without slice timing gets."""
+    if not cfg.packages_from_order:
+        return [None] * len(prep.stacks)
+    return [np.asarray(st.order) if st.order is not None and st.meta.get("order_source") else None
+            for st in prep.stacks]
+
+
+def search_groups(prep: Prepared, cfg: SVRConfig) -> dict[str, Tensor]:
+    """The slice groups the global pose search moves as one: ``stack`` always; ``package`` and
+    ``half`` (SVRTK's package levels, :func:`slice2vol.core.pose_search.package_groups`) unless
+    ``cfg.packages`` is ``None``, from the acquisition order where the files give it
+    (:func:`acquisition_orders`), else from ``cfg.packages`` (slice ``k`` in package ``k % p``).
+
+    Returns:
+        level name -> ``(M,)`` int64 group of every slice of ``prep.slices``, on its device.
+    """
+    ss = prep.slices
+    groups: dict[str, Tensor] = {"stack": ss.stack_id}
+    if cfg.packages is None:
+        return groups
+    from slice2vol.core.pose_search import package_groups
+
+    pk = list(cfg.packages) * (ss.n_stacks if len(cfg.packages) == 1 else 1)
+    if len(pk) != ss.n_stacks:
+        raise Slice2VolError(f"packages: {len(cfg.packages)} values for {ss.n_stacks} stacks")
+    idx = [np.asarray(st.index) for st in prep.stacks]
+    orders = acquisition_orders(prep, cfg)
+    for st, k, o in zip(prep.stacks, idx, orders):
+        if o is not None:
+            n = int(package_groups([k], [1], orders=[o]).max()) + 1
+            log.info("%s: %d package%s from its acquisition order (%s)", st.name, n, "" if n == 1 else "s",
+                     st.meta["order_source"])
+    groups["package"] = package_groups(idx, pk, orders=orders).to(ss.stack_id.device)
+    groups["half"] = package_groups(idx, pk, halves=True, orders=orders).to(ss.stack_id.device)
+    return groups
+
+
 def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor,
                  cfg: SVRConfig) -> tuple[Tensor, Tensor | None, list[dict]]:
     """Global pose search before the local SVR loop (:mod:`slice2vol.core.pose_search`).
@@ -409,15 +459,8 @@ def robust_start(prep: Prepared, poses: Tensor, registrable: Tensor,
     n_reg = max(1, int((registrable > 0).sum()))
     # level 0: whole stacks (a stack that stack registration turned the wrong way), then slices
     levels = (["stack"] if ss.n_stacks > 1 and cfg.search_stacks else [])
-    groups: dict[str, Tensor] = {"stack": ss.stack_id}
-    if cfg.packages is not None:
-        from slice2vol.core.pose_search import package_groups
-
-        pk = list(cfg.packages) * (ss.n_stacks if len(cfg.packages) == 1 else 1)
-        idx = [np.asarray(st.index) for st in prep.stacks]
-        groups["package"] = package_groups(idx, pk).to(y.device)
-        groups["half"] = package_groups(idx, pk, halves=True).to(y.device)
-        levels += ["package", "half"]
+    groups = search_groups(prep, cfg)
+    levels += [g for g in ("package", "half") if g in groups]
     levels += ["slice"] * cfg.search_rounds + (["turn"] if cfg.turn_step_deg is not None else [])
     med, ncc = 0.0, torch.ones(M, device=y.device, dtype=y.dtype)
     roi_d = dilated_roi(roi)

@@ -81,6 +81,7 @@ class CSVRMethodConfig:
     weights: str | None = None
     iterations: int = 3
     packages: tuple[int, ...] | None = (2,)  # interleave packages per stack for the Refine's search (SVRConfig)
+    packages_from_order: bool = True  # packages from the files' slice timing where known (SVRConfig)
     lam: float | None = None
     progress: bool = True
     svr: dict = field(default_factory=dict)
@@ -186,7 +187,8 @@ def reconstruct_csvr(prep: Prepared, config: CSVRMethodConfig | None = None) -> 
                  scores["network"], scores["stack"])
     start = replace(prep, slices=prep.slices.with_poses(poses))
     if cfg.refine:
-        svr_cfg = SVRConfig(iterations=cfg.iterations, packages=cfg.packages, lam=cfg.lam, progress=cfg.progress)
+        svr_cfg = SVRConfig(iterations=cfg.iterations, packages=cfg.packages,
+                            packages_from_order=cfg.packages_from_order, lam=cfg.lam, progress=cfg.progress)
     else:
         svr_cfg = SVRConfig(iterations=cfg.iterations, register_slices=False, lam=cfg.lam, progress=cfg.progress)
     result = reconstruct_svr(start, replace(svr_cfg, **cfg.svr))
