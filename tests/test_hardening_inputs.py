@@ -238,7 +238,7 @@ def test_thickness_differing_from_the_sidecar_is_warned(tiny, tmp_path, caplog):
     assert len(lines) == 2, lines
     assert re.search(r"a.nii.gz: thickness 3.0 mm \(slice spacing\) differs from SliceThickness 2.0 mm in "
                      r".*a.json", lines[0]), lines
-    assert re.search(r"sidecar .*c.json: not read \(nested too deeply\); SliceThickness not checked", lines[1]), lines
+    assert re.search(r"sidecar .*c.json: not read \(nested too deeply\); SliceThickness and SliceTiming not used", lines[1]), lines
     caplog.clear()
     io.load_stacks([a], [2.0])
     assert _warnings(caplog, "SliceThickness") == []

@@ -6,7 +6,8 @@ What is read (BIDS 1.9 names, nothing else is guessed):
 * masks (optional ``--masks MASK_DERIV``): ``MASK_DERIV/sub-<label>/[ses-<label>/]anat/
   <stem>_desc-brain_mask.nii[.gz]`` for the stack ``<stem>_T2w.nii[.gz]``;
 * thickness: the JSON sidecar ``<stem>_T2w.json``'s ``SliceThickness`` (mm), where present (the
-  BIDS inheritance of sidecars from higher folders is not followed).
+  BIDS inheritance of sidecars from higher folders is not followed); its ``SliceTiming`` is read
+  by the stack loader itself (:mod:`slice2vol.io.timing`).
 
 Hand-written rather than pybids or bids2table: the three patterns above are all slice2vol reads,
 and pybids would add SQLAlchemy and pandas to the install and index the whole dataset first.
