@@ -218,18 +218,21 @@ def test_a_real_scanner_file_reads_like_nibabel_reads_it(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Unable to find Philips private scale factor")
-def test_a_real_philips_enhanced_mr_file_reads_like_nibabel_reads_it(tmp_path):
-    """nibabel's own test file: a Philips Enhanced MR Image of 176 frames (an MPRAGE, 1 mm)."""
+def philips_enhanced_folder(tmp_path: Path) -> Path:
+    """A folder holding nibabel's own test file, a Philips Enhanced MR Image of 176 frames (an
+    MPRAGE, 1 mm), as file ``x``; skips the test where this nibabel install has no test data."""
     import gzip
 
-    import nibabel
-
-    src = Path(nibabel.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
+    src = Path(nib.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
     if not src.is_file():
         pytest.skip("this nibabel install has no test data")
     (tmp_path / "mr").mkdir()
     (tmp_path / "mr" / "x").write_bytes(gzip.open(src).read())
-    s = dicom.read_dicom_folder(tmp_path / "mr")[0]
+    return tmp_path / "mr"
+
+
+def test_a_real_philips_enhanced_mr_file_reads_like_nibabel_reads_it(tmp_path):
+    s = dicom.read_dicom_folder(philips_enhanced_folder(tmp_path))[0]
     w = dicomwrappers.wrapper_from_file(str(tmp_path / "mr" / "x"))
     assert s.data.shape == w.image_shape == (256, 256, 176) and s.thickness_source == "SliceThickness"
     theirs = LPS @ w.affine  # voxel (row, column, frame in nibabel's order) -> RAS

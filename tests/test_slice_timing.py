@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-from argparse import Namespace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from test_dicom import write_test_series
+from test_dicom import philips_enhanced_folder, write_test_series
 
 from slice2vol import io
 from slice2vol.core.pose_search import package_groups, packages_from_order
@@ -104,14 +103,7 @@ def test_dicom_series_acquisition_times_give_the_stack_order(tmp_path):
 
 def test_a_3d_enhanced_file_whose_frames_share_one_time_has_no_order(tmp_path):
     """nibabel's Philips Enhanced MR test file: 176 frames with one FrameAcquisitionDateTime."""
-    import gzip
-
-    src = Path(nib.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
-    if not src.is_file():
-        pytest.skip("this nibabel install has no test data")
-    (tmp_path / "mr").mkdir()
-    (tmp_path / "mr" / "x").write_bytes(gzip.open(src).read())
-    ref = io.dicom.find_series(tmp_path / "mr")[0]
+    ref = io.dicom.find_series(philips_enhanced_folder(tmp_path))[0]
     assert all(ds.get("FrameAcquisitionDateTime") for _, ds in ref.files)  # read from the frames' groups
     assert io.dicom.read_series(ref).order is None
 
