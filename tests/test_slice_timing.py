@@ -130,7 +130,7 @@ def test_sidecar_slice_timing_gives_the_order(tmp_path):
 def test_unusable_slice_timing_is_ignored_with_a_warning(tmp_path, caplog, sidecar, message):
     p = _stack_file(tmp_path)
     (tmp_path / "stack.json").write_text(json.dumps(sidecar))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="slice2vol"):
         st = io.load_stack(p)
     assert st.order is None and message in caplog.text
 
@@ -138,7 +138,7 @@ def test_unusable_slice_timing_is_ignored_with_a_warning(tmp_path, caplog, sidec
 def test_multiband_slice_timing_leaves_the_order_unknown(tmp_path, caplog):
     p = _stack_file(tmp_path, n=6)
     (tmp_path / "stack.json").write_text(json.dumps({"SliceTiming": [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]}))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="slice2vol"):
         assert io.load_stack(p).order is None
     assert "share one time" in caplog.text
 
