@@ -73,6 +73,26 @@ def test_no_motion_svr_recovers_the_volume(atlas_lowres, no_motion, capsys):
     assert 0.8 < svr["scale_a"] < 1.5  # output in the template's intensity units (up to blur)
 
 
+def test_the_search_moves_stacks_packages_blocks_then_slices(no_motion):
+    """The global search's levels run coarse to fine: whole stacks, interleave packages and their
+    halves, runs of 8 and then 4 neighbouring slices, single slices; ``search_blocks=()`` drops
+    the block levels."""
+    from slice2vol.methods.svr import search_groups
+
+    _, prep, result = no_motion
+    stages = [h["stage"] for h in result.history if str(h.get("stage", "")).startswith("search")]
+    levels = [s for s in stages if s not in ("search", "search-turn")]
+    assert levels == ["search-stack", "search-package", "search-half", "search-block8", "search-block4"], stages
+    assert stages.index("search") > stages.index("search-block4")
+    groups = search_groups(prep, _config())
+    sid = prep.slices.stack_id.cpu().numpy()
+    for s in range(len(prep.stacks)):
+        k = np.asarray(prep.stacks[s].index)
+        g8 = groups["block8"].cpu().numpy()[sid == s]
+        assert all(len(set(g8[(k - k.min()) // 8 == b])) == 1 for b in set((k - k.min()) // 8))
+    assert not any(name.startswith("block") for name in search_groups(prep, _config(search_blocks=())))
+
+
 def test_no_motion_svr_output_is_well_formed(no_motion):
     sim, prep, result = no_motion
     V = result.volume.data
