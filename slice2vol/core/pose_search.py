@@ -38,7 +38,7 @@ from slice2vol.core.similarity import per_slice_ncc
 from slice2vol.core.stages import timed
 from slice2vol.core.transforms import rotation_about
 
-__all__ = ["package_groups", "packages_from_order", "rotation_grid", "candidate_transforms", "neighbour_candidates", "score_candidates", "SearchResult",
+__all__ = ["package_groups", "packages_from_order", "block_groups", "rotation_grid", "candidate_transforms", "neighbour_candidates", "score_candidates", "SearchResult",
            "search_poses", "slice_centres"]
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,25 @@ def package_groups(indices: list[np.ndarray], packages: list[int], halves: bool 
         base += n
     g = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
     # renumber densely (empty groups of tiny stacks would leave gaps)
+    return torch.unique(g, return_inverse=True)[1]
+
+
+def block_groups(indices: list[np.ndarray], size: int) -> Tensor:
+    """``(M,)`` group of every slice: runs of ``size`` neighbouring slices of a stack (by file index
+    ``k``, ``(k - min k) // size``), numbered stack by stack.
+
+    >>> block_groups([np.arange(5), np.arange(2, 5)], 2).tolist()
+    [0, 0, 1, 1, 2, 3, 3, 4]
+    """
+    if size < 1:
+        raise ValueError(f"a block needs at least 1 slice, got {size}")
+    out, base = [], 0
+    for k in indices:
+        k = np.asarray(k, dtype=np.int64)
+        g = (k - k.min()) // size if k.size else k
+        out.append(torch.as_tensor(g + base, dtype=torch.long))
+        base += int(g.max()) + 1 if k.size else 0
+    g = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
     return torch.unique(g, return_inverse=True)[1]
 
 

@@ -31,6 +31,7 @@ from slice2vol.core.geometry import check_affine, make_right_handed, stack_slice
 from slice2vol.core.image import Stack, Volume
 from slice2vol.core.runtime import NOTICE
 from slice2vol.errors import Slice2VolError
+from slice2vol.io import timing
 
 __all__ = [
     "shared_data_dir",
@@ -318,8 +319,6 @@ def _report_thickness(name: str, th: float, given: bool, sidecar: dict | None, s
 def _nifti_order(path: PathLike, sidecar: dict | None, side: Path | None, n: int) -> tuple[np.ndarray | None, str]:
     """A NIfTI stack's acquisition order (:mod:`slice2vol.io.timing`): the sidecar's
     ``SliceTiming``, else the header's slice timing; ``(None, "")`` where neither gives it."""
-    from slice2vol.io import timing
-
     if sidecar is not None:
         order, src = timing.sidecar_order(sidecar, side, n)
         if order is not None:

@@ -74,6 +74,7 @@ import numpy as np
 from slice2vol.core import budget
 from slice2vol.core.geometry import check_affine
 from slice2vol.errors import Slice2VolError
+from slice2vol.io.timing import dicom_order
 
 __all__ = [
     "SeriesRef",
@@ -594,8 +595,6 @@ def read_series(ref: SeriesRef, what: str = "stack") -> DicomSeries:
     meta = _meta(first)
     num = meta.get("SeriesNumber")
     name = _safe_name(f"{ref.description or 'series'}_s{num}" if num is not None else (ref.description or "series"))
-    from slice2vol.io.timing import dicom_order
-
     acq_order, acq_source = dicom_order([ref.files[i][1] for i in order], where)
     return DicomSeries(data=data, affine=affine, thickness=float(th), thickness_source=src,
                        slice_spacing=abs(float(spacing)), name=name or "series", meta=meta, files=files,

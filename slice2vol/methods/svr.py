@@ -103,10 +103,9 @@ from slice2vol.core.registration import register
 from slice2vol.core.resample import max_filter, resample, sample_at
 from slice2vol.core.runtime import NOTICE
 from slice2vol.core.robust import RobustState, em_weights, fit_scales
-from slice2vol.errors import Slice2VolError
 
 __all__ = ["SVRConfig", "SVRResult", "reconstruct_svr", "roi_weights", "dilated_roi", "coarse_grid",
-           "search_groups", "block_groups"]
+           "search_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -402,58 +401,35 @@ def acquisition_orders(prep: Prepared, cfg: SVRConfig) -> list[np.ndarray | None
             for st in prep.stacks]
 
 
-def block_groups(indices: list[np.ndarray], size: int) -> Tensor:
-    """``(M,)`` group of every slice: runs of ``size`` neighbouring slices of a stack (by file index
-    ``k``, ``(k - min k) // size``), numbered stack by stack.
-
-    >>> block_groups([np.arange(5), np.arange(2, 5)], 2).tolist()
-    [0, 0, 1, 1, 2, 3, 3, 4]
-    """
-    if size < 1:
-        raise ValueError(f"a block needs at least 1 slice, got {size}")
-    out, base = [], 0
-    for k in indices:
-        k = np.asarray(k, dtype=np.int64)
-        g = (k - k.min()) // size if k.size else k
-        out.append(torch.as_tensor(g + base, dtype=torch.long))
-        base += int(g.max()) + 1 if k.size else 0
-    g = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-    return torch.unique(g, return_inverse=True)[1]
-
-
 def search_groups(prep: Prepared, cfg: SVRConfig) -> dict[str, Tensor]:
     """The slice groups the global pose search moves as one, in the order it searches them:
     ``stack`` always; ``package`` and ``half`` (SVRTK's package levels,
     :func:`slice2vol.core.pose_search.package_groups`) unless ``cfg.packages`` is ``None``, from
     the acquisition order where the files give it (:func:`acquisition_orders`), else from
     ``cfg.packages`` (slice ``k`` in package ``k % p``); then ``block<b>`` for each size in
-    ``cfg.search_blocks`` (:func:`block_groups`).
+    ``cfg.search_blocks`` (:func:`slice2vol.core.pose_search.block_groups`).
 
     Returns:
         level name -> ``(M,)`` int64 group of every slice of ``prep.slices``, on its device.
     """
-    ss = prep.slices
-    groups: dict[str, Tensor] = {"stack": ss.stack_id}
-    if cfg.packages is None:
-        idx = [np.asarray(st.index) for st in prep.stacks]
-        groups.update({f"block{b}": block_groups(idx, b).to(ss.stack_id.device) for b in cfg.search_blocks})
-        return groups
-    from slice2vol.core.pose_search import package_groups, packages_from_order
+    from slice2vol.core.pose_search import block_groups, package_groups
 
-    pk = list(cfg.packages) * (ss.n_stacks if len(cfg.packages) == 1 else 1)
-    if len(pk) != ss.n_stacks:
-        raise Slice2VolError(f"packages: {len(cfg.packages)} values for {ss.n_stacks} stacks")
+    ss = prep.slices
+    dev = ss.stack_id.device
     idx = [np.asarray(st.index) for st in prep.stacks]
-    orders = acquisition_orders(prep, cfg)
-    for st, k, o in zip(prep.stacks, idx, orders):
-        if o is not None:
-            n = int(packages_from_order(k, o).max()) + 1
-            log.info("%s: %d package%s from its acquisition order (%s)", st.name, n, "" if n == 1 else "s",
-                     st.meta["order_source"])
-    groups["package"] = package_groups(idx, pk, orders=orders).to(ss.stack_id.device)
-    groups["half"] = package_groups(idx, pk, halves=True, orders=orders).to(ss.stack_id.device)
+    groups: dict[str, Tensor] = {"stack": ss.stack_id}
+    if cfg.packages is not None:
+        pk = list(cfg.packages) * (ss.n_stacks if len(cfg.packages) == 1 else 1)
+        orders = acquisition_orders(prep, cfg)
+        groups["package"] = package_groups(idx, pk, orders=orders).to(dev)
+        groups["half"] = package_groups(idx, pk, halves=True, orders=orders).to(dev)
+        for s, (st, o) in enumerate(zip(prep.stacks, orders)):
+            if o is not None:
+                n = int(torch.unique(groups["package"][ss.stack_id == s]).numel())
+                log.info("%s: %d package%s from its acquisition order (%s)", st.name, n, "" if n == 1 else "s",
+                         st.meta["order_source"])
     for b in cfg.search_blocks:
-        groups[f"block{b}"] = block_groups(idx, b).to(ss.stack_id.device)
+        groups[f"block{b}"] = block_groups(idx, b).to(dev)
     return groups
 
 
